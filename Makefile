@@ -1,0 +1,30 @@
+# `make demo` and `make test` each bootstrap .venv on first use, then run.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-fast bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/mambakit quickstart
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m 'not slow'
+
+# Benchmarks compare against mambapy's pure-PyTorch scan; it declares only torch, so no deps are pulled.
+bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps mambapy==1.2.0
+	$(BIN)/python benchmarks/scan.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

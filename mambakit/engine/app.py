@@ -1,0 +1,54 @@
+"""What an app exposes to the command line: its verbs, its quick recipe, its datasets and its weights.
+
+Each app's `app.py` builds one `App` and names it in pyproject's `mambakit.apps` entry-point group:
+
+    [project.entry-points."mambakit.apps"]
+    timeseries = "mambakit.apps.timeseries.app:APP"
+
+`mambakit --help` lists every registered app with its one-line description; `mambakit <app> <verb>`
+runs a verb. Keep `app.py` cheap to import: heavy imports go inside the verb functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+
+@dataclass
+class Verb:
+    name: str
+    help: str                                                   # one line, shown by `mambakit <app> --help`
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], Any]                    # returns an exit code or None
+
+
+@dataclass
+class QuickstartResult:
+    """One row of `mambakit quickstart`'s table."""
+    app: str
+    model: str
+    data: str
+    metric: str
+    value: float
+    baseline: str              # what the baseline is, e.g. "seasonal naive"
+    baseline_value: float
+    wall_time_s: float
+    run_dir: str | None = None
+
+
+@dataclass
+class App:
+    name: str
+    description: str                                            # one line for `mambakit --help`
+    verbs: Sequence[Verb] = ()
+    quickstart: Callable[[], QuickstartResult] | None = None    # trains the quick recipe (2-3 min on 2 cores)
+    datasets: Sequence[Any] = field(default_factory=tuple)      # mambakit.data.DatasetEntry
+    weights: Sequence[Any] = field(default_factory=tuple)       # mambakit.zoo.WeightEntry
+
+    def verb(self, name: str) -> Verb:
+        for v in self.verbs:
+            if v.name == name:
+                return v
+        raise KeyError(f"app '{self.name}' has no verb '{name}'; verbs: {', '.join(v.name for v in self.verbs)}")
