@@ -1,0 +1,35 @@
+"""Shared fixtures. Data under ../shared/data is for tests only: read in place, never copied; tests that
+need it skip (saying why) where the folder is absent, as in a user's fresh clone."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} is absent (it exists only beside the developers' checkout)")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def etth1_csv(shared_data) -> Path:
+    path = shared_data / "ETT-small" / "ETTh1.csv"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test gets its own MAMBAKIT_HOME so that no test reads or writes the user's cache."""
+    monkeypatch.setenv("MAMBAKIT_HOME", str(tmp_path_factory.mktemp("mambakit_home")))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
