@@ -1,6 +1,7 @@
 """Shared fixtures. Data under ../shared/data is for tests only: read in place, never copied; tests that
 need it skip (saying why) where the folder is absent, as in a user's fresh clone."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -24,10 +25,17 @@ def etth1_csv(shared_data) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Every test gets its own MAMBAKIT_HOME so that no test reads or writes the user's cache."""
-    monkeypatch.setenv("MAMBAKIT_HOME", str(tmp_path_factory.mktemp("mambakit_home")))
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """The session gets its own MAMBAKIT_HOME so that no test reads or writes the user's cache (compiled
+    kernels are shared by the session's tests). Tests of the cache itself set their own with monkeypatch."""
+    old = os.environ.get("MAMBAKIT_HOME")
+    os.environ["MAMBAKIT_HOME"] = str(tmp_path_factory.mktemp("mambakit_home"))
+    yield
+    if old is None:
+        os.environ.pop("MAMBAKIT_HOME", None)
+    else:
+        os.environ["MAMBAKIT_HOME"] = old
 
 
 @pytest.fixture(autouse=True)
