@@ -1,0 +1,221 @@
+"""Download, verify, convert and load pretrained weights.
+
+    model = load_pretrained("vim_tiny_patch16_224.in1k")            # a registered name
+    model = load_pretrained("runs/x/model.pt")                      # a file written by save_pretrained
+    model = load_pretrained("sd.pt", builder="pkg.mod:fn", dim=64)  # a bare state dict for a named builder
+
+Files are read with `torch.load(weights_only=True)` (or safetensors), which cannot run code. A registered
+upstream file that pickles Python objects is loaded in full only when its entry says why (`pickle_reason`)
+and pins its sha256; for a user's own file, `trust_pickle=True` says the user trusts it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mambakit.data.cache import is_offline, mambakit_home, sha256_file
+from mambakit.data.download import ChecksumError, DownloadError, OfflineError, download_url
+from mambakit.data.registry import UnknownEntryError
+from mambakit.zoo.registry import WeightEntry, get_weights, is_registered
+
+__all__ = ["weights_path", "download_weights", "resolve_weights", "load_pretrained", "save_pretrained",
+           "load_weights_file", "import_object", "PRETRAINED_FORMAT"]
+
+#: Marks a file written by `save_pretrained`: it carries its builder and config, so it loads on its own.
+PRETRAINED_FORMAT = "mambakit.pretrained/1"
+
+
+def weights_path(entry: WeightEntry) -> Path:
+    return mambakit_home() / "weights" / entry.name / entry.filename
+
+
+def download_weights(name: str, *, progress: bool = True) -> Path:
+    """The cached, verified file of registered weights `name` (downloaded on first use)."""
+    entry = get_weights(name)
+    dest = weights_path(entry)
+    if dest.is_file():
+        return dest
+    how = (f"run `mambakit zoo download {name}` on a machine with network access and copy {dest} here, or "
+           f"download {entry.urls[0] if entry.urls else 'the file'} yourself and pass its path to load_pretrained")
+    if is_offline():
+        raise OfflineError(f"MAMBAKIT_OFFLINE=1: weights {name!r} are not in the cache (expected at {dest}). "
+                           f"To get them: {how}.")
+    if not entry.urls:
+        raise DownloadError(f"weights {name!r} list no URL; obtain {entry.filename} from {entry.source or 'upstream'} "
+                            f"and pass its path to load_pretrained")
+    failures: list[DownloadError] = []
+    for url in entry.urls:
+        try:
+            return download_url(url, dest, entry.sha256, progress=progress)
+        except DownloadError as e:
+            failures.append(e)
+    if len(failures) == 1:
+        raise failures[0]
+    kind = ChecksumError if all(isinstance(e, ChecksumError) for e in failures) else DownloadError
+    raise kind(f"weights {name!r}: every URL failed:\n" + "\n".join(f"  - {e}" for e in failures))
+
+
+def resolve_weights(name_or_path: str | os.PathLike) -> Path:
+    """An existing file as is; otherwise a registered name, downloaded if needed."""
+    if isinstance(name_or_path, os.PathLike) or Path(name_or_path).is_file():
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such weights file")
+        return path
+    if is_registered(name_or_path):
+        return download_weights(name_or_path)
+    try:
+        get_weights(name_or_path)
+    except UnknownEntryError as e:
+        raise UnknownEntryError(f"{name_or_path!r} is neither an existing file nor registered weights: {e}") from None
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def import_object(spec: str, what: str = "object") -> Any:
+    """`"package.module:attr.sub"` -> the object."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"{what} {spec!r}: expected 'module:function'")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"{what} {spec!r}: cannot import {module_name}: {e}") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{what} {spec!r}: {module_name} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def load_weights_file(path: str | Path, *, pickle_reason: str | None = None) -> Any:
+    """Read a checkpoint on CPU: safetensors, or torch.load with weights_only=True unless `pickle_reason`."""
+    import torch
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path), device="cpu")
+    if pickle_reason:
+        print(f"mambakit: loading {path} with full unpickling (weights_only=False): {pickle_reason}", file=sys.stderr)
+        return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: the file pickles Python objects beyond tensors, so it cannot be read safely "
+                         f"(weights_only=True: {first}). If you trust it, pass trust_pickle=True") from None
+    except (RuntimeError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): {e}") from None
+
+
+def _tensor_mapping(obj: Any) -> bool:
+    import torch
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _state_dict_of(obj: Any, source: str) -> dict:
+    """The state dict inside a loaded file: the file itself, or under a conventional key."""
+    if _tensor_mapping(obj):
+        state = dict(obj)
+    else:
+        for key in ("state_dict", "model", "model_state", "module"):
+            if isinstance(obj, Mapping) and _tensor_mapping(obj.get(key)):
+                state = dict(obj[key])
+                break
+        else:
+            keys = ", ".join(map(str, list(obj)[:10])) if isinstance(obj, Mapping) else type(obj).__name__
+            raise ValueError(f"{source}: no state dict found (top level: {keys}); a converter is needed")
+    if all(k.startswith("module.") for k in state):  # saved from a DDP-wrapped model
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _build_and_load(builder: str, config: dict, state: Mapping, source: str):
+    from torch import nn
+
+    model = import_object(builder, "builder")(**config)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"builder {builder!r} returned {type(model).__name__}, not an nn.Module")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{source}: the weights do not fit {builder}(**{config}): {' '.join(str(e).split())}") from None
+    return model.eval()
+
+
+def load_pretrained(name_or_path: str | os.PathLike, *, builder: str | None = None, converter: str | None = None,
+                    trust_pickle: bool = False, **builder_overrides):
+    """Build a model and load pretrained weights into it (strictly: every key must match). Returns it in
+    eval mode.
+
+    - a registered name: `builder(**config, **builder_overrides)`, weights downloaded and verified, converted
+      by the entry's converter;
+    - a path written by `save_pretrained`: the builder and config stored in the file (overrides apply);
+    - a training checkpoint that stores "builder" and "builder_config" beside its "model" state dict
+      (verified against its `.sha256` sidecar when there is one);
+    - a path to a bare state dict (or one under "model" / "state_dict"): give `builder` (and its config as
+      keyword arguments), and `converter` when the file is in an upstream layout.
+    """
+    if not isinstance(name_or_path, os.PathLike) and not Path(name_or_path).is_file() and is_registered(name_or_path):
+        entry = get_weights(name_or_path)
+        path = download_weights(entry.name)
+        obj = load_weights_file(path, pickle_reason=entry.pickle_reason)
+        state = import_object(entry.converter, "converter")(obj) if entry.converter else _state_dict_of(obj, str(path))
+        return _build_and_load(builder or entry.builder, {**entry.config, **builder_overrides}, state,
+                               f"weights {entry.name!r} ({path})")
+    path = resolve_weights(name_or_path)
+    _check_sidecar(path)
+    obj = load_weights_file(path, pickle_reason="trust_pickle=True" if trust_pickle else None)
+    if isinstance(obj, Mapping) and obj.get("format") == PRETRAINED_FORMAT:
+        config = {**obj["config"], **builder_overrides}
+        state = import_object(converter, "converter")(obj["state_dict"]) if converter else obj["state_dict"]
+        return _build_and_load(builder or obj["builder"], config, state, str(path))
+    if builder is None and isinstance(obj, Mapping) and isinstance(obj.get("builder"), str):
+        # A training checkpoint that records how its model is built (keys "builder" and "builder_config").
+        builder, builder_overrides = obj["builder"], {**(obj.get("builder_config") or {}), **builder_overrides}
+    if builder is None:
+        kind = "a training checkpoint" if isinstance(obj, Mapping) and "format" in obj else "a bare state dict"
+        raise ValueError(f"{path}: {kind} that does not say how to build its model; pass "
+                         f"builder='module:function' (and its config as keyword arguments), or write the file with "
+                         f"mambakit.zoo.save_pretrained")
+    state = import_object(converter, "converter")(obj) if converter else _state_dict_of(obj, str(path))
+    return _build_and_load(builder, builder_overrides, state, str(path))
+
+
+def _check_sidecar(path: Path) -> None:
+    """Training checkpoints come with `<file>.sha256` (sha256sum format); a file that does not match it is
+    refused before anything is unpickled."""
+    sidecar = path.with_name(path.name + ".sha256")
+    if not sidecar.is_file():
+        return
+    expected = sidecar.read_text().split()[0].lower() if sidecar.read_text().strip() else ""
+    actual = sha256_file(path)
+    if actual != expected:
+        raise ValueError(f"{path}: sha256 {actual} does not match its sidecar {sidecar} ({expected or 'empty'}); "
+                         f"the file is truncated or corrupt")
+
+
+def save_pretrained(model, path: str | Path, *, builder: str, config: dict, **metadata) -> Path:
+    """Write `model`'s weights with the builder and config that rebuild it, atomically.
+
+    `config` and `metadata` must be plain data (dicts, lists, str, numbers, bools, None) so that the file
+    reads back with weights_only=True.
+    """
+    import torch
+
+    import_object(builder, "builder")  # fail now, not when someone loads the file
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": PRETRAINED_FORMAT, "builder": builder, "config": dict(config),
+               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+               "metadata": dict(metadata)}
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
