@@ -174,3 +174,27 @@ def test_cache_home_and_offline_flag(tmp_path, monkeypatch):
     monkeypatch.setenv("MAMBAKIT_OFFLINE", "maybe")
     with pytest.raises(ValueError, match="MAMBAKIT_OFFLINE='maybe'"):
         is_offline()
+
+
+def test_concurrent_callers_download_once(server, tmp_path):
+    """Every rank of a torchrun job may ask for the same file at once: one downloads, the others wait for the
+    lock and then find the file in place."""
+    import threading
+
+    dest = tmp_path / "blob.bin"
+    results, errors = [], []
+
+    def worker():
+        try:
+            results.append(download_url(server.url("blob.bin"), dest, SHA, progress=False))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert errors == [] and results == [dest] * 4
+    assert dest.read_bytes() == DATA
+    assert server.requests_for("blob.bin") == [None]
