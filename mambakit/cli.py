@@ -180,6 +180,8 @@ def _builtin_parser(name: str) -> argparse.ArgumentParser:
         p.add_argument("name")
         p.add_argument("--from", dest="local_path", metavar="PATH",
                        help="take the files from this file or folder (or wheel) instead of the sources")
+        p.add_argument("--verify", action="store_true",
+                       help="hash the cached files again; refetch any that no longer match their sha256")
         p.set_defaults(_run=_data_fetch)
     else:
         p = sub.add_parser("download", help="download weights into the cache (checksum verified) and print the path")
@@ -249,7 +251,7 @@ def _data_info(args) -> int:
 def _data_fetch(args) -> int:
     from mambakit.data import fetch
 
-    print(fetch(args.name, local_path=args.local_path))
+    print(fetch(args.name, local_path=args.local_path, verify=args.verify))
     return 0
 
 

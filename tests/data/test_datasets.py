@@ -209,3 +209,13 @@ def test_datasets_of_discovered_apps_are_registered(server):
         assert entry in list_datasets()
     finally:
         unregister_app("dataapp")
+
+
+def test_verify_refetches_a_damaged_cached_file(server):
+    register_dataset(_entry(server, UrlSource(server.url("mirror/series.csv"))))
+    path = fetch_file("toy", "series.csv", progress=False)
+    path.write_bytes(b"damaged")
+    assert fetch_file("toy", "series.csv", progress=False).read_bytes() == b"damaged"   # trusted by default
+    with pytest.warns(UserWarning, match="differs from the pinned"):
+        assert (fetch("toy", verify=True, progress=False) / "series.csv").read_bytes() == CSV
+    assert len(server.requests) == 2
