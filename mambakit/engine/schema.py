@@ -24,9 +24,12 @@ class OptimizerConfig:
     eps: float = 1e-8
     momentum: float = 0.9          # sgd only
     nesterov: bool = False         # sgd only
-    # Biases, norm weights and parameters flagged `_no_weight_decay` (A_log, D) get no weight decay,
-    # as in mamba_ssm and timm. Off reproduces recipes that decay everything (TSLib's Adam has wd=0 anyway).
+    # No weight decay for parameters with ndim <= 1 or named *.bias, and for model.no_weight_decay() names
+    # (timm's rule). Off reproduces recipes that decay everything (TSLib's Adam has wd=0 anyway).
     exclude_norm_and_bias: bool = True
+    # No weight decay for parameters flagged `_no_weight_decay` (mamba_ssm's A_log, D). timm's optimiser
+    # factory ignores the flag, so recipes reproducing timm-trained models (Vim) set this false.
+    exclude_flagged: bool = True
 
     def __post_init__(self):
         if self.lr <= 0:
@@ -37,11 +40,12 @@ class OptimizerConfig:
 
 @dataclass
 class SchedulerConfig:
-    """Learning-rate schedule, evaluated per optimiser step (epochs may be fractional).
+    """Learning-rate schedule, set before every optimiser step (see engine/optim.py `lr_at`).
 
     constant: lr.  cosine: lr -> min_lr over the run.  linear: lr -> min_lr linearly.
     step: lr * gamma ** floor(epoch / step_epochs) (TSLib's `lradj=type1` is step_epochs=1, gamma=0.5).
     All of them can start with a linear warmup from warmup_start_lr over warmup_epochs.
+    The run's length is epochs (or max_steps when that is shorter).
     """
     name: Literal["constant", "cosine", "linear", "step"] = "constant"
     warmup_epochs: float = 0.0
@@ -49,20 +53,42 @@ class SchedulerConfig:
     min_lr: float = 0.0
     step_epochs: float = 1.0
     gamma: float = 0.5
+    # False (timm's default): cosine/linear progress is measured from step 0 and warmup overlays its start.
+    # True (Hugging Face, torchtune): the decay starts when warmup ends.
+    warmup_prefix: bool = False
+    # "step": the time variable moves every optimiser step (fractional epochs); "epoch": it moves only at
+    # epoch boundaries, as with timm schedulers stepped once per epoch.
+    interval: Literal["step", "epoch"] = "step"
 
     def __post_init__(self):
-        if self.warmup_epochs < 0 or self.step_epochs <= 0:
-            raise ValueError("warmup_epochs must be >= 0 and step_epochs > 0")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if self.step_epochs <= 0:
+            raise ValueError(f"step_epochs must be > 0, got {self.step_epochs}")
+        if self.min_lr < 0 or self.warmup_start_lr < 0:
+            raise ValueError("min_lr and warmup_start_lr must be >= 0")
 
 
 @dataclass
 class EarlyStoppingConfig:
-    """Stop when `monitor` (a key of the validation metrics, e.g. 'val/loss') has not improved by more
-    than `min_delta` for `patience` evaluations. patience: null turns it off. The best checkpoint is kept."""
+    """Track the best value of `monitor` (a logged validation metric such as 'val/loss' or 'val_ema/acc')
+    and keep its checkpoint. A value counts as an improvement when it is at least as good as the best so far
+    by `min_delta` (mode min: value <= best - min_delta; ties improve, as in TSLib's and CLAM's
+    EarlyStopping). With `patience` set, training stops once `patience` evaluations in a row did not improve,
+    but never before `min_epochs` epochs have completed (CLAM's stop_epoch=S is min_epochs=S+1).
+    `restore_best`: the final evaluation (test split) and on_fit_end use the best weights."""
     monitor: str = "val/loss"
     mode: Literal["min", "max"] = "min"
     patience: int | None = None
     min_delta: float = 0.0
+    min_epochs: int = 0
+    restore_best: bool = True
+
+    def __post_init__(self):
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be >= 1 or null, got {self.patience}")
+        if self.min_delta < 0:
+            raise ValueError(f"min_delta must be >= 0, got {self.min_delta}")
 
 
 @dataclass
@@ -70,6 +96,7 @@ class TrainConfig:
     epochs: int = 10
     max_steps: int | None = None          # stop after this many optimiser steps (for quick runs)
     batch_size: int = 32                  # global batch per micro-step, split evenly over ranks
+    drop_last: bool = True                # drop the last partial training batch (timm, TSLib train loaders)
     eval_batch_size: int | None = None    # default: batch_size
     grad_accum: int = 1                   # micro-steps per optimiser step
     clip_grad_norm: float | None = None
@@ -88,9 +115,20 @@ class TrainConfig:
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size", "grad_accum", "eval_every_epochs", "keep_checkpoints"):
+        for name in ("epochs", "batch_size", "grad_accum", "eval_every_epochs", "keep_checkpoints",
+                     "log_every_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "eval_batch_size", "checkpoint_every_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 or null, got {value}")
+        if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
+            raise ValueError(f"clip_grad_norm must be > 0 or null, got {self.clip_grad_norm}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1) or null, got {self.ema_decay}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
 
 
 @dataclass
@@ -99,3 +137,4 @@ class RunConfig:
     name: str | None = None               # default: <app>-<recipe>-<timestamp>
     tensorboard: bool = True              # used when tensorboard is installed
     progress: bool = True                 # tqdm bars on rank 0
+    curves: bool = True                   # write curves.png at the end

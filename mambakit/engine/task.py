@@ -10,19 +10,25 @@ resume, early stopping, logging and plots. The engine calls, in order:
     outputs  = task.eval_step(model, batch)          # {"name": per-sample tensor with batch as dim 0}
     metrics  = task.compute_metrics(outputs, split)  # on the outputs of the whole split, all ranks gathered
 
+`training_step` returns the MEAN loss over the batch's samples and must run the forward pass through
+`model(...)` (under DDP `model` is the DistributedDataParallel wrapper; its gradient hooks live there).
 `eval_step` returns per-sample tensors so that metrics computed on the concatenation are exact under DDP
-(sums of squared errors for MSE, scores and labels for AUC). Batches reach the hooks already on the device.
-`compute_metrics` returns floats keyed without the split prefix; the engine logs them as `{split}/{key}`.
+(sums of squared errors for MSE, scores and labels for AUC); it receives the plain module (and the EMA copy).
+Batches reach the hooks already on the device. `compute_metrics` returns floats keyed without the split
+prefix; the engine logs them as `{split}/{key}` (`val_ema/{key}` for the EMA weights).
 
 Apps that need two optimisers (a GAN discriminator) set `manual_optimization = True`, return their
-optimisers from `configure_optimizers`, and implement `manual_step`.
+optimisers from `configure_optimizers`, and implement `manual_step` (one process, grad_accum 1).
+
+`finetune` loads pretrained weights through `load_pretrained` (override it to remap keys or interpolate
+position embeddings).
 """
 
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -44,6 +50,8 @@ class Task(abc.ABC):
     app: str = "app"
     #: Set True to drive the optimisers yourself in `manual_step`.
     manual_optimization: bool = False
+    #: Passed to DistributedDataParallel: True when some parameters get no gradient in a step.
+    find_unused_parameters: bool = False
 
     def __init__(self, config: Any):
         self.config = config
@@ -74,15 +82,71 @@ class Task(abc.ABC):
         return None
 
     def manual_step(self, model: nn.Module, batch: Any, optimizers: list, step: "StepContext") -> dict[str, float]:
+        """One optimisation step with your own optimisers; return floats to log (`loss` is shown in the
+        progress bar). Use `step.backward(loss)`, `step.step(optimizer)` and `step.zero_grad(optimizer)` so
+        that mixed precision and clipping work."""
         raise NotImplementedError("manual_optimization=True needs manual_step()")
+
+    def load_pretrained(self, model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> "PretrainedReport":
+        """Load pretrained weights into the freshly built `model` for fine-tuning. Default: every tensor
+        whose key and shape match is loaded; tensors with another shape (a classifier head for a different
+        number of classes) are skipped, and the report lists what was skipped or missing."""
+        return load_matching(model, state_dict)
 
     def on_fit_end(self, model: nn.Module, run_dir) -> None:
         """Called on rank 0 after training: plots and extra artefacts."""
 
 
+@dataclass
+class PretrainedReport:
+    loaded: list[str] = field(default_factory=list)
+    skipped_shape: list[str] = field(default_factory=list)    # "key: checkpoint (a, b) vs model (c, d)"
+    missing: list[str] = field(default_factory=list)          # model keys the weights did not provide
+    unexpected: list[str] = field(default_factory=list)       # weight keys the model does not have
+
+    def summary(self, limit: int = 8) -> str:
+        lines = [f"loaded {len(self.loaded)} tensors"]
+        for title, items in (("skipped (shape mismatch)", self.skipped_shape),
+                             ("missing from the weights (kept as initialised)", self.missing),
+                             ("unused weights", self.unexpected)):
+            if items:
+                shown = ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+                lines.append(f"{title}: {len(items)}: {shown}")
+        return "\n".join(lines)
+
+
+def load_matching(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> PretrainedReport:
+    """Load the tensors of `state_dict` whose key and shape match `model`'s; report the rest. A leading
+    `module.` (weights saved from a DDP wrapper) is stripped. Loading nothing at all is an error."""
+    if state_dict and all(key.startswith("module.") for key in state_dict):
+        state_dict = {key[len("module."):]: value for key, value in state_dict.items()}
+    own = model.state_dict()
+    report = PretrainedReport()
+    usable = {}
+    for key, value in state_dict.items():
+        if key not in own:
+            report.unexpected.append(key)
+        elif tuple(value.shape) != tuple(own[key].shape):
+            report.skipped_shape.append(f"{key}: weights {tuple(value.shape)} vs model {tuple(own[key].shape)}")
+        else:
+            usable[key] = value
+            report.loaded.append(key)
+    report.missing = [key for key in own if key not in state_dict]
+    if not usable:
+        example = ", ".join(list(state_dict)[:5])
+        raise ValueError(f"none of the {len(state_dict)} pretrained tensors matches the model by key and shape "
+                         f"(weight keys start: {example}; model keys start: {', '.join(list(own)[:5])})")
+    model.load_state_dict(usable, strict=False)
+    return report
+
+
 class StepContext:
-    """What `manual_step` needs from the engine: `backward(loss)` (scaled, accumulation-aware),
-    `step(optimizer)` (unscale, clip, step, update scaler) and `zero_grad(optimizer)`."""
+    """What `manual_step` needs from the engine: `backward(loss)` (loss scaling for fp16),
+    `step(optimizer)` (unscale, clip, step) and `zero_grad(optimizer)`. The engine updates the scaler,
+    the schedulers and the EMA after `manual_step` returns. `global_step` is the number of optimiser steps
+    done before this one."""
+
+    global_step: int = 0
 
     def backward(self, loss: torch.Tensor) -> None:  # pragma: no cover - implemented by the engine
         raise NotImplementedError

@@ -1,0 +1,155 @@
+"""The verbs every app shares -- `train`, `eval`, `finetune` -- built from the app's recipe schema and Task.
+
+In an app's `app.py`:
+
+    from mambakit.engine.app import App
+    from mambakit.engine.runner import standard_verbs
+
+    def _task(config):                       # imported lazily, so `mambakit --help` stays fast
+        from .tasks import ForecastTask
+        return ForecastTask(config)
+
+    APP = App(name="timeseries", description="...",
+              verbs=[*standard_verbs("timeseries", ForecastRecipe, _task), forecast_verb])
+
+Command lines (each also runs under `torchrun --nproc_per_node=K -m mambakit ...`):
+
+    train    -c RECIPE.yaml [key.sub=value ...] [--run-dir DIR] [--resume]
+    eval     --checkpoint CKPT|RUN_DIR [-c RECIPE.yaml] [key.sub=value ...] [--split test] [--ema]
+    finetune --pretrained NAME|PATH -c RECIPE.yaml [key.sub=value ...] [--run-dir DIR] [--resume]
+
+`eval` rebuilds the model from the config saved in the checkpoint unless -c is given (overrides apply to
+either). A run folder given to --checkpoint means its best checkpoint (else its latest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from .app import Verb
+from .config import ConfigError, apply_overrides, from_dict, load_config
+
+__all__ = ["standard_verbs", "train_verb", "eval_verb", "finetune_verb", "format_table"]
+
+TaskFactory = Callable[[Any], Any]
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def format_table(rows: list[tuple[str, str]], header: tuple[str, str] = ("metric", "value")) -> str:
+    width = max(len(r[0]) for r in [header, *rows])
+    lines = [f"{header[0]:<{width}}  {header[1]}", f"{'-' * width}  {'-' * max(len(header[1]), 5)}"]
+    lines += [f"{name:<{width}}  {value}" for name, value in rows]
+    return "\n".join(lines)
+
+
+def _metric_rows(metrics: dict[str, float]) -> list[tuple[str, str]]:
+    return [(key, f"{value:.6g}" if isinstance(value, float) else str(value)) for key, value in metrics.items()]
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser, required: bool, default: str | None) -> None:
+    parser.add_argument("-c", "--config", required=required and default is None, default=default,
+                        metavar="RECIPE.yaml", help="the recipe (YAML)" + (f"; default {default}" if default else ""))
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="override recipe values, e.g. train.optimizer.lr=3e-4 train.epochs=5")
+
+
+def _load(recipe: type, args: argparse.Namespace) -> Any:
+    return load_config(recipe, args.config, args.overrides)
+
+
+def _print_result(result, title: str) -> None:
+    if not _is_main():
+        return
+    print(f"\n{title}: {result.run_dir}")
+    if result.best_metric is not None:
+        print(f"best {result.best_metric} = {result.best_value:.6g} at epoch {result.best_epoch}"
+              + (" (stopped early)" if result.stopped_early else ""))
+    if result.metrics:
+        print(format_table(_metric_rows(result.metrics)))
+
+
+def train_verb(app: str, recipe: type, task_factory: TaskFactory, default_recipe: str | None = None) -> Verb:
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        _add_config_arguments(parser, required=True, default=default_recipe)
+        parser.add_argument("--run-dir", default=None, help="run folder (default: run.out_dir/<app>-<recipe>-<time>)")
+        parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last "
+                                                                   "good checkpoint")
+
+    def run(args: argparse.Namespace) -> int:
+        from .trainer import Trainer
+        config = _load(recipe, args)
+        result = Trainer(task_factory(config)).fit(args.run_dir, resume=args.resume,
+                                                   name_hint=f"{app}-{Path(args.config).stem}")
+        _print_result(result, "run folder")
+        return 0
+
+    return Verb("train", f"train a {app} model from a recipe (torchrun for several processes)", add_arguments, run)
+
+
+def finetune_verb(app: str, recipe: type, task_factory: TaskFactory, default_recipe: str | None = None) -> Verb:
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--pretrained", required=True, metavar="NAME|PATH",
+                            help="zoo weights name, checkpoint, run folder or state-dict file")
+        _add_config_arguments(parser, required=True, default=default_recipe)
+        parser.add_argument("--run-dir", default=None)
+        parser.add_argument("--resume", action="store_true")
+
+    def run(args: argparse.Namespace) -> int:
+        from .trainer import Trainer
+        config = _load(recipe, args)
+        result = Trainer(task_factory(config), pretrained=args.pretrained).fit(
+            args.run_dir, resume=args.resume, name_hint=f"{app}-{Path(args.config).stem}-ft")
+        _print_result(result, "run folder")
+        return 0
+
+    return Verb("finetune", f"fine-tune pretrained weights on a {app} recipe (heads of another shape are "
+                            "re-initialised)", add_arguments, run)
+
+
+def eval_verb(app: str, recipe: type, task_factory: TaskFactory) -> Verb:
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--checkpoint", required=True, metavar="CKPT|RUN_DIR",
+                            help="checkpoint file, or a run folder (its best checkpoint, else its latest)")
+        _add_config_arguments(parser, required=False, default=None)
+        parser.add_argument("--split", default="test", choices=["train", "val", "test"])
+        parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+        parser.add_argument("--output", default=None, metavar="FILE.json", help="also write the metrics here")
+
+    def run(args: argparse.Namespace) -> int:
+        from .checkpoint import load_checkpoint, resolve_checkpoint
+        from .trainer import evaluate
+        path = resolve_checkpoint(args.checkpoint, prefer="best")
+        if args.config:
+            config = _load(recipe, args)
+        else:
+            saved = load_checkpoint(path).get("config")
+            if not isinstance(saved, dict):
+                raise ConfigError(f"{path} holds no saved config; pass the recipe with -c")
+            source = f"{path} (saved config)"
+            config = from_dict(recipe, apply_overrides(saved, args.overrides), source)
+        metrics = evaluate(task_factory(config), path, split=args.split, use_ema=args.ema)
+        if _is_main():
+            print(f"\ncheckpoint: {path}")
+            print(format_table(_metric_rows(metrics)))
+            if args.output:
+                Path(args.output).write_text(json.dumps(metrics, indent=1) + "\n")
+        return 0
+
+    return Verb("eval", f"evaluate a {app} checkpoint on a split", add_arguments, run)
+
+
+def standard_verbs(app: str, recipe: type, task_factory: TaskFactory, *,
+                   default_recipe: str | None = None) -> list[Verb]:
+    """`train`, `eval` and `finetune` for an app. `recipe`: the app's recipe dataclass (with `train` and
+    `run` sections); `task_factory(config) -> Task`."""
+    return [train_verb(app, recipe, task_factory, default_recipe),
+            eval_verb(app, recipe, task_factory),
+            finetune_verb(app, recipe, task_factory, default_recipe)]
+
