@@ -99,8 +99,7 @@ def _dispatch(argv: list[str]) -> int:
 # --------------------------------------------------------------------------------------------------
 # help
 
-def _columns(rows: list[tuple[str, str]], indent: int = 2) -> str:
-    width = max((len(name) for name, _ in rows), default=0) + 3
+def _columns(rows: list[tuple[str, str]], width: int, indent: int = 2) -> str:
     return "\n".join(f"{' ' * indent}{name:<{width}}{text}" for name, text in rows)
 
 
@@ -108,16 +107,17 @@ def _top_level_help() -> str:
     apps = app_registry.discover()
     app_rows = [(name, app.description) for name, app in apps.items()]
     app_rows += [(name, f"(failed to load: {why})") for name, why in app_registry.broken_apps().items()]
+    width = max(len(name) for name in [*BUILTIN_HELP, *(n for n, _ in app_rows)]) + 3
     lines = [
         "usage: mambakit [-h] [--version] <app|command> ...",
         "",
         mambakit.__doc__.strip(),
         "",
         "apps:",
-        _columns(app_rows) if app_rows else "  (none registered)",
+        _columns(app_rows, width) if app_rows else "  (none registered)",
         "",
         "commands:",
-        _columns(list(BUILTIN_HELP.items())),
+        _columns(list(BUILTIN_HELP.items()), width),
         "",
         "`mambakit <app> --help` lists an app's verbs; `mambakit <command> --help` explains a command.",
         "environment: MAMBAKIT_HOME (cache folder, default ~/.cache/mambakit), MAMBAKIT_OFFLINE=1 (use the cache "
