@@ -1,0 +1,286 @@
+"""`Mamba` (Mamba-1): `mamba_ssm.modules.mamba_simple.Mamba`'s arguments, defaults, initialisation and
+parameter names, in pure PyTorch on top of `selective_scan`, with variable lengths and recurrent decoding.
+
+Data flow for hidden_states (b, L, d_model), d_inner = expand * d_model:
+
+    xz = in_proj(h)                  (b, L, 2 d_inner)      x | z
+    x  = silu(causal depthwise conv(x))                      conv1d: (d_inner, 1, d_conv)
+    dt | B | C = x_proj(x)           dt_rank | d_state | d_state
+    dt = dt_proj.weight @ dt          (its bias is the scan's delta_bias, with softplus)
+    y  = selective_scan(x, dt, A=-exp(A_log), B, C, D, z)    (b, d_inner, L) at the scan boundary only
+    out = out_proj(y)
+
+The pieces shared with the multi-order mixers live in `SelectiveSSM`: the per-order parameter sets
+(`conv1d{s}`, `x_proj{s}`, `dt_proj{s}`, `A{s}_log`, `D{s}` for a name suffix s) and the branch computation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mambakit.core.cache import InferenceParams, states_from_cache
+from mambakit.core.scan import selective_scan, selective_state_update
+
+__all__ = ["Mamba", "SelectiveSSM", "check_hidden", "check_lengths", "length_mask", "compute_dtype"]
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """Parameters are used in float32 (float64 for a float64 model), as upstream's `.float()` does."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def check_hidden(owner: str, hidden_states, d_model: int) -> tuple[int, int]:
+    if not isinstance(hidden_states, torch.Tensor):
+        raise TypeError(f"{owner}: hidden_states must be a tensor (batch, length, {d_model}), "
+                        f"got {type(hidden_states).__name__}")
+    if hidden_states.dim() != 3 or hidden_states.shape[-1] != d_model:
+        raise ValueError(f"{owner}: hidden_states has shape {tuple(hidden_states.shape)}, "
+                         f"expected (batch, length, d_model={d_model})")
+    return hidden_states.shape[0], hidden_states.shape[1]
+
+
+def check_lengths(owner: str, lengths, batch: int, seqlen: int, device) -> torch.Tensor | None:
+    """Validate per-sample lengths (right padding): an integer tensor (batch,) with values in [0, seqlen]."""
+    if lengths is None:
+        return None
+    if not isinstance(lengths, torch.Tensor):
+        lengths = torch.as_tensor(lengths)
+    if lengths.shape != (batch,) or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+        raise ValueError(f"{owner}: lengths must be an integer tensor of shape ({batch},), got dtype "
+                         f"{lengths.dtype} and shape {tuple(lengths.shape)}")
+    if batch and (int(lengths.min()) < 0 or int(lengths.max()) > seqlen):
+        raise ValueError(f"{owner}: lengths must lie in [0, {seqlen}] (the padded length), got "
+                         f"min {int(lengths.min())}, max {int(lengths.max())}")
+    return lengths.to(device=device, dtype=torch.long)
+
+
+def length_mask(lengths: torch.Tensor, seqlen: int) -> torch.Tensor:
+    """(b,) lengths -> (b, seqlen) bool, True on valid positions."""
+    return torch.arange(seqlen, device=lengths.device) < lengths[:, None]
+
+
+def causal_conv(x: torch.Tensor, conv: nn.Conv1d, prefix: torch.Tensor | None = None) -> torch.Tensor:
+    """Depthwise causal conv over (b, c, L); `prefix` (b, c, d_conv-1) holds the inputs before x (zeros if None)."""
+    k = conv.kernel_size[0]
+    if prefix is None:
+        return F.conv1d(x, conv.weight, conv.bias, padding=k - 1, groups=conv.groups)[..., : x.shape[-1]]
+    return F.conv1d(torch.cat([prefix.to(x.dtype), x], dim=-1), conv.weight, conv.bias, groups=conv.groups)
+
+
+def last_conv_window(x: torch.Tensor, conv_state: torch.Tensor | None, lengths: torch.Tensor | None,
+                     d_conv: int) -> torch.Tensor:
+    """The conv inputs the next step needs: the last d_conv columns of [previous window | x] per sample,
+    ending at each sample's own last valid token."""
+    b, c, _ = x.shape
+    prev = conv_state.to(x.dtype) if conv_state is not None else x.new_zeros(b, c, d_conv)
+    full = torch.cat([prev, x], dim=-1)
+    if lengths is None:
+        return full[..., -d_conv:]
+    idx = lengths[:, None] + torch.arange(d_conv, device=x.device)
+    return full.gather(2, idx[:, None, :].expand(b, c, d_conv))
+
+
+def conv_step(conv_state: torch.Tensor, x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+    """Shift x (b, c) into the window (b, c, d_conv) in place; return the activated conv output (b, c)."""
+    conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
+    conv_state[:, :, -1] = x
+    out = torch.sum(conv_state * conv.weight[:, 0, :].to(conv_state.dtype), dim=-1)
+    if conv.bias is not None:
+        out = out + conv.bias
+    return F.silu(out).to(x.dtype)
+
+
+def init_dt_proj(dt_proj: nn.Linear, dt_rank: int, d_inner: int, dt_min: float, dt_max: float, dt_init: str,
+                 dt_scale: float, dt_init_floor: float) -> None:
+    """mamba_ssm's dt init: weight ~ U(+-dt_rank^-0.5 * dt_scale) (or constant), bias = softplus^-1(dt) with
+    dt log-uniform in [dt_min, dt_max] (floored at dt_init_floor). The bias is marked `_no_reinit`."""
+    std = dt_rank ** -0.5 * dt_scale
+    if dt_init == "constant":
+        nn.init.constant_(dt_proj.weight, std)
+    elif dt_init == "random":
+        nn.init.uniform_(dt_proj.weight, -std, std)
+    else:
+        raise ValueError(f"dt_init must be 'random' or 'constant', got {dt_init!r}")
+    dt = torch.exp(torch.rand(d_inner, device=dt_proj.bias.device) * (math.log(dt_max) - math.log(dt_min))
+                   + math.log(dt_min)).clamp(min=dt_init_floor)
+    with torch.no_grad():
+        dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))     # inverse of softplus
+    dt_proj.bias._no_reinit = True
+
+
+class SelectiveSSM(nn.Module):
+    """Shared machinery of the Mamba-1 mixers: arguments, parameter sets and the per-order branch."""
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: float = 2, dt_rank="auto",
+                 dt_min: float = 0.001, dt_max: float = 0.1, dt_init: str = "random", dt_scale: float = 1.0,
+                 dt_init_floor: float = 1e-4, conv_bias: bool = True, bias: bool = False,
+                 layer_idx: int | None = None, scan_backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        for name, v in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{type(self).__name__}: {name} must be a positive int, got {v!r}")
+        if dt_init not in ("random", "constant"):
+            raise ValueError(f"{type(self).__name__}: dt_init must be 'random' or 'constant', got {dt_init!r}")
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"{type(self).__name__}: need 0 < dt_min <= dt_max, got {dt_min}, {dt_max}")
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.expand = expand
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.layer_idx = layer_idx
+        self.scan_backend = scan_backend
+        self._dt_cfg = dict(dt_min=dt_min, dt_max=dt_max, dt_init=dt_init, dt_scale=dt_scale,
+                            dt_init_floor=dt_init_floor)
+        self._conv_bias = conv_bias
+        self._factory = {"device": device, "dtype": dtype}
+
+    # -- parameters -------------------------------------------------------------------------------------
+    def _add_ssm_params(self, suffix: str) -> None:
+        """conv1d{s}, x_proj{s}, dt_proj{s}, A{s}_log, D{s}: one order's parameters, upstream-initialised."""
+        fk, di, device = self._factory, self.d_inner, self._factory["device"]
+        setattr(self, f"conv1d{suffix}", nn.Conv1d(di, di, kernel_size=self.d_conv, groups=di,
+                                                   padding=self.d_conv - 1, bias=self._conv_bias, **fk))
+        setattr(self, f"x_proj{suffix}", nn.Linear(di, self.dt_rank + 2 * self.d_state, bias=False, **fk))
+        dt_proj = nn.Linear(self.dt_rank, di, bias=True, **fk)
+        init_dt_proj(dt_proj, self.dt_rank, di, **self._dt_cfg)
+        setattr(self, f"dt_proj{suffix}", dt_proj)
+        # S4D-real: A = -(1, 2, ..., N) for every channel; A_log and D are kept in float32.
+        A = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=device).repeat(di, 1)
+        A_log = nn.Parameter(torch.log(A).to(torch.float64 if fk["dtype"] == torch.float64 else torch.float32))
+        A_log._no_weight_decay = True
+        setattr(self, f"A{suffix}_log", A_log)
+        D = nn.Parameter(torch.ones(di, device=device,
+                                    dtype=torch.float64 if fk["dtype"] == torch.float64 else torch.float32))
+        D._no_weight_decay = True
+        setattr(self, f"D{suffix}", D)
+
+    def _params(self, suffix: str):
+        return (getattr(self, f"conv1d{suffix}"), getattr(self, f"x_proj{suffix}"), getattr(self, f"dt_proj{suffix}"),
+                getattr(self, f"A{suffix}_log"), getattr(self, f"D{suffix}"))
+
+    # -- computation ------------------------------------------------------------------------------------
+    def _branch(self, xz: torch.Tensor, suffix: str = "", *, conv_state: torch.Tensor | None = None,
+                ssm_state: torch.Tensor | None = None, lengths: torch.Tensor | None = None,
+                return_states: bool = False):
+        """One order's SSM on xz (b, L, 2 d_inner) in scan order -> gated y (b, L, d_inner).
+
+        conv_state / ssm_state: continue from cached states (None: start from zeros). With return_states,
+        also return the new (conv_state (b, d_inner, d_conv), ssm_state (b, d_inner, N)), taken at each
+        sample's own last valid token when lengths are given.
+        """
+        conv, x_proj, dt_proj, A_log, D = self._params(suffix)
+        di, L = self.d_inner, xz.shape[1]
+        x, z = xz[..., :di].transpose(1, 2), xz[..., di:].transpose(1, 2)             # (b, d_inner, L)
+        new_conv_state = last_conv_window(x, conv_state, lengths, self.d_conv) if return_states else None
+        prefix = conv_state[..., 1:] if conv_state is not None else None
+        x = F.silu(causal_conv(x, conv, prefix))
+        dt, B, C = torch.split(F.linear(x.transpose(1, 2), x_proj.weight),
+                               [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, dt_proj.weight).transpose(1, 2)                               # (b, d_inner, L)
+        B, C = B.transpose(1, 2), C.transpose(1, 2)                                     # (b, N, L)
+        ct = compute_dtype(A_log)
+        A = -torch.exp(A_log.to(ct))
+        delta_bias, softplus = dt_proj.bias.to(ct), True
+        if return_states and lengths is not None:
+            # dt = 0 past a sample's end leaves its state untouched, so the last state is its own.
+            dt = F.softplus(dt.to(ct) + delta_bias[:, None]) * length_mask(lengths, L)[:, None, :]
+            delta_bias, softplus = None, False
+        out = selective_scan(x, dt, A, B, C, D.to(ct), z=z, delta_bias=delta_bias, delta_softplus=softplus,
+                             return_last_state=return_states, initial_state=ssm_state, backend=self.scan_backend)
+        if return_states:
+            y, last = out
+            return y.transpose(1, 2), (new_conv_state, last)
+        return out.transpose(1, 2)
+
+    def _branch_step(self, x: torch.Tensor, z: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor,
+                     suffix: str = "") -> torch.Tensor:
+        """One token: x, z (b, d_inner) -> gated y (b, d_inner); updates the states in place."""
+        conv, x_proj, dt_proj, A_log, D = self._params(suffix)
+        x = conv_step(conv_state, x, conv)
+        dt, B, C = torch.split(F.linear(x, x_proj.weight), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, dt_proj.weight)
+        ct = compute_dtype(A_log)
+        backend = self.scan_backend if self.scan_backend in ("auto", "reference") else "auto"
+        return selective_state_update(ssm_state, x, dt, -torch.exp(A_log.to(ct)), B, C, D.to(ct), z=z,
+                                      dt_bias=dt_proj.bias.to(ct), dt_softplus=True, backend=backend)
+
+    def _allocate(self, batch_size: int, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+        conv = self.conv1d
+        device = conv.weight.device
+        conv_state = torch.zeros(batch_size, self.d_inner, self.d_conv, device=device,
+                                 dtype=conv.weight.dtype if dtype is None else dtype)
+        ssm_state = torch.zeros(batch_size, self.d_inner, self.d_state, device=device,
+                                dtype=self.dt_proj.weight.dtype if dtype is None else dtype)
+        return conv_state, ssm_state
+
+
+class Mamba(SelectiveSSM):
+    """The Mamba-1 mixer (causal). hidden_states (b, L, d_model) -> (b, L, d_model).
+
+    Arguments and defaults are mamba_ssm's (d_state=16, d_conv=4, expand=2, dt_rank="auto"=ceil(d_model/16),
+    dt_min=0.001, dt_max=0.1, dt_init="random", dt_scale=1.0, dt_init_floor=1e-4, conv_bias=True,
+    bias=False); `use_fast_path` is accepted for config compatibility and has no effect. `scan_backend`
+    goes to `selective_scan` ("auto", "reference", "cpu", "triton").
+
+    forward(hidden_states, inference_params=None, lengths=None):
+      lengths (b,): right-padded batches; outputs past a sample's length are zero and valid outputs equal
+        the sample run alone.
+      inference_params: prefill (seqlen_offset == 0) caches the states under layer_idx; later calls
+        (seqlen_offset > 0) continue from them: one token goes through `step()`, several continue the scan.
+    """
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: float = 2, dt_rank="auto",
+                 dt_min: float = 0.001, dt_max: float = 0.1, dt_init: str = "random", dt_scale: float = 1.0,
+                 dt_init_floor: float = 1e-4, conv_bias: bool = True, bias: bool = False, use_fast_path: bool = True,
+                 layer_idx: int | None = None, scan_backend: str = "auto", device=None, dtype=None):
+        super().__init__(d_model, d_state, d_conv, expand, dt_rank, dt_min, dt_max, dt_init, dt_scale,
+                         dt_init_floor, conv_bias, bias, layer_idx, scan_backend, device, dtype)
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, device=device, dtype=dtype)
+        self._add_ssm_params("")
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, hidden_states: torch.Tensor, inference_params: InferenceParams | None = None,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
+        b, L = check_hidden("Mamba", hidden_states, self.d_model)
+        lengths = check_lengths("Mamba", lengths, b, L, hidden_states.device)
+        if inference_params is None:
+            y = self._branch(self.in_proj(hidden_states), lengths=lengths)
+        else:
+            conv_state, ssm_state = states_from_cache(self, inference_params, b, self._allocate)
+            continuing = inference_params.seqlen_offset > 0
+            if continuing and L == 1 and lengths is None:
+                return self.step(hidden_states, conv_state, ssm_state)[0]
+            y, (new_conv, new_ssm) = self._branch(
+                self.in_proj(hidden_states), conv_state=conv_state if continuing else None,
+                ssm_state=ssm_state if continuing else None, lengths=lengths, return_states=True)
+            conv_state.copy_(new_conv)
+            ssm_state.copy_(new_ssm)
+        out = self.out_proj(y)
+        if lengths is not None:
+            out = out * length_mask(lengths, L)[..., None].to(out.dtype)
+        return out
+
+    def step(self, hidden_states: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
+        """One token per sequence: hidden_states (b, 1, d_model) -> (out (b, 1, d_model), conv_state, ssm_state),
+        the states (from `allocate_inference_cache`) updated in place."""
+        if hidden_states.dim() != 3 or hidden_states.shape[1] != 1 or hidden_states.shape[2] != self.d_model:
+            raise ValueError(f"Mamba.step: hidden_states has shape {tuple(hidden_states.shape)}, expected "
+                             f"(batch, 1, {self.d_model}): one token at a time")
+        b = hidden_states.shape[0]
+        for name, t, shape in (("conv_state", conv_state, (b, self.d_inner, self.d_conv)),
+                               ("ssm_state", ssm_state, (b, self.d_inner, self.d_state))):
+            if tuple(t.shape) != shape:
+                raise ValueError(f"Mamba.step: {name} has shape {tuple(t.shape)}, expected {shape}")
+        x, z = self.in_proj(hidden_states[:, 0]).chunk(2, dim=-1)
+        y = self._branch_step(x, z, conv_state, ssm_state)
+        return self.out_proj(y).unsqueeze(1), conv_state, ssm_state
+
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None, **kwargs):
+        """(conv_state (b, d_inner, d_conv), ssm_state (b, d_inner, d_state)), zero-filled."""
+        return self._allocate(batch_size, dtype)
