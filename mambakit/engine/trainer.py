@@ -119,11 +119,13 @@ def load_model_state(model: nn.Module, state: Mapping[str, torch.Tensor], source
 
 
 def read_pretrained_weights(spec: str | Path, use_ema: bool = False) -> tuple[dict[str, torch.Tensor], str]:
-    """A state dict from a zoo name or a file: a mambakit checkpoint (verified), a dict with a 'model' or
-    'state_dict' entry (Vim/DeiT, Lightning), or a bare state dict. Returns (state_dict, description)."""
+    """A state dict from a zoo name or a file: a mambakit checkpoint or run folder (verified), a dict with a
+    'model' or 'state_dict' entry (Vim/DeiT, Lightning, zoo.save_pretrained), or a bare state dict. A
+    registered zoo name is built and converted by `mambakit.zoo.load_pretrained`.
+    Returns (state_dict, description)."""
     path = Path(spec)
     if not path.exists():
-        path = _resolve_zoo_name(str(spec))
+        return _zoo_state_dict(str(spec))
     if path.is_dir():
         path = resolve_checkpoint(path, prefer="best")
     if path.with_name(path.name + ".sha256").is_file():
@@ -148,16 +150,21 @@ def read_pretrained_weights(spec: str | Path, use_ema: bool = False) -> tuple[di
                      "'state_dict', or a mapping of tensors)")
 
 
-def _resolve_zoo_name(name: str) -> Path:
+def _zoo_state_dict(name: str) -> tuple[dict[str, torch.Tensor], str]:
+    """Weights registered in mambakit.zoo, built and converted there (the zoo's own config and head)."""
     try:
         from mambakit import zoo
     except ImportError:
         zoo = None
-    resolve = getattr(zoo, "resolve_weights", None)
-    if resolve is None:
-        raise FileNotFoundError(f"pretrained weights {name!r}: no such file (named weights need "
-                                "mambakit.zoo.resolve_weights, which this installation lacks)")
-    return Path(resolve(name))
+    if zoo is None or not hasattr(zoo, "get_weights") or not hasattr(zoo, "load_pretrained"):
+        raise FileNotFoundError(f"pretrained weights {name!r}: no such file (named weights need mambakit.zoo, "
+                                "which this installation lacks)")
+    try:
+        zoo.get_weights(name)
+    except KeyError as e:
+        raise FileNotFoundError(f"pretrained weights {name!r}: no such file, and not a registered name "
+                                f"(`mambakit zoo list`): {e}") from None
+    return zoo.load_pretrained(name).state_dict(), f"zoo weights {name!r}"
 
 
 @dataclass
@@ -586,7 +593,7 @@ class Trainer:
                                          "train.precision=fp32")
             row = {"step": p.step, "epoch": round(p.step / self.steps_per_epoch, 4), **logged, "lr": lr}
             self.logger.log(row)
-        postfix = {"epoch": p.epoch}
+        postfix = {"epoch": p.epoch + 1}
         if logged:
             postfix.update({"loss": logged["train/loss"], "samples/s": logged["train/samples_per_s"]})
         self.logger.advance(postfix if logged else None)

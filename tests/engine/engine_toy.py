@@ -34,6 +34,7 @@ class ToyData:
     n_test: int = 14
     features: int = 5
     noise: float = 0.1
+    augment: float = 0.0          # std of noise added to x on every read (randomness in data loading)
     seed: int = 123
 
 
@@ -54,7 +55,8 @@ class ToyRecipe:
 class Regression(Dataset):
     """y = x . w + noise, the same for every process (own generator)."""
 
-    def __init__(self, n: int, features: int, noise: float, seed: int):
+    def __init__(self, n: int, features: int, noise: float, seed: int, augment: float = 0.0):
+        self.augment = augment
         g = torch.Generator().manual_seed(seed)
         w = torch.randn(features, generator=torch.Generator().manual_seed(7))
         self.x = torch.randn(n, features, generator=g)
@@ -64,7 +66,8 @@ class Regression(Dataset):
         return len(self.x)
 
     def __getitem__(self, i):
-        return self.x[i], self.y[i], torch.tensor(i)
+        x = self.x[i] + self.augment * torch.randn(self.x.shape[1]) if self.augment else self.x[i]
+        return x, self.y[i], torch.tensor(i)
 
 
 class MLP(nn.Module):
@@ -98,7 +101,7 @@ class ToyTask(Task):
 
     def build_datasets(self):
         d = self.config.data
-        return Datasets(train=Regression(d.n_train, d.features, d.noise, d.seed),
+        return Datasets(train=Regression(d.n_train, d.features, d.noise, d.seed, d.augment),
                         val=Regression(d.n_val, d.features, d.noise, d.seed + 1) if d.n_val else None,
                         test=Regression(d.n_test, d.features, d.noise, d.seed + 2) if d.n_test else None)
 
