@@ -24,87 +24,17 @@ builds three modules it never uses (`man`, `man2`, `a`); they are not built here
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .config import DLinearConfig, ITransformerConfig, ModelConfig, SMambaConfig
 
 __all__ = [
     "SMambaConfig", "ITransformerConfig", "DLinearConfig", "ModelConfig", "build_model",
     "SMamba", "ITransformer", "DLinear", "InvertedEncoderLayer", "InvertedEncoder", "InvertedEmbedding",
     "MultiHeadAttention", "SeriesDecomposition", "instance_normalize", "instance_denormalize",
 ]
-
-
-# --------------------------------------------------------------------------------------------------
-# configs (the recipe's `model:` section; `name` picks the model)
-
-@dataclass
-class SMambaConfig:
-    """S-Mamba. Defaults are upstream run.py's; the ETTh1 script sets d_model 256, d_ff 256, d_state 2."""
-    name: Literal["smamba"] = "smamba"
-    d_model: int = 512
-    d_ff: int = 2048
-    e_layers: int = 2
-    d_state: int = 32
-    d_conv: int = 2          # upstream hard-codes d_conv=2 and expand=1 in S_Mamba.py
-    expand: int = 1
-    dropout: float = 0.1
-    activation: Literal["gelu", "relu"] = "gelu"
-    use_norm: bool = True
-
-    def __post_init__(self):
-        _check_positive(self, "d_model", "d_ff", "e_layers", "d_state", "d_conv", "expand")
-        _check_dropout(self.dropout)
-
-
-@dataclass
-class ITransformerConfig:
-    """iTransformer. Defaults are upstream run.py's; the ETTh1 script sets d_model = d_ff = 256 (96, 192)
-    or 512 (336, 720)."""
-    name: Literal["itransformer"] = "itransformer"
-    d_model: int = 512
-    d_ff: int = 2048
-    e_layers: int = 2
-    n_heads: int = 8
-    dropout: float = 0.1
-    activation: Literal["gelu", "relu"] = "gelu"
-    use_norm: bool = True
-
-    def __post_init__(self):
-        _check_positive(self, "d_model", "d_ff", "e_layers", "n_heads")
-        _check_dropout(self.dropout)
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-
-
-@dataclass
-class DLinearConfig:
-    """DLinear (Zeng et al. 2023) as in Time-Series-Library `models/DLinear.py`: moving-average trend +
-    remainder, one Linear(seq_len -> pred_len) each, shared over variates unless `individual`."""
-    name: Literal["dlinear"] = "dlinear"
-    moving_avg: int = 25
-    individual: bool = False
-
-    def __post_init__(self):
-        if self.moving_avg < 1 or self.moving_avg % 2 == 0:
-            raise ValueError(f"moving_avg must be an odd number >= 1, got {self.moving_avg}")
-
-
-ModelConfig = SMambaConfig | ITransformerConfig | DLinearConfig
-
-
-def _check_positive(cfg, *names):
-    for n in names:
-        if getattr(cfg, n) < 1:
-            raise ValueError(f"{n} must be >= 1, got {getattr(cfg, n)}")
-
-
-def _check_dropout(p):
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {p}")
 
 
 def build_model(cfg: ModelConfig, seq_len: int, pred_len: int, n_variates: int) -> nn.Module:
@@ -225,13 +155,13 @@ class InvertedForecaster(nn.Module):
 # S-Mamba
 
 def bidirectional_mamba(d_model: int, d_state: int, d_conv: int, expand: int) -> nn.Module:
-    """Two independent Mamba-1 mixers over the identity and the reversed token order, outputs summed:
-    Mamba_f(x) + flip(Mamba_b(flip(x))). Built from the core's multi-order mixer."""
-    from mambakit.core import Mamba, MultiOrderMixer
+    """Two independent full Mamba-1 mixers over the identity and the reversed token order, outputs summed:
+    Mamba_f(x) + flip(Mamba_b(flip(x))). The core's per-order mixer, as upstream's `attention` /
+    `attention_r` pair (mixers.0 / mixers.1)."""
+    from mambakit.core.multi_order import PerOrderMamba
 
-    return MultiOrderMixer(
-        [Mamba(d_model=d_model, d_state=d_state, d_conv=d_conv, expand=expand) for _ in range(2)],
-        orders=("identity", "flip"), merge="sum")
+    return PerOrderMamba(d_model, orders=("identity", "flip"), merge="sum", d_state=d_state, d_conv=d_conv,
+                         expand=expand)
 
 
 class SMamba(InvertedForecaster):
