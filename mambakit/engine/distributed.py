@@ -29,7 +29,7 @@ from torch.utils.data import Dataset, Sampler, get_worker_info
 from .seed import sample_seed
 
 __all__ = ["DistEnv", "init_distributed", "resolve_device", "EpochBatchSampler", "ShardSampler",
-           "SeededSamples", "split_sizes", "gather_outputs", "all_gather_object", "broadcast_object",
+           "SeededSamples", "epoch_generator", "split_sizes", "gather_outputs", "all_gather_object", "broadcast_object",
            "all_reduce_sum", "barrier", "world_size"]
 
 
@@ -126,44 +126,55 @@ def _chunk(items: Sequence[int], rank: int, world_size: int) -> Sequence[int]:
     return items[start:start + sizes[rank]]
 
 
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The generator an epoch's sample order is drawn from: seeded by (seed, epoch) only."""
+    return torch.Generator().manual_seed(sample_seed(seed, epoch))
+
+
 class EpochBatchSampler(Sampler):
     """This rank's share of each global training batch of one epoch, as lists of `(epoch, index)` keys
     (read through `SeededSamples`).
 
     dataset_len: number of samples; batch_size: GLOBAL batch; drop_last: drop the final partial global batch.
+    order: the epoch's visiting order (dataset indices; default a permutation from `epoch_generator`). It must
+    be the same in every process, i.e. drawn from `epoch_generator(seed, epoch)` alone.
     start_batch: skip the first global batches (mid-epoch resume).
     """
 
     def __init__(self, dataset_len: int, batch_size: int, *, seed: int, epoch: int, rank: int = 0,
-                 world_size: int = 1, shuffle: bool = True, drop_last: bool = True, start_batch: int = 0):
+                 world_size: int = 1, shuffle: bool = True, drop_last: bool = True, start_batch: int = 0,
+                 order: Sequence[int] | None = None):
         if dataset_len < 1:
             raise ValueError("the training set is empty")
-        self.dataset_len = dataset_len
-        self.batch_size = batch_size
         self.seed, self.epoch = seed, epoch
         self.rank, self.world_size = rank, world_size
         self.shuffle, self.drop_last = shuffle, drop_last
-        self.num_batches = self.batches_per_epoch(dataset_len, batch_size, drop_last)
+        self._order = None if order is None else [int(i) for i in order]
+        self.epoch_len = dataset_len if order is None else len(self._order)
+        self.batch_size = batch_size
+        self.num_batches = self.batches_per_epoch(self.epoch_len, batch_size, drop_last)
         if not 0 <= start_batch <= self.num_batches:
             raise ValueError(f"start_batch={start_batch} is outside the epoch's {self.num_batches} batches")
         self.start_batch = start_batch
+        self.dataset_len = dataset_len
 
     @staticmethod
-    def batches_per_epoch(dataset_len: int, batch_size: int, drop_last: bool) -> int:
-        return dataset_len // batch_size if drop_last else -(-dataset_len // batch_size)
+    def batches_per_epoch(epoch_len: int, batch_size: int, drop_last: bool) -> int:
+        return epoch_len // batch_size if drop_last else -(-epoch_len // batch_size)
 
     def order(self) -> list[int]:
-        """The epoch's sample order: a permutation seeded by (seed, epoch), the same in every process."""
+        """The epoch's sample order, the same in every process."""
+        if self._order is not None:
+            return self._order
         if not self.shuffle:
             return list(range(self.dataset_len))
-        generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch))
-        return torch.randperm(self.dataset_len, generator=generator).tolist()
+        return torch.randperm(self.dataset_len, generator=epoch_generator(self.seed, self.epoch)).tolist()
 
     def global_batch(self, order: list[int], batch: int) -> list[int]:
         return order[batch * self.batch_size:(batch + 1) * self.batch_size]
 
     def global_batch_size(self, batch: int) -> int:
-        return min(self.batch_size, self.dataset_len - batch * self.batch_size)
+        return min(self.batch_size, self.epoch_len - batch * self.batch_size)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         order = self.order()

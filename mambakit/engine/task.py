@@ -76,6 +76,13 @@ class Task(abc.ABC):
     def compute_metrics(self, outputs: dict[str, torch.Tensor], split: str) -> dict[str, float]:
         ...
 
+    def train_order(self, epoch: int, generator: torch.Generator):
+        """The training-set indices to visit in `epoch`, in order; None (default) = a random permutation.
+        Override for class-balanced sampling, e.g. `torch.multinomial(weights, len(weights), replacement=True,
+        generator=generator)` (CLAM/MambaMIL's weighted sampler). Draw only from `generator` (seeded by run
+        seed and epoch), so every process and every resume gets the same order; keep the length fixed."""
+        return None
+
     def configure_optimizers(self, model: nn.Module):
         """Return None to let the engine build the optimiser from `config.train.optimizer`
         (or a list of optimisers when `manual_optimization`)."""

@@ -41,7 +41,7 @@ from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, checkpoint_name, fi
                          load_checkpoint, prune_checkpoints, read_pointer, resolve_checkpoint, save_checkpoint,
                          write_pointer)
 from .config import save_config, to_dict
-from .distributed import (DistEnv, EpochBatchSampler, SeededSamples, ShardSampler, all_gather_object,
+from .distributed import (DistEnv, EpochBatchSampler, epoch_generator, SeededSamples, ShardSampler, all_gather_object,
                           all_reduce_sum, barrier, broadcast_object, gather_outputs, init_distributed,
                           split_sizes, world_size)
 from .ema import ModelEMA
@@ -286,8 +286,8 @@ class Trainer:
         self.module = module.to(env.device)
         self.model = self._wrap(self.module)
         self.optimizers = self._build_optimizers()
-        self.batches_per_epoch = EpochBatchSampler.batches_per_epoch(len(self.datasets.train), cfg.batch_size,
-                                                                     cfg.drop_last)
+        self.epoch_len = len(self._epoch_order(0) or self.datasets.train)
+        self.batches_per_epoch = EpochBatchSampler.batches_per_epoch(self.epoch_len, cfg.batch_size, cfg.drop_last)
         self._check_batches()
         self.steps_per_epoch = -(-self.batches_per_epoch // cfg.grad_accum)
         self.total_steps = self.steps_per_epoch * cfg.epochs
@@ -367,9 +367,9 @@ class Trainer:
 
     def _check_batches(self) -> None:
         cfg, env = self.train_cfg, self.env
-        n = len(self.datasets.train)
+        n = self.epoch_len
         if self.batches_per_epoch == 0:
-            raise ValueError(f"the training set has {n} samples, fewer than one batch of train.batch_size="
+            raise ValueError(f"the training epoch has {n} samples, fewer than one batch of train.batch_size="
                              f"{cfg.batch_size} (with train.drop_last=true); lower the batch size")
         remainder = n % cfg.batch_size
         if not cfg.drop_last and remainder and remainder < env.world_size:
@@ -491,11 +491,25 @@ class Trainer:
         p, cfg = self.progress, self.train_cfg
         return p.stopped_early or p.epoch >= cfg.epochs or (cfg.max_steps is not None and p.step >= cfg.max_steps)
 
+    def _epoch_order(self, epoch: int) -> list[int] | None:
+        order = self.task.train_order(epoch, epoch_generator(self.train_cfg.seed, epoch))
+        if order is None:
+            return None
+        order = order.tolist() if isinstance(order, torch.Tensor) else [int(i) for i in order]
+        n = len(self.datasets.train)
+        if not order or min(order) < 0 or max(order) >= n:
+            raise ValueError(f"{type(self.task).__name__}.train_order({epoch}) must return indices in [0, {n}), "
+                             f"got {len(order)} indices" + (f" from {min(order)} to {max(order)}" if order else ""))
+        if epoch > 0 and len(order) != self.epoch_len:
+            raise ValueError(f"{type(self.task).__name__}.train_order({epoch}) returned {len(order)} indices, "
+                             f"epoch 0 had {self.epoch_len}; the epoch length must stay fixed")
+        return order
+
     def _train_loader(self, epoch: int, start_batch: int) -> tuple[DataLoader, EpochBatchSampler]:
         cfg, env = self.train_cfg, self.env
         sampler = EpochBatchSampler(len(self.datasets.train), cfg.batch_size, seed=cfg.seed, epoch=epoch,
                                     rank=env.rank, world_size=env.world_size, drop_last=cfg.drop_last,
-                                    start_batch=start_batch)
+                                    start_batch=start_batch, order=self._epoch_order(epoch))
         loader = DataLoader(SeededSamples(self.datasets.train, cfg.seed), batch_sampler=sampler,
                             num_workers=cfg.num_workers, collate_fn=self.datasets.collate_fn,
                             pin_memory=env.device.type == "cuda",
@@ -684,9 +698,20 @@ def _on_main(fn: Callable[[], Any], env: DistEnv) -> Any:
             result = fn()
         except Exception as e:  # re-raised below, on every rank
             error = e
-    result, error = broadcast_object((result, error), env)
+    if not env.distributed:
+        if error is not None:
+            raise error
+        return result
+    shared = (result, None if error is None else (type(error), str(error)))
+    result, failure = broadcast_object(shared, env)
     if error is not None:
         raise error
+    if failure is not None:
+        kind, message = failure
+        try:
+            raise kind(message)
+        except TypeError:
+            raise RuntimeError(f"rank 0 failed: {kind.__name__}: {message}") from None
     return result
 
 

@@ -152,3 +152,11 @@ def test_ema_update_maths_against_float64():
     assert not any(p.requires_grad for p in ema.module.parameters()) and not ema.module.training
     with pytest.raises(ValueError, match=r"ema_decay must be in \(0, 1\)"):
         ModelEMA(model, 1.0)
+
+
+def test_explicit_order_is_cut_into_global_batches_and_shared_by_ranks():
+    order = [3, 3, 1, 0, 2, 2, 5, 4, 4]                 # with repeats, e.g. weighted sampling with replacement
+    single = batches(EpochBatchSampler(6, 4, seed=0, epoch=0, order=order, drop_last=False))
+    assert single == [[3, 3, 1, 0], [2, 2, 5, 4], [4]]
+    ranks = [batches(EpochBatchSampler(6, 4, seed=0, epoch=0, order=order, rank=r, world_size=2)) for r in (0, 1)]
+    assert ranks == [[[3, 3], [2, 2]], [[1, 0], [5, 4]]]   # drop_last: the single leftover sample is dropped

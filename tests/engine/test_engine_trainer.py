@@ -315,3 +315,32 @@ def test_bad_hook_results_are_named(tmp_path):
 
     with pytest.raises(ValueError, match="early_stopping.patience is set, but the task has no validation split"):
         fit(tmp_path / "b", "train.early_stopping.patience=2", task_cls=NoVal)
+
+
+def test_task_sample_order_drives_the_epochs(tmp_path):
+    class Balanced(ToyTask):
+        seen: list = []
+        orders: dict = {}
+
+        def train_order(self, epoch, generator):
+            weights = torch.ones(48)
+            weights[:8] = 20.0                              # oversample the first 8 samples
+            order = torch.multinomial(weights, 40, replacement=True, generator=generator)
+            self.orders.setdefault(epoch, order.tolist())
+            return order
+
+        def training_step(self, model, batch):
+            self.seen.extend(batch[2].tolist())
+            return super().training_step(model, batch)
+
+    result, task = fit(tmp_path / "run", "train.epochs=2", task_cls=Balanced)
+    assert result.steps == 10                                # 40 draws per epoch / batch 8
+    assert task.seen == task.orders[0] + task.orders[1] and task.orders[0] != task.orders[1]
+    assert sum(i < 8 for i in task.seen) > 40                # the weights took effect
+
+    class Shrinking(Balanced):
+        def train_order(self, epoch, generator):
+            return list(range(40 - 8 * epoch))
+
+    with pytest.raises(ValueError, match=r"train_order\(1\) returned 32 indices, epoch 0 had 40"):
+        fit(tmp_path / "bad", "train.epochs=2", task_cls=Shrinking)
