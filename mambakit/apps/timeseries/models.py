@@ -158,7 +158,7 @@ def bidirectional_mamba(d_model: int, d_state: int, d_conv: int, expand: int) ->
     """Two independent full Mamba-1 mixers over the identity and the reversed token order, outputs summed:
     Mamba_f(x) + flip(Mamba_b(flip(x))). The core's per-order mixer, as upstream's `attention` /
     `attention_r` pair (mixers.0 / mixers.1)."""
-    from mambakit.core.multi_order import PerOrderMamba
+    from mambakit.core import PerOrderMamba
 
     return PerOrderMamba(d_model, orders=("identity", "flip"), merge="sum", d_state=d_state, d_conv=d_conv,
                          expand=expand)
