@@ -359,6 +359,9 @@ class Trainer:
             if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
                 raise TypeError(f"the {split} dataset ({type(dataset).__name__}) must be map-style "
                                 "(__len__ and __getitem__)")
+            if len(dataset) == 0:
+                raise ValueError(f"{type(self.task).__name__}.build_datasets(): the {split} dataset is empty "
+                                 "(use None for a split you do not have)")
         if datasets.train is None or len(datasets.train) == 0:
             raise ValueError(f"{type(self.task).__name__}.build_datasets() gave no training samples")
         if self.train_cfg.early_stopping.patience is not None and datasets.val is None:
@@ -819,7 +822,7 @@ def _evaluate_module(task: Task, module: nn.Module, dataset: Dataset, split: str
                 if not isinstance(out, Mapping):
                     raise TypeError(f"{name}.eval_step must return a dict of per-sample tensors, got "
                                     f"{type(out).__name__}")
-                outputs.append({k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in out.items()})
+                outputs.append({k: _to_cpu_full_precision(v) for k, v in out.items()})
     finally:
         module.train(was_training)
     gathered = gather_outputs(outputs, env, where=f"{name}.eval_step ({split})")
@@ -836,6 +839,15 @@ def _evaluate_module(task: Task, module: nn.Module, dataset: Dataset, split: str
                 raise TypeError(f"{name}.compute_metrics({split!r}) returned {key}={value!r}; metrics must be numbers")
             metrics[f"{prefix}/{key}"] = float(value)
     return broadcast_object(metrics, env)
+
+
+def _to_cpu_full_precision(value: Any) -> Any:
+    """Eval outputs go to the CPU; bf16/fp16 ones (autocast) are widened to float32 -- lossless -- so that
+    metrics summed over a whole split do not accumulate in 8 bits of mantissa."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    value = value.detach().cpu()
+    return value.float() if value.dtype in (torch.bfloat16, torch.float16) else value
 
 
 def evaluate(task: Task, model_or_checkpoint: nn.Module | str | Path, split: str = "test", *,

@@ -106,6 +106,7 @@ def test_best_tracker_rules():
 def test_bf16_autocast_runs_on_cpu(tmp_path):
     class DtypeToy(ToyTask):
         dtypes: list = []
+        eval_dtypes: list = []
 
         def training_step(self, model, batch):
             x, y, _ = batch
@@ -113,8 +114,20 @@ def test_bf16_autocast_runs_on_cpu(tmp_path):
             self.dtypes.append(pred.dtype)
             return torch.nn.functional.mse_loss(pred.float(), y)
 
+        def eval_step(self, model, batch):
+            out = super().eval_step(model, batch)
+            self.eval_dtypes.append(torch.is_autocast_enabled("cpu"))
+            out["se"] = out["se"].to(torch.bfloat16)
+            return out
+
+        def compute_metrics(self, outputs, split):
+            self.eval_dtypes.append(outputs["se"].dtype)
+            return super().compute_metrics(outputs, split)
+
     result, task = fit(tmp_path / "run", "train.epochs=1", "train.precision=bf16", task_cls=DtypeToy)
     assert task.dtypes and set(task.dtypes) == {torch.bfloat16}
+    # eval_step runs under autocast too; its bf16 outputs are widened (losslessly) before the metrics
+    assert task.eval_dtypes[0] is True and torch.float32 in task.eval_dtypes and torch.bfloat16 not in task.eval_dtypes
     assert all(v.dtype == torch.float32 for v in final_model(result).values())
     assert math.isfinite(result.metrics["val/loss"]) and math.isfinite(result.metrics["test/loss"])
 
@@ -315,6 +328,15 @@ def test_bad_hook_results_are_named(tmp_path):
 
     with pytest.raises(ValueError, match="early_stopping.patience is set, but the task has no validation split"):
         fit(tmp_path / "b", "train.early_stopping.patience=2", task_cls=NoVal)
+    with pytest.raises(ValueError, match=r"_EmptyVal.build_datasets\(\): the val dataset is empty"):
+        fit(tmp_path / "c", task_cls=_EmptyVal)
+
+
+class _EmptyVal(ToyTask):
+    def build_datasets(self):
+        data = super().build_datasets()
+        data.val.x, data.val.y = data.val.x[:0], data.val.y[:0]
+        return data
 
 
 def test_task_sample_order_drives_the_epochs(tmp_path):
