@@ -263,7 +263,7 @@ class Mamba(SelectiveSSM):
             ssm_state.copy_(new_ssm)
         out = self.out_proj(y)
         if lengths is not None:
-            out = out * length_mask(lengths, L)[..., None].to(out.dtype)
+            out = out.masked_fill(~length_mask(lengths, L)[..., None], 0.0)
         return out
 
     def step(self, hidden_states: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):

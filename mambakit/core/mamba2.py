@@ -192,7 +192,7 @@ class Mamba2(nn.Module):
             cache[1].copy_(last)
         y = self._output(out.flatten(-2), z, z0, x0)
         if lengths is not None:
-            y = y * length_mask(lengths, L)[..., None].to(y.dtype)
+            y = y.masked_fill(~length_mask(lengths, L)[..., None], 0.0)
         return y
 
     def step(self, hidden_states: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor,

@@ -146,7 +146,7 @@ class MultiOrderMamba(SelectiveSSM):
         if self.init_layer_scale is not None:
             out = out * self.gamma
         if lengths is not None:
-            out = out * length_mask(lengths, L)[..., None].to(out.dtype)
+            out = out.masked_fill(~length_mask(lengths, L)[..., None], 0.0)
         return out
 
     def _merge(self, ys: list[torch.Tensor]) -> torch.Tensor:
@@ -215,7 +215,7 @@ class PerOrderMamba(nn.Module):
             if self.merge == "mean":
                 out = out / len(ys)
         if lengths is not None:
-            out = out * length_mask(lengths, L)[..., None].to(out.dtype)
+            out = out.masked_fill(~length_mask(lengths, L)[..., None], 0.0)
         return out
 
     def step(self, *args, **kwargs):
