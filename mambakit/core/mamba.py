@@ -25,7 +25,8 @@ from torch import nn
 from mambakit.core.cache import InferenceParams, states_from_cache
 from mambakit.core.scan import selective_scan, selective_state_update
 
-__all__ = ["Mamba", "SelectiveSSM", "check_hidden", "check_lengths", "length_mask", "compute_dtype"]
+__all__ = ["Mamba", "SelectiveSSM", "init_dt_proj", "check_hidden", "check_lengths", "length_mask", "compute_dtype",
+           "causal_conv", "conv_step", "last_conv_window"]
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:

@@ -29,8 +29,9 @@ def randomize(m):
     return m
 
 
-def test_forward_and_backward_match_independent_loop():
-    m = randomize(make(conv_bias=True, bias=True))
+@pytest.mark.parametrize("bias,conv_bias", [(True, True), (False, False)])
+def test_forward_and_backward_match_independent_loop(bias, conv_bias):
+    m = randomize(make(conv_bias=conv_bias, bias=bias))
     x = torch.randn(2, 9, 16, dtype=F64, requires_grad=True)
     y = m(x)
     y_ref = core_refs.mamba1(m, x)
@@ -160,6 +161,19 @@ def test_float32_close_to_float64():
     y64 = m(x)
     y32 = m.float()(x.float())
     torch.testing.assert_close(y32.double(), y64, rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_module_runs_in_bfloat16_and_stays_close():
+    m = randomize(make()).float()
+    x = torch.randn(2, 12, 16)
+    y32 = m(x)
+    m16 = m.to(torch.bfloat16)
+    y16 = m16(x.to(torch.bfloat16))
+    assert y16.dtype == torch.bfloat16
+    assert (y16.float() - y32).abs().max() < 0.05 * y32.abs().max()
+    conv, ssm = m16.allocate_inference_cache(2, 12)
+    assert conv.dtype == ssm.dtype == torch.bfloat16
+    assert m16.step(x[:, :1].to(torch.bfloat16), conv, ssm)[0].dtype == torch.bfloat16
 
 
 def test_bad_inputs_raise_clear_errors():
