@@ -18,9 +18,14 @@ __all__ = ["selective_scan", "selective_state_update", "register_backend", "avai
 # name -> "module:function"; imported on first use so that importing mambakit never compiles anything.
 _BACKENDS: dict[str, str] = {
     "reference": "mambakit.kernels.reference:selective_scan_ref",
+    "cpu": "mambakit.kernels.cpu_scan:selective_scan_cpu",
+    "triton": "mambakit.kernels.triton_scan:selective_scan_triton",
 }
+# The one-token update is cheap on a CPU: the reference serves "cpu" there.
 _STATE_UPDATE: dict[str, str] = {
     "reference": "mambakit.kernels.reference:selective_state_update_ref",
+    "cpu": "mambakit.kernels.reference:selective_state_update_ref",
+    "triton": "mambakit.kernels.triton_scan:selective_state_update_triton",
 }
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -42,6 +47,12 @@ def _load(path: str) -> Callable:
 
 
 def _resolve(backend: str, device: torch.device, table: dict[str, str]) -> Callable:
+    """The function for `backend` ("auto": triton on CUDA, the fused kernel on CPU, else the reference)."""
+    if not isinstance(backend, str):
+        raise TypeError(f"selective_scan: backend must be a string, 'auto' or one of {sorted(table)}, "
+                        f"got {type(backend).__name__}")
+    if backend == "auto" and device.type not in ("cuda", "cpu"):
+        backend = "reference"
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "cpu"
         if backend not in table:
@@ -55,45 +66,68 @@ def _resolve(backend: str, device: torch.device, table: dict[str, str]) -> Calla
     return _load(table[backend])
 
 
-def _expect(name: str, t: torch.Tensor | None, shape: tuple, device: torch.device, optional: bool = False):
+def _shape_text(t) -> str:
+    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else f"a {type(t).__name__}"
+
+
+def _expect(name: str, t, shape: tuple, device: torch.device, optional: bool = False,
+            fn: str = "selective_scan") -> None:
+    """Check one argument: a floating tensor of exactly `shape` on `device` (None allowed if optional)."""
+    shape_text = "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
     if t is None:
         if optional:
             return
-        raise ValueError(f"selective_scan: {name} is required, expected shape {shape}")
+        raise ValueError(f"{fn}: {name} is required, expected a tensor of shape {shape_text}")
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"selective_scan: {name} must be a tensor of shape {shape}, got {type(t).__name__}")
+        raise TypeError(f"{fn}: {name} must be a tensor of shape {shape_text}, got {_shape_text(t)}")
     if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"selective_scan: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        raise ValueError(f"{fn}: {name} has shape {tuple(t.shape)}, expected {shape_text}")
     if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"selective_scan: {name} has dtype {t.dtype}, expected a floating dtype")
+        raise TypeError(f"{fn}: {name} has dtype {t.dtype}, expected float16, bfloat16, float32 "
+                        f"or float64")
     if t.device != device:
-        raise ValueError(f"selective_scan: {name} is on {t.device}, expected {device} (the device of u)")
+        raise ValueError(f"{fn}: {name} is on {t.device}, expected {device} (the device of u)")
 
 
 def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None) -> None:
-    """Raise a ValueError/TypeError naming the offending argument and the expected shape."""
-    if not isinstance(u, torch.Tensor) or u.dim() != 3:
-        got = tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__
-        raise ValueError(f"selective_scan: u must have shape (batch, dim, length), got {got}")
+    """Raise a ValueError/TypeError naming the offending argument and the expected shape.
+
+    u, delta, z: (b, d, L); A: (d, N); B, C: (b, N, L) or (b, G, N, L) with G dividing d (B and C may use
+    different G); D, delta_bias: (d,); initial_state: (b, d, N); floating dtypes; all on u's device.
+    """
+    if not isinstance(u, torch.Tensor):
+        raise TypeError(f"selective_scan: u must be a tensor of shape (batch, dim, length), got {_shape_text(u)}")
+    if u.dim() != 3:
+        raise ValueError(f"selective_scan: u has shape {tuple(u.shape)}, expected (batch, dim, length)")
     b, d, L = u.shape
     dev = u.device
     _expect("u", u, (b, d, L), dev)
     _expect("delta", delta, (b, d, L), dev)
-    if not isinstance(A, torch.Tensor) or A.dim() != 2 or A.shape[0] != d:
-        got = tuple(A.shape) if isinstance(A, torch.Tensor) else type(A).__name__
-        raise ValueError(f"selective_scan: A has shape {got}, expected ({d}, N)")
+    if not isinstance(A, torch.Tensor):
+        raise TypeError(f"selective_scan: A must be a tensor of shape ({d}, N), got {_shape_text(A)}")
+    if A.dim() != 2 or A.shape[0] != d:
+        raise ValueError(f"selective_scan: A has shape {tuple(A.shape)}, expected ({d}, N) (dim of u = {d})")
     N = A.shape[1]
     _expect("A", A, (d, N), dev)
     for name, t in (("B", B), ("C", C)):
-        if not isinstance(t, torch.Tensor) or t.dim() not in (3, 4):
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"selective_scan: {name} has shape {got}, expected ({b}, {N}, {L}) or ({b}, G, {N}, {L})")
+        expected = f"({b}, {N}, {L}) or ({b}, G, {N}, {L})"
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"selective_scan: {name} must be a tensor of shape {expected}, got {_shape_text(t)}")
+        if t.dim() not in (3, 4):
+            raise ValueError(f"selective_scan: {name} has shape {tuple(t.shape)}, expected {expected}")
         if t.dim() == 3:
+            if tuple(t.shape) != (b, N, L):
+                raise ValueError(f"selective_scan: {name} has shape {tuple(t.shape)}, expected {expected} "
+                                 f"(batch {b}, N = A.shape[1] = {N}, length {L})")
             _expect(name, t, (b, N, L), dev)
         else:
             G = t.shape[1]
             if G < 1 or d % G:
-                raise ValueError(f"selective_scan: {name} has {G} groups, which must divide dim={d}")
+                raise ValueError(f"selective_scan: {name} has shape {tuple(t.shape)}: its {G} groups must divide "
+                                 f"dim = {d}")
+            if tuple(t.shape) != (b, G, N, L):
+                raise ValueError(f"selective_scan: {name} has shape {tuple(t.shape)}, expected {expected} "
+                                 f"(batch {b}, N = A.shape[1] = {N}, length {L})")
             _expect(name, t, (b, G, N, L), dev)
     _expect("D", D, (d,), dev, optional=True)
     _expect("z", z, (b, d, L), dev, optional=True)
@@ -119,17 +153,25 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, backend="auto"):
     """One recurrent step for decoding: updates `state` (b, d, N) in place and returns out (b, d).
 
-    x, dt, z: (b, d); A: (d, N); B, C: (b, N) or (b, G, N); D, dt_bias: (d,).
+    x, dt, z: (b, d); A: (d, N); B, C: (b, N) or (b, G, N) with G dividing d; D, dt_bias: (d,).
     """
+    fn = "selective_state_update"
+    if not isinstance(state, torch.Tensor):
+        raise TypeError(f"{fn}: state must be a tensor of shape (batch, dim, N), got {_shape_text(state)}")
     if state.dim() != 3:
-        raise ValueError(f"selective_state_update: state has shape {tuple(state.shape)}, expected (batch, dim, N)")
+        raise ValueError(f"{fn}: state has shape {tuple(state.shape)}, expected (batch, dim, N)")
     b, d, N = state.shape
-    for name, t, shape in (("x", x, (b, d)), ("dt", dt, (b, d)), ("A", A, (d, N)), ("z", z, (b, d)),
-                           ("D", D, (d,)), ("dt_bias", dt_bias, (d,))):
-        if t is not None and tuple(t.shape) != shape:
-            raise ValueError(f"selective_state_update: {name} has shape {tuple(t.shape)}, expected {shape}")
+    dev = state.device
+    _expect("state", state, (b, d, N), dev, fn=fn)
+    for name, t, shape, optional in (("x", x, (b, d), False), ("dt", dt, (b, d), False), ("A", A, (d, N), False),
+                                     ("z", z, (b, d), True), ("D", D, (d,), True), ("dt_bias", dt_bias, (d,), True)):
+        _expect(name, t, shape, dev, optional=optional, fn=fn)
     for name, t in (("B", B), ("C", C)):
-        if tuple(t.shape) != (b, N) and not (t.dim() == 3 and t.shape[0] == b and t.shape[2] == N and d % t.shape[1] == 0):
-            raise ValueError(f"selective_state_update: {name} has shape {tuple(t.shape)}, expected ({b}, {N}) or ({b}, G, {N})")
-    fn = _resolve(backend, state.device, _STATE_UPDATE)
-    return fn(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
+        grouped = isinstance(t, torch.Tensor) and t.dim() == 3
+        if grouped and (t.shape[1] < 1 or d % t.shape[1]):
+            raise ValueError(f"{fn}: {name} has shape {tuple(t.shape)}: its {t.shape[1]} groups must divide dim = {d}")
+        if isinstance(t, torch.Tensor) and t.dim() not in (2, 3):
+            raise ValueError(f"{fn}: {name} has shape {tuple(t.shape)}, expected ({b}, {N}) or ({b}, G, {N})")
+        _expect(name, t, (b, t.shape[1], N) if grouped else (b, N), dev, fn=fn)
+    impl = _resolve(backend, dev, _STATE_UPDATE)
+    return impl(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)

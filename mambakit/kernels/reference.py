@@ -19,6 +19,8 @@ SSD (Mamba-2), per head h with scalar A_h, head dim p, state n:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -38,34 +40,51 @@ def expand_groups(BC: torch.Tensor, d: int) -> torch.Tensor:
     return BC.repeat_interleave(d // G, dim=1)
 
 
+def _grouped(BC: torch.Tensor, G: int) -> torch.Tensor:
+    """(b, N, L) or (b, G', N, L) with G' dividing G -> (b, G, N, L): group k of G' serves groups
+    k*G/G' .. (k+1)*G/G' - 1 (the same channels as before)."""
+    BC = BC.unsqueeze(1) if BC.dim() == 3 else BC
+    return BC if BC.shape[1] == G else BC.repeat_interleave(G // BC.shape[1], dim=1)
+
+
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        return_last_state=False, initial_state=None):
     """u, delta, z: (b, d, L); A: (d, N); B, C: (b, N, L) or (b, G, N, L); D, delta_bias: (d,);
-    initial_state: (b, d, N). Returns out (b, d, L) in u's dtype [, last_state (b, d, N)]."""
+    initial_state: (b, d, N). Returns out (b, d, L) in u's dtype [, last_state (b, d, N) in the compute dtype:
+    float64 if any input is float64, else float32].
+
+    The loop runs over time on per-step views made by `unbind` before the loop, and works in the grouped
+    view (b, G, d/G, N) of the state, so neither B/C nor dA is ever expanded to (b, d, N, L): forward memory
+    is O(b*d*N) without grad, and autograd records O(L) small nodes (indexing `dA[:, :, t]` in the loop
+    would make every step's backward materialise a zero tensor of the full (b, d, L, N) size)."""
     dtype_in = u.dtype
     ct = _compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
     u, delta, A = u.to(ct), delta.to(ct), A.to(ct)
     b, d, L = u.shape
-    B = expand_groups(B.to(ct), d)
-    C = expand_groups(C.to(ct), d)
+    N = A.shape[1]
+    G = math.lcm(*(1 if t.dim() == 3 else t.shape[1] for t in (B, C)))    # B and C may be grouped differently
+    Bg, Cg = _grouped(B.to(ct), G), _grouped(C.to(ct), G)                 # (b, G, N, L)
     if delta_bias is not None:
         delta = delta + delta_bias.to(ct)[None, :, None]
     if delta_softplus:
         delta = F.softplus(delta)
-    dA = torch.exp(delta.unsqueeze(-1) * A[None, :, None, :])              # (b, d, L, N)
-    dBu = (delta * u).unsqueeze(-1) * B.transpose(2, 3)                    # (b, d, L, N)
-    x = u.new_zeros(b, d, A.shape[1]) if initial_state is None else initial_state.to(ct)
+    A_g = A.reshape(G, d // G, N)
+    x = u.new_zeros(b, G, d // G, N) if initial_state is None else initial_state.to(ct).reshape(b, G, d // G, N)
+    delta_t = delta.reshape(b, G, d // G, L).unbind(-1)                       # L x (b, G, d/G)
+    deltau_t = (delta * u).reshape(b, G, d // G, L).unbind(-1)
+    B_t, C_t = Bg.unbind(-1), Cg.unbind(-1)                                # L x (b, G, N)
     ys = []
     for t in range(L):
-        x = dA[:, :, t] * x + dBu[:, :, t]
-        ys.append((x * C[:, :, :, t]).sum(-1))
+        dA = torch.exp(delta_t[t].unsqueeze(-1) * A_g)                     # (b, G, d/G, N)
+        x = dA * x + deltau_t[t].unsqueeze(-1) * B_t[t].unsqueeze(2)
+        ys.append((x * C_t[t].unsqueeze(2)).sum(-1).reshape(b, d))
     y = torch.stack(ys, dim=-1) if L > 0 else u.new_zeros(b, d, 0)
     if D is not None:
         y = y + D.to(ct)[None, :, None] * u
     if z is not None:
         y = y * F.silu(z.to(ct))
     out = y.to(dtype_in)
-    return (out, x) if return_last_state else out
+    return (out, x.reshape(b, d, N)) if return_last_state else out
 
 
 def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):

@@ -1,0 +1,363 @@
+"""The fused CPU selective scan: a C kernel compiled on first use, loaded with ctypes, wrapped in autograd.
+
+Semantics are `mambakit.kernels.reference.selective_scan_ref`'s (mamba_ssm's `selective_scan_fn` plus an
+initial state and a gradient through the last state). The kernel (csrc/selective_scan_cpu.c) streams over
+time with the state of W channels x N in vector registers/L1, parallel over (batch, channel block) with
+pthreads, and its backward recomputes states from checkpoints taken every `chunk` steps, so the memory it
+adds is O(b * d * N * L / chunk), never O(b * d * N * L).
+
+Build: no build step at install time. On the first call per process the source is compiled with the system C
+compiler (`$CC`, else cc/gcc/clang) into `$MAMBAKIT_HOME/kernels/` (default ~/.cache/mambakit/kernels),
+keyed by a hash of the source, the flags, the compiler's version and the CPU; later calls and processes load
+the cached library. The file is written to a temporary name and renamed into place, so processes that
+compile at the same time never see a partial file. Where no kernel can be built (no compiler, compile error,
+unsupported platform), or `MAMBAKIT_DISABLE_CPU_KERNEL=1` is set, the reference scan runs instead after a
+one-line warning (once per process).
+
+Precision: float32 and float64 inputs are computed natively; float16/bfloat16 inputs in float32 and cast
+back. With mixed dtypes the compute dtype is float64 if any input is float64, else float32.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from mambakit.kernels.reference import selective_scan_ref
+
+__all__ = ["selective_scan_cpu", "kernel_status", "load_library", "KernelUnavailable", "DEFAULT_CHUNK",
+           "vexp_bench"]
+
+#: Checkpoint interval of the backward (steps). Measured on AMD EPYC (Zen) with 2 threads; see
+#: benchmarks/README.md ("Selective scan (CPU)"): 32..128 are within noise, 64 keeps the per-thread
+#: recompute tiles (K x N x 8 floats, twice) in L2 for N <= 64.
+DEFAULT_CHUNK = 64
+
+_CSRC = Path(__file__).resolve().parent / "csrc"
+_SOURCES = ("selective_scan_cpu.c", "vmath.h")
+_ABI_VERSION = 2
+# No -ffast-math: reassociation would break exp's range reduction, and finite-math-only would turn NaN
+# inputs into garbage instead of NaN outputs. Contraction into FMA is allowed (it only adds accuracy).
+_FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-fno-math-errno", "-fno-trapping-math",
+          "-ffp-contract=fast")
+_NATIVE_FLAGS = ("-march=native",)
+_COMPILE_TIMEOUT_S = 60
+_DISABLE_ENV = "MAMBAKIT_DISABLE_CPU_KERNEL"
+
+
+class KernelUnavailable(RuntimeError):
+    """The fused CPU kernel cannot be used here; the message says why."""
+
+
+class _ScanArgs(ctypes.Structure):
+    """Mirror of `mk_scan_args` in csrc/selective_scan_cpu.c (field order matters)."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in (
+        "u", "delta", "A", "B", "C", "D", "delta_bias", "z", "init", "out", "ckpt", "last", "dout", "dlast",
+        "du", "ddelta", "dz", "dA", "dB", "dC", "dD", "dbias", "dinit")]
+    _fields_ += [(name, ctypes.c_int64) for name in ("batch", "dim", "len", "dstate", "groups", "chunk")]
+    _fields_ += [("softplus", ctypes.c_int32), ("nthreads", ctypes.c_int32)]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Building and loading
+
+def _kernel_dir() -> Path:
+    home = os.environ.get("MAMBAKIT_HOME", "").strip() or "~/.cache/mambakit"
+    return Path(home).expanduser().resolve() / "kernels"
+
+
+def _find_compiler() -> list[str]:
+    cc = os.environ.get("CC", "").strip()
+    if cc:
+        return shlex.split(cc)
+    for name in ("cc", "gcc", "clang"):
+        path = shutil.which(name)
+        if path:
+            return [path]
+    raise KernelUnavailable("no C compiler found (looked for $CC, cc, gcc, clang); "
+                            "install one (e.g. `apt install gcc`) or set CC")
+
+
+def _compiler_version(cc: list[str]) -> str:
+    try:
+        res = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise KernelUnavailable(f"C compiler {cc[0]!r} does not run: {err}") from err
+    if res.returncode != 0:
+        raise KernelUnavailable(f"`{' '.join(cc)} --version` failed: {res.stderr.strip()[:200]}")
+    return res.stdout.strip().splitlines()[0] if res.stdout.strip() else cc[0]
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the machine, the CPU model and its feature flags."""
+    parts = [platform.machine(), platform.processor()]
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key = line.split(":", 1)[0].strip()
+                if key in ("model name", "flags", "Features", "CPU part"):
+                    parts.append(line.strip())
+                if line.strip() == "":
+                    break                       # the first processor describes them all
+    except OSError:
+        pass
+    return "\n".join(parts)
+
+
+def _compile(cc: list[str], flags: tuple[str, ...], double: bool, target: Path) -> str | None:
+    """Compile into `target` atomically. Returns None on success, else the compiler's complaint."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so", dir=target.parent)
+    os.close(fd)
+    cmd = [*cc, *flags, *(["-DMK_DOUBLE"] if double else []), "-o", tmp,
+           str(_CSRC / "selective_scan_cpu.c"), "-lm"]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=_COMPILE_TIMEOUT_S)
+        if res.returncode != 0:
+            lines = [ln for ln in (res.stderr or res.stdout).splitlines() if ln.strip()]
+            return (lines[0] if lines else f"exit status {res.returncode}")[:300]
+        os.replace(tmp, target)
+        return None
+    except subprocess.TimeoutExpired:
+        return f"compiling took more than {_COMPILE_TIMEOUT_S} s"
+    except OSError as err:
+        return str(err)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _open(path: Path, double: bool) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    lib.mk_abi_version.restype = ctypes.c_int
+    lib.mk_args_size.restype = ctypes.c_int64
+    want = _ABI_VERSION * 100 + (8 if double else 4)
+    if lib.mk_abi_version() != want or lib.mk_args_size() != ctypes.sizeof(_ScanArgs):
+        raise OSError(f"{path} has ABI {lib.mk_abi_version()}, expected {want}")
+    for fn in (lib.mk_scan_fwd, lib.mk_scan_bwd):
+        fn.argtypes = [ctypes.POINTER(_ScanArgs)]
+        fn.restype = ctypes.c_int
+    for fn in (lib.mk_vexp, lib.mk_vexp_decay, lib.mk_vsoftplus):
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+        fn.restype = None
+    lib.mk_vexp_bench.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+    lib.mk_vexp_bench.restype = None
+    return lib
+
+
+def _build_and_load(double: bool) -> ctypes.CDLL:
+    if not sys.platform.startswith(("linux", "darwin", "freebsd")):
+        raise KernelUnavailable(f"the fused CPU kernel needs a POSIX platform, this is {sys.platform}")
+    cc = _find_compiler()
+    version = _compiler_version(cc)
+    source = b"".join((_CSRC / name).read_bytes() for name in _SOURCES)
+    errors = []
+    for flags in (_FLAGS + _NATIVE_FLAGS, _FLAGS):          # portable retry where -march=native is refused
+        key = hashlib.sha256(b"\0".join([
+            source, " ".join(cc).encode(), " ".join(flags).encode(), version.encode(), _cpu_id().encode(),
+            b"double" if double else b"float", str(_ABI_VERSION).encode()])).hexdigest()[:20]
+        path = _kernel_dir() / f"selective_scan_cpu_{'f64' if double else 'f32'}_{key}.so"
+        if path.is_file():
+            try:
+                return _open(path, double)
+            except OSError:
+                path.unlink(missing_ok=True)                 # damaged cache entry: rebuild it below
+        err = _compile(cc, flags, double, path)
+        if err is None:
+            return _open(path, double)
+        errors.append(err)
+    raise KernelUnavailable(f"compiling {_CSRC / 'selective_scan_cpu.c'} with {cc[0]} failed: {errors[-1]}")
+
+
+_libs: dict[bool, ctypes.CDLL | KernelUnavailable] = {}
+_lock = threading.Lock()
+_warned = False
+
+
+def load_library(dtype: torch.dtype = torch.float32) -> ctypes.CDLL:
+    """The compiled kernel for float32 or float64 compute; raises KernelUnavailable saying why not."""
+    if os.environ.get(_DISABLE_ENV, "").strip() not in ("", "0"):
+        raise KernelUnavailable(f"disabled by {_DISABLE_ENV}={os.environ[_DISABLE_ENV]}")
+    double = dtype == torch.float64
+    with _lock:
+        if double not in _libs:
+            try:
+                _libs[double] = _build_and_load(double)
+            except KernelUnavailable as err:
+                _libs[double] = err
+            except OSError as err:
+                _libs[double] = KernelUnavailable(f"loading the compiled kernel failed: {err}")
+        lib = _libs[double]
+    if isinstance(lib, KernelUnavailable):
+        raise lib
+    return lib
+
+
+def kernel_status(dtype: torch.dtype = torch.float32) -> tuple[bool, str]:
+    """(True, path of the library) when the kernel is usable, else (False, why not)."""
+    try:
+        return True, load_library(dtype)._name
+    except KernelUnavailable as err:
+        return False, str(err)
+
+
+def _warn_fallback(reason: str) -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        fix = (f"unset {_DISABLE_ENV} to use it" if _DISABLE_ENV in reason else
+               "install a C compiler (e.g. `apt install gcc`) or set CC to one")
+        warnings.warn(f"mambakit: fused CPU selective-scan kernel unavailable ({reason}); running the slow "
+                      f"reference scan instead; to fix: {fix}", RuntimeWarning, stacklevel=3)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Autograd
+
+def _grouped(BC: torch.Tensor, G: int) -> torch.Tensor:
+    """(b, N, L) or (b, G', N, L), G' dividing G -> (b, G, N, L) serving the same channels."""
+    BC = BC.unsqueeze(1) if BC.dim() == 3 else BC
+    return BC if BC.shape[1] == G else BC.repeat_interleave(G // BC.shape[1], dim=1)
+
+
+def _ungrouped(dBC: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The adjoint of `_grouped`: (b, G, N, L) -> `shape`."""
+    b, G, N, L = dBC.shape
+    G_in = 1 if len(shape) == 3 else shape[1]
+    if G_in != G:
+        dBC = dBC.view(b, G_in, G // G_in, N, L).sum(2)
+    return dBC.reshape(shape)
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _prep(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.detach().to(dtype).contiguous()
+
+
+class _SelectiveScanCPU(torch.autograd.Function):
+    """Inputs as validated by `selective_scan`; returns (out in u's dtype, last_state in compute dtype)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk):
+        tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+        ct = torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+        lib = load_library(ct)
+        b, d, L = u.shape
+        N = A.shape[1]
+        shapes = (tuple(B.shape), tuple(C.shape))
+        G = math.lcm(*(1 if len(sh) == 3 else sh[1] for sh in shapes))   # B and C may be grouped differently
+        u_, delta_, A_, D_, z_, bias_, init_ = (_prep(t, ct) for t in (u, delta, A, D, z, delta_bias, initial_state))
+        B_, C_ = _prep(_grouped(B, G), ct), _prep(_grouped(C, G), ct)
+        nchunks = -(-L // chunk)
+        out = torch.empty(b, d, L, dtype=ct)
+        last = torch.empty(b, d, N, dtype=ct)
+        needs_grad = any(ctx.needs_input_grad)
+        ckpt = torch.empty(b, d, nchunks, N, dtype=ct) if needs_grad else None
+        args = _ScanArgs(u=_ptr(u_), delta=_ptr(delta_), A=_ptr(A_), B=_ptr(B_), C=_ptr(C_), D=_ptr(D_),
+                         delta_bias=_ptr(bias_), z=_ptr(z_), init=_ptr(init_), out=out.data_ptr(),
+                         ckpt=_ptr(ckpt), last=last.data_ptr(), batch=b, dim=d, len=L, dstate=N,
+                         groups=G, chunk=chunk, softplus=int(bool(delta_softplus)),
+                         nthreads=torch.get_num_threads())
+        _check(lib.mk_scan_fwd(ctypes.byref(args)), "forward")
+        if needs_grad:
+            ctx.save_for_backward(u_, delta_, A_, B_, C_, D_, z_, bias_, ckpt)
+            ctx.info = (shapes, delta_softplus, chunk, initial_state is not None,
+                        [None if t is None else t.dtype for t in tensors])
+        ctx.set_materialize_grads(False)
+        return (out if u.dtype == ct else out.to(u.dtype)), last
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, dlast):
+        u_, delta_, A_, B_, C_, D_, z_, bias_, ckpt = ctx.saved_tensors
+        shapes, softplus, chunk, has_init, dtypes = ctx.info
+        ct = u_.dtype
+        lib = load_library(ct)
+        b, d, L = u_.shape
+        N, G = A_.shape[1], B_.shape[1]
+        dout_ = torch.zeros(b, d, L, dtype=ct) if dout is None else dout.to(ct).contiguous()
+        dlast_ = None if dlast is None else dlast.to(ct).contiguous()
+        du, ddelta = torch.empty(b, d, L, dtype=ct), torch.empty(b, d, L, dtype=ct)
+        dz = torch.empty(b, d, L, dtype=ct) if z_ is not None else None
+        dA = torch.empty(d, N, dtype=ct)
+        dB, dC = torch.empty(b, G, N, L, dtype=ct), torch.empty(b, G, N, L, dtype=ct)
+        dD = torch.empty(d, dtype=ct) if D_ is not None else None
+        dbias = torch.empty(d, dtype=ct) if bias_ is not None else None
+        dinit = torch.empty(b, d, N, dtype=ct) if has_init else None
+        args = _ScanArgs(u=_ptr(u_), delta=_ptr(delta_), A=_ptr(A_), B=_ptr(B_), C=_ptr(C_), D=_ptr(D_),
+                         delta_bias=_ptr(bias_), z=_ptr(z_), ckpt=_ptr(ckpt), dout=_ptr(dout_), dlast=_ptr(dlast_),
+                         du=_ptr(du), ddelta=_ptr(ddelta), dz=_ptr(dz), dA=_ptr(dA), dB=_ptr(dB), dC=_ptr(dC),
+                         dD=_ptr(dD), dbias=_ptr(dbias), dinit=_ptr(dinit), batch=b, dim=d, len=L, dstate=N,
+                         groups=G, chunk=chunk, softplus=int(bool(softplus)), nthreads=torch.get_num_threads())
+        _check(lib.mk_scan_bwd(ctypes.byref(args)), "backward")
+        dB, dC = _ungrouped(dB, shapes[0]), _ungrouped(dC, shapes[1])
+        grads = [du, ddelta, dA, dB, dC, dD, dz, dbias, dinit]
+        grads = [None if g is None or not need else g.to(dt)
+                 for g, need, dt in zip(grads, ctx.needs_input_grad, dtypes)]
+        return (*grads, None, None)
+
+
+def _check(rc: int, what: str) -> None:
+    if rc == 1:
+        raise MemoryError(f"selective_scan (cpu): the {what} kernel could not allocate its workspace")
+    if rc != 0:
+        raise RuntimeError(f"selective_scan (cpu): the {what} kernel rejected its arguments (code {rc})")
+
+
+def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       return_last_state=False, initial_state=None, *, chunk: int = DEFAULT_CHUNK):
+    """The fused CPU selective scan; inputs as validated by `mambakit.core.scan.selective_scan`.
+
+    u, delta, z: (b, d, L); A: (d, N); B, C: (b, N, L) or (b, G, N, L); D, delta_bias: (d,);
+    initial_state: (b, d, N). Returns out (b, d, L) in u's dtype [, last_state (b, d, N) in float32, or float64
+    for float64 inputs]. `chunk` is the backward's checkpoint interval K (memory O(b d N L / K)).
+    """
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"selective_scan_cpu: chunk must be a positive int, got {chunk!r}")
+    ct = torch.float64 if any(t is not None and t.dtype == torch.float64
+                              for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)) else torch.float32
+    try:
+        load_library(ct)
+    except KernelUnavailable as err:
+        _warn_fallback(str(err))
+        return selective_scan_ref(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                                  delta_softplus=delta_softplus, return_last_state=return_last_state,
+                                  initial_state=initial_state)
+    if u.shape[0] == 0 or u.shape[1] == 0 or A.shape[1] == 0:
+        return selective_scan_ref(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                                  delta_softplus=delta_softplus, return_last_state=return_last_state,
+                                  initial_state=initial_state)
+    out, last = _SelectiveScanCPU.apply(u, delta, A, B, C, D, z, delta_bias, initial_state,
+                                        bool(delta_softplus), chunk)
+    return (out, last) if return_last_state else out
+
+
+def vexp_bench(n: int = 4096, reps: int = 10000, dtype: torch.dtype = torch.float32) -> float:
+    """Seconds for `reps` passes of the exp the kernel computes its decays with, over n elements (one thread,
+    cache-resident inputs): the kernel's per-core exp throughput is n * reps / seconds."""
+    import time
+    lib = load_library(dtype)
+    x = -torch.rand(n, dtype=dtype) * 10
+    y = torch.empty_like(x)
+    lib.mk_vexp_bench(x.data_ptr(), y.data_ptr(), n, 10)
+    t0 = time.perf_counter()
+    lib.mk_vexp_bench(x.data_ptr(), y.data_ptr(), n, reps)
+    return time.perf_counter() - t0

@@ -1,0 +1,719 @@
+/* Fused selective scan (Mamba-1) for CPUs: forward, and a backward that recomputes from checkpoints.
+ *
+ * Plain C11 with GCC/Clang vector extensions, no torch headers: mambakit compiles it on first use with the
+ * system compiler (see mambakit/kernels/cpu_scan.py) and calls it through ctypes. Compiled twice: float
+ * (8 lanes) and, with -DMK_DOUBLE, double (4 lanes).
+ *
+ * Semantics: those of mambakit.kernels.reference.selective_scan_ref, per batch b, channel c, state n:
+ *     dt_t = softplus(delta_t + bias)          (softplus optional)
+ *     x_t  = exp(dt_t A_n) x_{t-1} + dt_t u_t B_{n,t}
+ *     y_t  = sum_n x_t C_{n,t} + D u_t,   out_t = y_t silu(z_t)   (z optional)
+ *
+ * Layout of the work: a work item is (batch, block of W channels of one B/C group). Its W channels are the
+ * lanes of a vector, so B and C (shared by the group) are scalar broadcasts and the N states of the block
+ * are N vectors. Time is walked in chunks of K steps; each chunk's (channel, time) inputs are transposed
+ * into small time-major tiles first, so the inner loop reads contiguous vectors. Items are handed to
+ * threads through an atomic counter.
+ *
+ * Backward: the forward stores the state at the start of every chunk (b, d, ceil(L/K), N). The backward
+ * walks the chunks last to first, recomputes the chunk's K states and decays from its checkpoint into a
+ * tile, then runs the adjoint recurrence backwards through the tile. Extra memory: O(b d N L / K) for the
+ * checkpoints, plus O(threads K N W) of workspace (and, when threads share a (batch, group), one private
+ * dB/dC copy per extra thread: O(threads b G N L)). Gradients that sum over channels (B, C) are reduced
+ * across lanes W steps at a time; per-channel sums over the batch (A, D, delta_bias) are written per batch
+ * element and summed at the end in batch order. No two threads ever write the same address.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
+
+#ifdef MK_DOUBLE
+typedef double real;
+typedef int64_t ireal;
+typedef uint64_t ureal;
+#define W 4
+#else
+typedef float real;
+typedef int32_t ireal;
+typedef uint32_t ureal;
+#define W 8
+#endif
+typedef real vec __attribute__((vector_size(W * sizeof(real))));
+typedef ireal ivec __attribute__((vector_size(W * sizeof(real))));
+typedef ureal uvec __attribute__((vector_size(W * sizeof(real))));
+
+#include "vmath.h"
+
+#define MK_ABI_VERSION 2
+
+/* Every pointer is to a contiguous array of `real`. Optional inputs and unwanted outputs are NULL. */
+typedef struct {
+    const real *u, *delta;           /* (batch, dim, len) */
+    const real *A;                   /* (dim, dstate) */
+    const real *B, *C;               /* (batch, groups, dstate, len) */
+    const real *D, *delta_bias;      /* (dim,) */
+    const real *z;                   /* (batch, dim, len) */
+    const real *init;                /* (batch, dim, dstate) */
+    real *out;                       /* (batch, dim, len) */
+    real *ckpt;                      /* (batch, dim, nchunks, dstate): the state before each chunk */
+    real *last;                      /* (batch, dim, dstate) */
+    const real *dout, *dlast;        /* backward inputs: (batch, dim, len), (batch, dim, dstate) */
+    real *du, *ddelta, *dz;          /* (batch, dim, len) */
+    real *dA;                        /* (dim, dstate) */
+    real *dB, *dC;                   /* (batch, groups, dstate, len) */
+    real *dD, *dbias;                /* (dim,); may be NULL when D / delta_bias are absent */
+    real *dinit;                     /* (batch, dim, dstate) */
+    int64_t batch, dim, len, dstate, groups, chunk;
+    int32_t softplus, nthreads;
+} mk_scan_args;
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* Per-thread workspace: one aligned allocation carved into tiles.                                      */
+
+typedef struct {
+    vec *u, *dt, *dtu, *z, *y, *dy, *dout, *dsp, *dgate, *s, *g;  /* chunk tiles, K entries each */
+    vec *A, *A2, *xs, *dx, *dAacc;                                /* N entries each; A2 = A log2(e) */
+    vec *X;                                                       /* (K + 1) * N recomputed states */
+    vec *DA;                                                      /* K * N recomputed decays */
+    void *mem;
+} workspace;
+
+static int workspace_alloc(workspace *w, int64_t K, int64_t N, int backward) {
+    int64_t nvec = 11 * K + 5 * N + (backward ? (K + 1) * N + K * N : 0);
+    size_t bytes = (size_t)nvec * sizeof(vec) + 64;
+    bytes = (bytes + 63) / 64 * 64;
+    w->mem = aligned_alloc(64, bytes);
+    if (!w->mem) return -1;
+    memset(w->mem, 0, bytes);
+    vec *v = (vec *)w->mem;
+    vec **tiles[] = {&w->u, &w->dt, &w->dtu, &w->z, &w->y, &w->dy, &w->dout, &w->dsp, &w->dgate, &w->s, &w->g};
+    for (size_t i = 0; i < sizeof tiles / sizeof *tiles; i++) { *tiles[i] = v; v += K; }
+    vec **states[] = {&w->A, &w->A2, &w->xs, &w->dx, &w->dAacc};
+    for (size_t i = 0; i < sizeof states / sizeof *states; i++) { *states[i] = v; v += N; }
+    w->X = v;  v += backward ? (K + 1) * N : 0;
+    w->DA = v;
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* Moving data between (channel, time) rows and time-major tiles of W lanes.                            */
+
+#if defined(__AVX__) && !defined(MK_DOUBLE)
+/* 8x8 transpose: r[i][j] -> r[j][i]. */
+static inline void transpose8(__m256 r[8]) {
+    __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    r[0] = _mm256_permute2f128_ps(s0, s4, 0x20); r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+    r[2] = _mm256_permute2f128_ps(s2, s6, 0x20); r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+    r[4] = _mm256_permute2f128_ps(s0, s4, 0x31); r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+    r[6] = _mm256_permute2f128_ps(s2, s6, 0x31); r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+#define MK_TRANSPOSE_BLOCKS 1
+static inline void load_block(vec *tile, const real *src, int64_t L) {
+    __m256 r[8];
+    for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(src + i * L);
+    transpose8(r);
+    for (int i = 0; i < 8; i++) tile[i] = (vec)r[i];
+}
+static inline void store_block(real *dst, const vec *tile, int64_t L) {
+    __m256 r[8];
+    for (int i = 0; i < 8; i++) r[i] = (__m256)tile[i];
+    transpose8(r);
+    for (int i = 0; i < 8; i++) _mm256_storeu_ps(dst + i * L, r[i]);
+}
+#elif defined(__AVX__) && defined(MK_DOUBLE)
+static inline void transpose4(__m256d r[4]) {
+    __m256d t0 = _mm256_unpacklo_pd(r[0], r[1]), t1 = _mm256_unpackhi_pd(r[0], r[1]);
+    __m256d t2 = _mm256_unpacklo_pd(r[2], r[3]), t3 = _mm256_unpackhi_pd(r[2], r[3]);
+    r[0] = _mm256_permute2f128_pd(t0, t2, 0x20); r[1] = _mm256_permute2f128_pd(t1, t3, 0x20);
+    r[2] = _mm256_permute2f128_pd(t0, t2, 0x31); r[3] = _mm256_permute2f128_pd(t1, t3, 0x31);
+}
+#define MK_TRANSPOSE_BLOCKS 1
+static inline void load_block(vec *tile, const real *src, int64_t L) {
+    __m256d r[4];
+    for (int i = 0; i < 4; i++) r[i] = _mm256_loadu_pd(src + i * L);
+    transpose4(r);
+    for (int i = 0; i < 4; i++) tile[i] = (vec)r[i];
+}
+static inline void store_block(real *dst, const vec *tile, int64_t L) {
+    __m256d r[4];
+    for (int i = 0; i < 4; i++) r[i] = (__m256d)tile[i];
+    transpose4(r);
+    for (int i = 0; i < 4; i++) _mm256_storeu_pd(dst + i * L, r[i]);
+}
+#else
+#define MK_TRANSPOSE_BLOCKS 0
+#endif
+
+/* tile[t][lane] = src[lane * L + t] for lane < nl, t < len; lanes >= nl are zero. */
+static void load_tile(vec *tile, const real *src, int64_t L, int nl, int len) {
+    int t0 = 0;
+#if MK_TRANSPOSE_BLOCKS
+    if (nl == W)
+        for (; t0 + W <= len; t0 += W) load_block(tile + t0, src + t0, L);
+#endif
+    if (t0 == len) return;
+    real *d = (real *)tile;
+    for (int lane = 0; lane < nl; lane++) {
+        const real *s = src + lane * L;
+        for (int t = t0; t < len; t++) d[t * W + lane] = s[t];
+    }
+    for (int lane = nl; lane < W; lane++)
+        for (int t = t0; t < len; t++) d[t * W + lane] = 0;
+}
+
+static void store_tile(real *dst, const vec *tile, int64_t L, int nl, int len) {
+    int t0 = 0;
+#if MK_TRANSPOSE_BLOCKS
+    if (nl == W)
+        for (; t0 + W <= len; t0 += W) store_block(dst + t0, tile + t0, L);
+#endif
+    const real *s = (const real *)tile;
+    for (int lane = 0; lane < nl; lane++) {
+        real *d = dst + lane * L;
+        for (int t = t0; t < len; t++) d[t] = s[t * W + lane];
+    }
+}
+
+/* Ask for the rows of a coming chunk ahead of time: a block walks W rows of each input at once, more
+ * streams than the hardware prefetcher follows, so without this the tile loads wait on L3/DRAM. */
+static void prefetch_rows(const real *src, int64_t L, int nl, int len, int write) {
+    if (!src) return;
+    for (int lane = 0; lane < nl; lane++) {
+        const char *p = (const char *)(src + lane * L);
+        for (int64_t off = 0; off < (int64_t)(len * sizeof(real)); off += 64) {
+            if (write) __builtin_prefetch(p + off, 1, 3);
+            else __builtin_prefetch(p + off, 0, 3);
+        }
+    }
+}
+
+/* states[n][lane] <-> rows[(lane * stride) + n] for lane < nl (stride between channels). */
+static void load_states(vec *states, const real *rows, int64_t stride, int64_t N, int nl) {
+    for (int64_t n = 0; n < N; n++) {
+        vec v = vsplat(0);
+        if (rows)
+            for (int lane = 0; lane < nl; lane++) v[lane] = rows[lane * stride + n];
+        states[n] = v;
+    }
+}
+
+static void store_states(real *rows, const vec *states, int64_t stride, int64_t N, int nl) {
+    for (int64_t n = 0; n < N; n++)
+        for (int lane = 0; lane < nl; lane++) rows[lane * stride + n] = states[n][lane];
+}
+
+static vec load_lanes(const real *p, int nl, real fill) {
+    vec v = vsplat(fill);
+    if (p)
+        for (int lane = 0; lane < nl; lane++) v[lane] = p[lane];
+    return v;
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* One work item.                                                                                       */
+
+typedef struct {
+    int64_t b, g, c0;  /* batch element, group, first channel */
+    int nl;            /* live lanes (channels) in this block */
+} block;
+
+static int64_t blocks_per_group(const mk_scan_args *a) { return (a->dim / a->groups + W - 1) / W; }
+
+/* Block j of group g of batch element b. */
+static block make_block(const mk_scan_args *a, int64_t b, int64_t g, int64_t j) {
+    int64_t per_group = a->dim / a->groups;
+    int64_t first = j * W;
+    block k = {b, g, g * per_group + first, (int)(per_group - first < W ? per_group - first : W)};
+    return k;
+}
+
+/* Items enumerate (batch, group, block) with the block fastest. */
+static block item_block(const mk_scan_args *a, int64_t item) {
+    int64_t bpg = blocks_per_group(a);
+    int64_t unit = item / bpg;
+    return make_block(a, unit / a->groups, unit % a->groups, item % bpg);
+}
+
+/* A for the block's lanes, and A log2(e): the decays are computed as 2^(dt A log2 e). */
+static void load_A(const mk_scan_args *a, workspace *w, block k) {
+    for (int64_t n = 0; n < a->dstate; n++) {
+        vec v = vsplat(0);
+        for (int lane = 0; lane < k.nl; lane++) v[lane] = a->A[(k.c0 + lane) * a->dstate + n];
+        w->A[n] = v;
+        w->A2[n] = v * (real)1.4426950408889634074;
+    }
+}
+
+/* dt = softplus(delta + bias) (or without softplus) and dt * u for the chunk; dsp = d softplus / d input. */
+static void chunk_steps(const mk_scan_args *a, workspace *w, vec bias, int len, int want_dsp) {
+    for (int t = 0; t < len; t++) {
+        vec raw = w->dt[t] + bias;
+        vec dt = raw;
+        if (a->softplus) {
+            dt = vsoftplus(raw);
+            if (want_dsp) w->dsp[t] = vsel(raw > 20.0f, vsplat(1.0f), vsigmoid(raw));  /* torch's threshold */
+        }
+        w->dt[t] = dt;
+        w->dtu[t] = dt * w->u[t];
+    }
+}
+
+static void forward_item(const mk_scan_args *a, workspace *w, int64_t item) {
+    const int64_t L = a->len, N = a->dstate, K = a->chunk, d = a->dim, G = a->groups;
+    const int64_t nchunks = (L + K - 1) / K;
+    const block k = item_block(a, item);
+    const int nl = k.nl;
+    const int64_t row0 = k.b * d + k.c0;                   /* first (batch, channel) row */
+
+    load_A(a, w, k);
+    const vec Dv = load_lanes(a->D ? a->D + k.c0 : NULL, nl, 0);
+    const vec bias = load_lanes(a->delta_bias ? a->delta_bias + k.c0 : NULL, nl, 0);
+    load_states(w->xs, a->init ? a->init + row0 * N : NULL, N, N, nl);
+    const real *Bg = a->B + (k.b * G + k.g) * N * L;
+    const real *Cg = a->C + (k.b * G + k.g) * N * L;
+    vec *xs = w->xs, *Av = w->A2;
+
+    for (int64_t c = 0; c < nchunks; c++) {
+        const int64_t t0 = c * K;
+        const int len = (int)(L - t0 < K ? L - t0 : K);
+        if (a->ckpt) store_states(a->ckpt + (row0 * nchunks + c) * N, xs, nchunks * N, N, nl);
+        if (c + 1 < nchunks) {
+            const int64_t t1 = t0 + K;
+            const int len1 = (int)(L - t1 < K ? L - t1 : K);
+            prefetch_rows(a->u + row0 * L + t1, L, nl, len1, 0);
+            prefetch_rows(a->delta + row0 * L + t1, L, nl, len1, 0);
+            prefetch_rows(a->z ? a->z + row0 * L + t1 : NULL, L, nl, len1, 0);
+            prefetch_rows(a->out + row0 * L + t1, L, nl, len1, 1);
+        }
+        load_tile(w->u, a->u + row0 * L + t0, L, nl, len);
+        load_tile(w->dt, a->delta + row0 * L + t0, L, nl, len);
+        if (a->z) load_tile(w->z, a->z + row0 * L + t0, L, nl, len);
+        chunk_steps(a, w, bias, len, 0);
+
+        for (int t = 0; t < len; t++) {
+            const vec dt = w->dt[t], dtu = w->dtu[t];
+            const real *Bt = Bg + t0 + t, *Ct = Cg + t0 + t;      /* B[n] at Bt[n * L] */
+            vec y0 = vsplat(0), y1 = vsplat(0), y2 = vsplat(0), y3 = vsplat(0);
+            int64_t n = 0;
+            for (; n + 4 <= N; n += 4) {       /* four independent accumulators hide the FMA latency */
+                vec arg[4] = {dt * Av[n], dt * Av[n + 1], dt * Av[n + 2], dt * Av[n + 3]}, da[4];
+                vexp2_4(da, arg);
+                xs[n] = da[0] * xs[n] + dtu * Bt[n * L];
+                xs[n + 1] = da[1] * xs[n + 1] + dtu * Bt[(n + 1) * L];
+                xs[n + 2] = da[2] * xs[n + 2] + dtu * Bt[(n + 2) * L];
+                xs[n + 3] = da[3] * xs[n + 3] + dtu * Bt[(n + 3) * L];
+                y0 += xs[n] * Ct[n * L];
+                y1 += xs[n + 1] * Ct[(n + 1) * L];
+                y2 += xs[n + 2] * Ct[(n + 2) * L];
+                y3 += xs[n + 3] * Ct[(n + 3) * L];
+            }
+            for (; n < N; n++) {
+                xs[n] = vexp2(dt * Av[n]) * xs[n] + dtu * Bt[n * L];
+                y0 += xs[n] * Ct[n * L];
+            }
+            vec y = ((y0 + y1) + (y2 + y3)) + Dv * w->u[t];
+            if (a->z) y = y * (w->z[t] * vsigmoid(w->z[t]));
+            w->y[t] = y;
+        }
+        store_tile(a->out + row0 * L + t0, w->y, L, nl, len);
+    }
+    if (a->last) store_states(a->last + row0 * N, xs, N, N, nl);
+}
+
+/* Per-channel gradients summed over the batch are first written per batch element. */
+typedef struct {
+    real *dA, *dD, *dbias;           /* (batch, dim, dstate), (batch, dim), (batch, dim) */
+} partials;
+
+/* dst[t0 + i] += sum of the lanes of p[i], i < W. */
+static inline void reduce_lanes_add(real *dst, const vec p[W]) {
+#if defined(__AVX__) && !defined(MK_DOUBLE)
+    __m256 s01 = _mm256_hadd_ps((__m256)p[0], (__m256)p[1]);
+    __m256 s23 = _mm256_hadd_ps((__m256)p[2], (__m256)p[3]);
+    __m256 s45 = _mm256_hadd_ps((__m256)p[4], (__m256)p[5]);
+    __m256 s67 = _mm256_hadd_ps((__m256)p[6], (__m256)p[7]);
+    __m256 s0123 = _mm256_hadd_ps(s01, s23);             /* [sums of low halves | sums of high halves] */
+    __m256 s4567 = _mm256_hadd_ps(s45, s67);
+    __m256 lo = _mm256_permute2f128_ps(s0123, s4567, 0x20);
+    __m256 hi = _mm256_permute2f128_ps(s0123, s4567, 0x31);
+    _mm256_storeu_ps(dst, _mm256_add_ps(_mm256_loadu_ps(dst), _mm256_add_ps(lo, hi)));
+#elif defined(__AVX__) && defined(MK_DOUBLE)
+    __m256d s01 = _mm256_hadd_pd((__m256d)p[0], (__m256d)p[1]);
+    __m256d s23 = _mm256_hadd_pd((__m256d)p[2], (__m256d)p[3]);
+    __m256d lo = _mm256_permute2f128_pd(s01, s23, 0x20);
+    __m256d hi = _mm256_permute2f128_pd(s01, s23, 0x31);
+    _mm256_storeu_pd(dst, _mm256_add_pd(_mm256_loadu_pd(dst), _mm256_add_pd(lo, hi)));
+#else
+    for (int i = 0; i < W; i++) {
+        real s = 0;
+        for (int lane = 0; lane < W; lane++) s += p[i][lane];
+        dst[i] += s;
+    }
+#endif
+}
+
+/* rows[n * L + t] += sum over lanes of P[(t + 1) * N + n] * Q[t] for n < N, t < len: dB (P = adjoint states,
+ * Q = dt u) and dC (P = states, Q = dy) of one chunk, W steps at a time (the P rows of W steps are
+ * contiguous, so the walk over n stays in L1). */
+static void lane_dots(real *rows, int64_t L, const vec *P, int64_t N, const vec *Q, int len) {
+    int t = 0;
+    for (; t + W <= len; t += W) {
+        const vec *Pt = P + (t + 1) * N;
+        for (int64_t n = 0; n < N; n++) {
+            vec p[W];
+            for (int j = 0; j < W; j++) p[j] = Pt[j * N + n] * Q[t + j];
+            reduce_lanes_add(rows + n * L + t, p);
+        }
+    }
+    for (; t < len; t++)
+        for (int64_t n = 0; n < N; n++) {
+            vec p = P[(t + 1) * N + n] * Q[t];
+            real s = 0;
+            for (int lane = 0; lane < W; lane++) s += p[lane];
+            rows[n * L + t] += s;
+        }
+}
+
+/* Recompute the chunk's states X[t + 1] (X[0] is the checkpoint) and decays DA[t]; with_y: also the
+ * pre-gate output sum_n x C + D u into w->y (needed for dz). */
+static inline __attribute__((always_inline)) void recompute_chunk(workspace *w, const real *Bc, const real *Cc,
+                                                                  int64_t L, int64_t N, int len, vec Dv,
+                                                                  const int with_y) {
+    vec *X = w->X, *DA = w->DA, *A2 = w->A2;
+    for (int t = 0; t < len; t++) {
+        const vec dt = w->dt[t], dtu = w->dtu[t];
+        const real *Bt = Bc + t, *Ct = Cc + t;
+        const vec *xp = X + t * N;
+        vec *xt = X + (t + 1) * N, *da = DA + t * N;
+        vec y0 = vsplat(0), y1 = vsplat(0);
+        int64_t n = 0;
+        for (; n + 4 <= N; n += 4) {
+            vec arg[4] = {dt * A2[n], dt * A2[n + 1], dt * A2[n + 2], dt * A2[n + 3]};
+            vexp2_4(da + n, arg);
+            for (int j = 0; j < 4; j++) xt[n + j] = da[n + j] * xp[n + j] + dtu * Bt[(n + j) * L];
+            if (with_y) {
+                y0 += xt[n] * Ct[n * L] + xt[n + 2] * Ct[(n + 2) * L];
+                y1 += xt[n + 1] * Ct[(n + 1) * L] + xt[n + 3] * Ct[(n + 3) * L];
+            }
+        }
+        for (; n < N; n++) {
+            da[n] = vexp2(dt * A2[n]);
+            xt[n] = da[n] * xp[n] + dtu * Bt[n * L];
+            if (with_y) y0 += xt[n] * Ct[n * L];
+        }
+        if (with_y) w->y[t] = (y0 + y1) + Dv * w->u[t];
+    }
+}
+
+/* The adjoint recurrence for states n0 .. n0 + r - 1, last step first, with their adjoints dx and dA
+ * sums in registers (r is a compile-time constant at each call). Overwrites X[t + 1][n] with
+ * dLoss/dx_t[n] (X[t + 1] is not needed any more) and adds this group's terms of
+ * s_t = sum_n dLoss/dx_t[n] B_n,t and g_t = sum_n dLoss/d(dt A_n) A_n into w->s, w->g. */
+static inline __attribute__((always_inline)) void reverse_group(workspace *w, const real *Bc, const real *Cc,
+                                                                int64_t L, int64_t N, int len, int64_t n0,
+                                                                const int r) {
+    vec dx[4], dAs[4], A[4];
+    for (int j = 0; j < r; j++) {
+        dx[j] = w->dx[n0 + j];
+        dAs[j] = w->dAacc[n0 + j];
+        A[j] = w->A[n0 + j];
+    }
+    const real *Bn = Bc + n0 * L, *Cn = Cc + n0 * L;
+    for (int t = len - 1; t >= 0; t--) {
+        const vec dy = w->dy[t], dt = w->dt[t];
+        vec *adj = w->X + (t + 1) * N + n0;
+        const vec *xp = w->X + t * N + n0, *da = w->DA + t * N + n0;
+        vec s = vsplat(0), g = vsplat(0);
+        for (int j = 0; j < r; j++) {
+            vec dxt = dx[j] + dy * Cn[j * L + t];        /* dLoss/dx_t: from later steps and from y_t */
+            adj[j] = dxt;
+            s += dxt * Bn[j * L + t];
+            vec q = dxt * xp[j] * da[j];                 /* dLoss/d(dt A_n) */
+            g += q * A[j];
+            dAs[j] += q * dt;
+            dx[j] = dxt * da[j];                         /* dLoss/dx_{t-1} through the decay */
+        }
+        w->s[t] += s;
+        w->g[t] += g;
+    }
+    for (int j = 0; j < r; j++) {
+        w->dx[n0 + j] = dx[j];
+        w->dAacc[n0 + j] = dAs[j];
+    }
+}
+
+/* Adds the block's dB, dC into dB_acc, dC_acc (arrays shaped like a->dB) and writes its per-channel
+ * partials. */
+static void backward_block(const mk_scan_args *a, workspace *w, block k, real *dB_acc, real *dC_acc,
+                           partials part) {
+    const int64_t L = a->len, N = a->dstate, K = a->chunk, d = a->dim, G = a->groups;
+    const int64_t nchunks = (L + K - 1) / K;
+    const int nl = k.nl;
+    const int64_t row0 = k.b * d + k.c0;
+
+    load_A(a, w, k);
+    for (int64_t n = 0; n < N; n++) w->dAacc[n] = vsplat(0);
+    const vec Dv = load_lanes(a->D ? a->D + k.c0 : NULL, nl, 0);
+    const vec bias = load_lanes(a->delta_bias ? a->delta_bias + k.c0 : NULL, nl, 0);
+    load_states(w->dx, a->dlast ? a->dlast + row0 * N : NULL, N, N, nl);
+    const int64_t bgNL = (k.b * G + k.g) * N * L;
+    const real *Bg = a->B + bgNL, *Cg = a->C + bgNL;
+    real *dBg = dB_acc + bgNL, *dCg = dC_acc + bgNL;
+    vec dD = vsplat(0), dbias = vsplat(0);
+
+    for (int64_t c = nchunks - 1; c >= 0; c--) {
+        const int64_t t0 = c * K;
+        const int len = (int)(L - t0 < K ? L - t0 : K);
+        const int64_t off = row0 * L + t0;
+        if (c > 0) {                                       /* the chunk before is next */
+            const int64_t prev = off - K;
+            prefetch_rows(a->u + prev, L, nl, (int)K, 0);
+            prefetch_rows(a->delta + prev, L, nl, (int)K, 0);
+            prefetch_rows(a->dout + prev, L, nl, (int)K, 0);
+            prefetch_rows(a->z ? a->z + prev : NULL, L, nl, (int)K, 0);
+            prefetch_rows(a->du + prev, L, nl, (int)K, 1);
+            prefetch_rows(a->ddelta + prev, L, nl, (int)K, 1);
+            prefetch_rows(a->z ? a->dz + prev : NULL, L, nl, (int)K, 1);
+        }
+        load_tile(w->u, a->u + off, L, nl, len);
+        load_tile(w->dt, a->delta + off, L, nl, len);
+        load_tile(w->dout, a->dout + off, L, nl, len);
+        if (a->z) load_tile(w->z, a->z + off, L, nl, len);
+        chunk_steps(a, w, bias, len, 1);
+        for (int t = 0; t < len; t++) {
+            if (a->z) {
+                vec z = w->z[t], sig = vsigmoid(z);
+                w->dgate[t] = sig * (1.0f + z * (1.0f - sig));
+                w->dy[t] = w->dout[t] * (z * sig);
+            } else {
+                w->dy[t] = w->dout[t];
+            }
+            w->s[t] = vsplat(0);
+            w->g[t] = vsplat(0);
+        }
+
+        load_states(w->X, a->ckpt + (row0 * nchunks + c) * N, nchunks * N, N, nl);
+        if (a->z) recompute_chunk(w, Bg + t0, Cg + t0, L, N, len, Dv, 1);
+        else recompute_chunk(w, Bg + t0, Cg + t0, L, N, len, Dv, 0);
+
+        /* dC[n, t] = sum over the block's channels of dy_t x_t[n] (before X is overwritten). */
+        lane_dots(dCg + t0, L, w->X, N, w->dy, len);
+
+        int64_t n0 = 0;
+        for (; n0 + 4 <= N; n0 += 4) reverse_group(w, Bg + t0, Cg + t0, L, N, len, n0, 4);
+        for (; n0 < N; n0++) reverse_group(w, Bg + t0, Cg + t0, L, N, len, n0, 1);
+
+        /* dB[n, t] = sum over the block's channels of dLoss/dx_t[n] dt_t u_t. */
+        lane_dots(dBg + t0, L, w->X, N, w->dtu, len);
+
+        for (int t = 0; t < len; t++) {
+            const vec s = w->s[t], u = w->u[t], dy = w->dy[t];
+            vec ddt = w->g[t] + s * u;
+            if (a->z) w->z[t] = w->dout[t] * w->y[t] * w->dgate[t];   /* dz (tile reused) */
+            w->y[t] = s * w->dt[t] + Dv * dy;                        /* du (tile reused) */
+            dD += dy * u;
+            if (a->softplus) ddt = ddt * w->dsp[t];
+            dbias += ddt;
+            w->dt[t] = ddt;                                          /* ddelta (tile reused) */
+        }
+        store_tile(a->du + off, w->y, L, nl, len);
+        store_tile(a->ddelta + off, w->dt, L, nl, len);
+        if (a->z) store_tile(a->dz + off, w->z, L, nl, len);
+    }
+    if (a->dinit) store_states(a->dinit + row0 * N, w->dx, N, N, nl);
+    store_states(part.dA + row0 * N, w->dAacc, N, N, nl);
+    for (int lane = 0; lane < nl; lane++) {
+        part.dD[row0 + lane] = dD[lane];
+        part.dbias[row0 + lane] = dbias[lane];
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* Threads: work is claimed through an atomic counter; thread 0 is the caller.                          */
+/*                                                                                                      */
+/* The backward's dB and dC sum over the channels of a group, so two threads must not add into the same */
+/* (batch, group) slice. With enough (batch, group) units to keep every thread busy, a thread claims    */
+/* whole units and adds straight into the output; otherwise threads claim single blocks and thread t>0  */
+/* adds into its own zeroed copy, summed into the output at the end.                                    */
+
+typedef struct {
+    const mk_scan_args *a;
+    int backward, by_unit;
+    int64_t nitems;
+    int64_t next;
+    real *acc;                       /* block mode: (nthreads - 1) copies of dB then dC */
+    partials part;
+} job;
+
+typedef struct {
+    job *j;
+    int tid;
+} worker_arg;
+
+static void backward_work(job *j, workspace *w, int64_t item, int tid) {
+    const mk_scan_args *a = j->a;
+    if (j->by_unit) {
+        const int64_t NL = a->dstate * a->len, b = item / a->groups, g = item % a->groups;
+        memset(a->dB + item * NL, 0, NL * sizeof(real));
+        memset(a->dC + item * NL, 0, NL * sizeof(real));
+        for (int64_t jb = 0; jb < blocks_per_group(a); jb++)
+            backward_block(a, w, make_block(a, b, g, jb), a->dB, a->dC, j->part);
+    } else {
+        const int64_t size = a->batch * a->groups * a->dstate * a->len;
+        real *dB = tid ? j->acc + (int64_t)(tid - 1) * 2 * size : a->dB;
+        real *dC = tid ? dB + size : a->dC;
+        backward_block(a, w, item_block(a, item), dB, dC, j->part);
+    }
+}
+
+static void *worker(void *p) {
+    worker_arg *wa = (worker_arg *)p;
+    job *j = wa->j;
+    workspace w;
+    if (workspace_alloc(&w, j->a->chunk, j->a->dstate, j->backward)) return NULL;
+    for (;;) {
+        int64_t item = __atomic_fetch_add(&j->next, 1, __ATOMIC_RELAXED);
+        if (item >= j->nitems) break;
+        if (j->backward) backward_work(j, &w, item, wa->tid);
+        else forward_item(j->a, &w, item);
+    }
+    free(w.mem);
+    return NULL;
+}
+
+/* Runs the job on up to `nthreads` threads; returns 0, or 1 if work was left undone (no memory). */
+static int run_threads(job *j, int nthreads) {
+    pthread_t threads[256];
+    worker_arg args[256];
+    int started = 0;
+    for (int i = 1; i < nthreads; i++) {
+        args[i] = (worker_arg){j, i};
+        if (pthread_create(&threads[i], NULL, worker, &args[i]) != 0) break;
+        started = i;
+    }
+    args[0] = (worker_arg){j, 0};
+    worker(&args[0]);
+    for (int i = 1; i <= started; i++) pthread_join(threads[i], NULL);
+    /* A claimed item is always finished; items are left only if every thread failed to allocate. */
+    return j->next < j->nitems ? 1 : 0;
+}
+
+static int clamp_threads(int64_t want, int64_t items) {
+    if (want > items) want = items;
+    if (want > 256) want = 256;
+    return want < 1 ? 1 : (int)want;
+}
+
+static int check_args(const mk_scan_args *a) {
+    return a->groups < 1 || a->dim % a->groups || a->chunk < 1 || a->nthreads < 1 || a->batch < 0 ||
+           a->len < 0 || a->dstate < 1;
+}
+
+static int run_forward(const mk_scan_args *a) {
+    if (check_args(a)) return 2;
+    job j = {a, 0, 0, a->batch * a->groups * blocks_per_group(a), 0, NULL, {NULL, NULL, NULL}};
+    return run_threads(&j, clamp_threads(a->nthreads, j.nitems));
+}
+
+static int run_backward(const mk_scan_args *a) {
+    if (check_args(a)) return 2;
+    const int64_t b = a->batch, d = a->dim, N = a->dstate, units = a->batch * a->groups;
+    const int64_t size = units * N * a->len;
+    job j = {a, 1, 0, 0, 0, NULL, {NULL, NULL, NULL}};
+    int nthreads = a->nthreads;
+    j.by_unit = nthreads == 1 || units >= 2 * (int64_t)nthreads;
+    j.nitems = j.by_unit ? units : units * blocks_per_group(a);
+    nthreads = clamp_threads(nthreads, j.nitems);
+    real *part = malloc((size_t)(b * d * (N + 2)) * sizeof(real) + 1);
+    if (!part) return 1;
+    j.part = (partials){part, part + b * d * N, part + b * d * N + b * d};
+    if (!j.by_unit) {
+        memset(a->dB, 0, (size_t)size * sizeof(real));
+        memset(a->dC, 0, (size_t)size * sizeof(real));
+        if (nthreads > 1) {
+            j.acc = calloc((size_t)(nthreads - 1) * 2 * size + 1, sizeof(real));
+            if (!j.acc) nthreads = 1;                    /* no room for copies: run on one thread */
+        }
+    }
+    int rc = run_threads(&j, nthreads);
+    if (j.acc) {
+        for (int t = 0; t < nthreads - 1; t++) {
+            const real *src = j.acc + (int64_t)t * 2 * size;
+            for (int64_t i = 0; i < size; i++) a->dB[i] += src[i];
+            for (int64_t i = 0; i < size; i++) a->dC[i] += src[size + i];
+        }
+        free(j.acc);
+    }
+    /* Sum the per-batch partials (in batch order, so the result does not depend on the threads). */
+    for (int64_t i = 0; i < d * N; i++) {
+        real s = 0;
+        for (int64_t bb = 0; bb < b; bb++) s += j.part.dA[bb * d * N + i];
+        a->dA[i] = s;
+    }
+    for (int64_t c = 0; c < d; c++) {
+        real sD = 0, sb = 0;
+        for (int64_t bb = 0; bb < b; bb++) {
+            sD += j.part.dD[bb * d + c];
+            sb += j.part.dbias[bb * d + c];
+        }
+        if (a->dD) a->dD[c] = sD;
+        if (a->dbias) a->dbias[c] = sb;
+    }
+    free(part);
+    return rc;
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* Exported API (ctypes).                                                                               */
+
+int mk_abi_version(void) { return MK_ABI_VERSION * 100 + (int)sizeof(real); }
+int64_t mk_lanes(void) { return W; }
+int64_t mk_args_size(void) { return (int64_t)sizeof(mk_scan_args); }
+
+int mk_scan_fwd(const mk_scan_args *a) { return run_forward(a); }
+
+int mk_scan_bwd(const mk_scan_args *a) {
+    if (!a->dout || !a->ckpt || !a->du || !a->ddelta || !a->dA || !a->dB || !a->dC || (a->z && !a->dz))
+        return 3;
+    return run_backward(a);
+}
+
+/* y[i] = f(x[i]) for all i < n, the tail through a zero-padded vector so every element takes the vector code. */
+#define MK_MAP(f, x, y, n)                                                                                   \
+    do {                                                                                                     \
+        int64_t i_ = 0;                                                                                      \
+        for (; i_ + W <= (n); i_ += W) vstore((y) + i_, f(vload((x) + i_)));                                 \
+        if (i_ < (n)) {                                                                                      \
+            real in_[W] = {0}, out_[W];                                                                      \
+            memcpy(in_, (x) + i_, (size_t)((n) - i_) * sizeof(real));                                        \
+            vstore(out_, f(vload(in_)));                                                                     \
+            memcpy((y) + i_, out_, (size_t)((n) - i_) * sizeof(real));                                       \
+        }                                                                                                    \
+    } while (0)
+
+static inline vec scan_decay_exp(vec x) { return vexp2(x * (real)1.4426950408889634074); }
+
+/* The exp the scan runs for its decays (2^(x log2 e)), over n elements `reps` times: its throughput. */
+void mk_vexp_bench(const real *x, real *y, int64_t n, int64_t reps) {
+    for (int64_t r = 0; r < reps; r++) {
+        MK_MAP(scan_decay_exp, x, y, n);
+        __asm__ volatile("" ::: "memory");   /* keep every repetition */
+    }
+}
+
+/* The vector functions over arrays, for the accuracy tests of vmath.h. */
+void mk_vexp(const real *x, real *y, int64_t n) { MK_MAP(vexp, x, y, n); }
+void mk_vexp_decay(const real *x, real *y, int64_t n) { MK_MAP(scan_decay_exp, x, y, n); }
+void mk_vsoftplus(const real *x, real *y, int64_t n) { MK_MAP(vsoftplus, x, y, n); }

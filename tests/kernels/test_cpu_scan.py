@@ -1,0 +1,349 @@
+"""The fused CPU kernel against the float64 reference (outputs and every gradient), its build cache, its
+fallback, its memory, and the accuracy of its vector math.
+
+Tolerances, chosen from measurement: errors are max |kernel - reference| divided by max |reference| per tensor.
+Over 5 seeds of this file's cases the worst float32 errors were 5.2e-7 (outputs, last state) and 1.6e-6
+(gradients, dA), so float32 uses 1e-5; float64 reached 4.2e-15, so it uses 5e-13.
+"""
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from mambakit.kernels import cpu_scan
+from mambakit.kernels.cpu_scan import DEFAULT_CHUNK, kernel_status, load_library, selective_scan_cpu
+from mambakit.kernels.reference import selective_scan_ref
+
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+TOL = {torch.float32: 1e-5, torch.float64: 5e-13}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel():
+    ok, why = kernel_status(torch.float32)
+    if not ok:
+        pytest.skip(f"the fused CPU kernel cannot be built here: {why}")
+
+
+def make_inputs(b, d, L, N, GB=None, GC=None, extras=True, delta_scale=0.5):
+    def bc(G):
+        return torch.randn(b, N, L) if G is None else torch.randn(b, G, N, L)
+    inputs = dict(u=torch.randn(b, d, L), delta=torch.randn(b, d, L) * delta_scale, A=-torch.rand(d, N) * 2 - 0.05,
+                  B=bc(GB), C=bc(GC), D=None, z=None, delta_bias=None, initial_state=None)
+    if extras:
+        inputs.update(D=torch.randn(d), z=torch.randn(b, d, L), delta_bias=torch.randn(d) * 0.3,
+                      initial_state=torch.randn(b, d, N))
+    return inputs
+
+
+def run(fn, inputs, dtype, softplus, weights, **kwargs):
+    """out, last and the float64 gradients of sum(out * w_out) + sum(last * w_last) for every given input."""
+    x = {k: (None if v is None else v.detach().to(dtype).requires_grad_()) for k, v in inputs.items()}
+    out, last = fn(**x, delta_softplus=softplus, return_last_state=True, **kwargs)
+    loss = 0
+    if weights[0] is not None:
+        loss = loss + (out.double() * weights[0]).sum()
+    if weights[1] is not None:
+        loss = loss + (last.double() * weights[1]).sum()
+    given = [k for k in NAMES if x[k] is not None]
+    grads = torch.autograd.grad(loss, [x[k] for k in given], allow_unused=True)   # z, D: unused by the last state
+    return out, last, {k: torch.zeros_like(x[k]) if g is None else g for k, g in zip(given, grads)}
+
+
+def rel_err(got, want):
+    return ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+
+def check_against_reference(inputs, dtype, softplus=True, weights="both", **kwargs):
+    b, d, L = inputs["u"].shape
+    N = inputs["A"].shape[1]
+    w_out = torch.randn(b, d, L, dtype=torch.float64) if weights in ("both", "out") else None
+    w_last = torch.randn(b, d, N, dtype=torch.float64) if weights in ("both", "last") else None
+    out, last, grads = run(selective_scan_cpu, inputs, dtype, softplus, (w_out, w_last), **kwargs)
+    ref_out, ref_last, ref_grads = run(selective_scan_ref, inputs, torch.float64, softplus, (w_out, w_last))
+    assert out.dtype == dtype and last.dtype == dtype
+    errors = {"out": rel_err(out, ref_out), "last": rel_err(last, ref_last)}
+    for k, g in ref_grads.items():
+        assert grads[k].shape == inputs[k].shape and grads[k].dtype == dtype, k
+        errors["d" + k] = rel_err(grads[k], g)
+    bad = {k: v for k, v in errors.items() if not v <= TOL[dtype]}
+    assert not bad, f"relative errors above {TOL[dtype]}: {bad}"
+    return grads
+
+
+SHAPES = {
+    # (b, d, L, N, GB, GC)
+    "L1": (2, 16, 1, 16, None, None),
+    "N1_d9_L130": (1, 9, 130, 1, None, None),
+    "N64_G3": (2, 24, 69, 64, 3, 3),
+    "N16_G5_L129": (3, 40, 129, 16, 5, 5),
+    "groups_of_3": (1, 6, 70, 4, 2, 2),
+    "B_plain_C_G3": (2, 12, 70, 5, None, 3),
+    "B_G2_C_G4": (1, 8, 33, 3, 2, 4),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+def test_matches_reference_with_every_option(shape, dtype):
+    b, d, L, N, GB, GC = shape
+    check_against_reference(make_inputs(b, d, L, N, GB, GC), dtype, softplus=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", [SHAPES["L1"], SHAPES["N16_G5_L129"], SHAPES["groups_of_3"]],
+                         ids=["L1", "N16_G5_L129", "groups_of_3"])
+def test_matches_reference_without_optional_inputs_or_softplus(shape, dtype):
+    b, d, L, N, GB, GC = shape
+    inputs = make_inputs(b, d, L, N, GB, GC, extras=False)
+    inputs["delta"] = inputs["delta"].abs()              # without softplus a negative step would blow up
+    check_against_reference(inputs, dtype, softplus=False)
+
+
+@pytest.mark.parametrize("missing", ["D", "z", "delta_bias", "initial_state"])
+def test_matches_reference_with_one_optional_input_missing(missing):
+    inputs = make_inputs(2, 16, 40, 8, 2, 2)
+    inputs[missing] = None
+    check_against_reference(inputs, torch.float32)
+
+
+def test_large_and_tiny_steps():
+    inputs = make_inputs(1, 16, 37, 16)
+    inputs["delta"] = torch.linspace(-30, 30, 16 * 37).reshape(1, 16, 37)[:, torch.randperm(16)]
+    check_against_reference(inputs, torch.float32, softplus=True)
+    tiny = make_inputs(1, 16, 37, 16)
+    tiny["delta"] = torch.rand(1, 16, 37) * 1e-6
+    tiny["delta_bias"] = None
+    check_against_reference(tiny, torch.float32, softplus=False)
+    check_against_reference(tiny, torch.float64, softplus=False)
+
+
+@pytest.mark.parametrize("weights", ["last", "out"])
+def test_gradient_from_one_output_alone(weights):
+    """The gradient reaching the last state alone flows to every input (upstream drops it)."""
+    grads = check_against_reference(make_inputs(2, 8, 50, 4), torch.float32, weights=weights)
+    assert grads["B"].abs().max() > 0 and grads["initial_state"].abs().max() > 0
+
+
+@pytest.mark.parametrize("chunk", [1, 5, DEFAULT_CHUNK, 1000])
+def test_checkpoint_interval_does_not_change_results(chunk):
+    check_against_reference(make_inputs(2, 8, 67, 4), torch.float64, chunk=chunk)
+
+
+def test_gradcheck_float64():
+    inputs = {k: v.double().requires_grad_() for k, v in make_inputs(1, 4, 5, 3, GB=2, GC=None).items()}
+
+    def f(*tensors):
+        return selective_scan_cpu(**dict(zip(NAMES, tensors)), delta_softplus=True, return_last_state=True, chunk=2)
+
+    assert torch.autograd.gradcheck(f, tuple(inputs[k] for k in NAMES))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_are_computed_in_float32_and_returned_in_their_dtype(dtype):
+    inputs = make_inputs(2, 8, 30, 4)
+    half = {k: (v.to(dtype) if k in ("u", "delta", "B", "C", "z", "initial_state") else v) for k, v in inputs.items()}
+    x = {k: v.requires_grad_() for k, v in half.items()}
+    out, last = selective_scan_cpu(**x, delta_softplus=True, return_last_state=True)
+    assert out.dtype == dtype and last.dtype == torch.float32
+    (out.float().sum() + last.sum()).backward()
+    for k, v in x.items():
+        assert v.grad.dtype == v.dtype, k
+    ref_out, ref_last = selective_scan_ref(**{k: v.detach().double() for k, v in half.items()},
+                                           delta_softplus=True, return_last_state=True)
+    torch.testing.assert_close(out.double(), ref_out.to(dtype).double(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(last.double(), ref_last, rtol=1e-4, atol=1e-4)
+
+
+def test_non_contiguous_inputs_give_the_same_result():
+    inputs = make_inputs(2, 16, 40, 8, 2, 2)
+    strided = {k: (v.transpose(-1, -2).contiguous().transpose(-1, -2) if v is not None and v.dim() >= 2 else v)
+               for k, v in inputs.items()}
+    assert not strided["u"].is_contiguous() and not strided["B"].is_contiguous()
+    a = selective_scan_cpu(**inputs, delta_softplus=True)
+    b = selective_scan_cpu(**strided, delta_softplus=True)
+    assert torch.equal(a, b)
+
+
+def test_inference_mode_matches_grad_mode():
+    inputs = make_inputs(2, 16, 40, 8)
+    with torch.no_grad():
+        out, last = selective_scan_cpu(**inputs, delta_softplus=True, return_last_state=True)
+    out2, last2, _ = run(selective_scan_cpu, inputs, torch.float32, True, (torch.ones(1), None))
+    assert torch.equal(out, out2.detach()) and torch.equal(last, last2.detach())
+
+
+def test_one_and_several_threads_agree():
+    """One thread owns each (batch, group) unit; with few units, threads split the blocks of a unit and
+    sum private copies of dB/dC: the two paths must agree."""
+    inputs = make_inputs(1, 32, 50, 8)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run(selective_scan_cpu, inputs, torch.float32, True, (torch.ones(1), torch.ones(1)))
+        torch.set_num_threads(2)
+        two = run(selective_scan_cpu, inputs, torch.float32, True, (torch.ones(1), torch.ones(1)))
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one[0], two[0])
+    for k in one[2]:
+        torch.testing.assert_close(one[2][k], two[2][k], rtol=1e-5, atol=1e-6)
+
+
+def test_saved_state_is_checkpoints_only():
+    """What the backward keeps beyond the inputs is the state every `chunk` steps: b*d*N*ceil(L/K)
+    numbers, not the b*d*N*L of all states."""
+    b, d, L, N, K = 2, 16, 1000, 16, 64
+    inputs = {k: (None if v is None else v.requires_grad_()) for k, v in make_inputs(b, d, L, N).items()}
+    input_storages = {v.untyped_storage().data_ptr() for v in inputs.values() if v is not None}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = selective_scan_cpu(**inputs, delta_softplus=True, chunk=K)
+    extra = [t for t in saved if t.untyped_storage().data_ptr() not in input_storages]
+    assert sum(t.numel() for t in extra) == b * d * N * math.ceil(L / K)
+    assert sum(t.numel() for t in extra) < b * d * N * L / 50
+    out.sum().backward()                                   # and the saved tensors suffice for the backward
+    assert inputs["A"].grad is not None
+
+
+def test_chunk_must_be_positive():
+    with pytest.raises(ValueError, match="chunk must be a positive int"):
+        selective_scan_cpu(**make_inputs(1, 8, 4, 2), chunk=0)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Vector math
+
+def test_vector_exp_and_softplus_accuracy():
+    """Measured: exp 8e-8 relative (1.3 ulp); the decays' 2^(x log2 e) 1.1e-7 * max(1, |x|) (the product x log2 e
+    is rounded once more than x itself); softplus 1.9e-7. Bounds below leave ~2x headroom."""
+    lib = load_library(torch.float32)
+
+    def apply(fn, x):
+        y = torch.empty_like(x)
+        fn(x.data_ptr(), y.data_ptr(), x.numel())
+        return y
+    x = torch.cat([torch.linspace(-87, 88, 200001), torch.tensor([0.0, -0.0, 1e-30, -1e-30])])
+    assert rel_err_each(apply(lib.mk_vexp, x), torch.exp(x.double())) < 1.5e-7
+    x = torch.linspace(-80, 1, 100003)
+    err = (apply(lib.mk_vexp_decay, x).double() / torch.exp(x.double()) - 1).abs() / x.double().abs().clamp_min(1)
+    assert err.max() < 2.5e-7
+    x = torch.linspace(-80, 40, 120001)
+    assert rel_err_each(apply(lib.mk_vsoftplus, x), torch.nn.functional.softplus(x.double())) < 4e-7
+    special = apply(lib.mk_vexp, torch.tensor([float("nan"), -200.0, 200.0, -1e30, 1e30, 0.0, 0.0]))
+    assert math.isnan(special[0]) and 0 <= special[1] < 1e-37 and math.isfinite(special[2]) and special[2] > 1e38
+
+
+def test_vector_exp_float64_accuracy():
+    lib = load_library(torch.float64)
+    x = torch.linspace(-700, 700, 100001, dtype=torch.float64)
+    y = torch.empty_like(x)
+    lib.mk_vexp(x.data_ptr(), y.data_ptr(), x.numel())
+    assert rel_err_each(y, torch.exp(x)) < 1e-15
+
+
+def rel_err_each(got, want):
+    return ((got.double() - want).abs() / want.abs()).max().item()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Build, cache and fallback
+
+@pytest.fixture
+def fresh_build(tmp_path, monkeypatch):
+    """A new MAMBAKIT_HOME and an empty in-process library cache and warning flag."""
+    monkeypatch.setenv("MAMBAKIT_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(cpu_scan, "_libs", {})
+    monkeypatch.setattr(cpu_scan, "_warned", False)
+    return tmp_path / "home" / "kernels"
+
+
+def test_library_is_compiled_once_and_cached_on_disk(fresh_build, monkeypatch):
+    path = Path(load_library(torch.float32)._name)
+    assert path.parent == fresh_build.resolve() and path.suffix == ".so"
+    assert sorted(p.name for p in fresh_build.iterdir()) == [path.name]      # no temporary files left
+    monkeypatch.setattr(cpu_scan, "_libs", {})
+    monkeypatch.setattr(cpu_scan, "_compile", lambda *a: pytest.fail("compiled again instead of loading"))
+    assert Path(load_library(torch.float32)._name) == path
+
+
+def test_concurrent_compiles_into_one_target_leave_one_valid_library(fresh_build):
+    """Each compile writes a private temporary file and renames it into place, so simultaneous builders
+    (threads here; processes below) never expose a partial library."""
+    cc = cpu_scan._find_compiler()
+    target = fresh_build / "concurrent.so"
+    quick = ("-O0", "-std=gnu11", "-fPIC", "-shared", "-pthread")     # the race is the point, not the code
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: cpu_scan._compile(cc, quick, False, target), range(2)))
+    assert results == [None, None]
+    assert sorted(p.name for p in fresh_build.iterdir()) == ["concurrent.so"]
+    assert cpu_scan._open(target, False).mk_lanes() >= 1
+
+
+@pytest.mark.slow
+def test_concurrent_first_calls_in_two_processes(fresh_build):
+    code = textwrap.dedent("""
+        import torch
+        from mambakit.kernels.cpu_scan import selective_scan_cpu
+        x = torch.randn(1, 8, 5)
+        print(float(selective_scan_cpu(x, x.abs(), -torch.ones(8, 2), torch.randn(1, 2, 5), torch.randn(1, 2, 5)).sum()))
+    """)
+    env = {**os.environ, "MAMBAKIT_HOME": str(fresh_build.parent)}
+    procs = [subprocess.Popen([sys.executable, "-W", "error::RuntimeWarning", "-c", code], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    files = sorted(p.name for p in fresh_build.iterdir())
+    assert len(files) == 1 and files[0].endswith(".so"), files
+
+
+def fake_compiler(tmp_path, version_ok=True):
+    script = tmp_path / "fakecc"
+    script.write_text("#!/bin/sh\n"
+                      f"if [ \"$1\" = \"--version\" ]; then echo fakecc 1.0; exit {0 if version_ok else 1}; fi\n"
+                      "echo 'fakecc: error: this compiler compiles nothing' >&2\nexit 1\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_compile_error_falls_back_to_reference_with_one_warning(fresh_build, tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", fake_compiler(tmp_path))
+    inputs = make_inputs(1, 8, 6, 2)
+    with pytest.warns(RuntimeWarning) as record:
+        out = selective_scan_cpu(**inputs, delta_softplus=True)
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert "\n" not in message and "fakecc: error: this compiler compiles nothing" in message
+    assert "reference" in message and "C compiler" in message
+    assert torch.equal(out, selective_scan_ref(**inputs, delta_softplus=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                     # a second call does not warn again
+        selective_scan_cpu(**inputs, delta_softplus=True)
+    assert not fresh_build.exists() or not any(fresh_build.iterdir())  # nothing half-written left behind
+
+
+def test_missing_compiler_is_reported(fresh_build, monkeypatch):
+    monkeypatch.setenv("CC", "/nonexistent/bin/cc")
+    ok, why = kernel_status(torch.float32)
+    assert not ok and "/nonexistent/bin/cc" in why
+
+
+def test_disable_variable_forces_the_reference(fresh_build, monkeypatch):
+    monkeypatch.setenv("MAMBAKIT_DISABLE_CPU_KERNEL", "1")
+    inputs = {k: (None if v is None else v.requires_grad_()) for k, v in make_inputs(1, 8, 6, 2).items()}
+    with pytest.warns(RuntimeWarning, match=r"disabled by MAMBAKIT_DISABLE_CPU_KERNEL=1\).*unset MAMBAKIT_DISABLE_CPU_KERNEL"):
+        out, last = selective_scan_cpu(**inputs, delta_softplus=True, return_last_state=True)
+    ref_out, ref_last = selective_scan_ref(**inputs, delta_softplus=True, return_last_state=True)
+    assert torch.equal(out, ref_out) and torch.equal(last, ref_last)
+    out.sum().backward()                                   # the fallback is differentiable too
+    assert inputs["delta_bias"].grad is not None
+    assert not fresh_build.exists()                        # nothing was compiled
