@@ -187,3 +187,35 @@ def test_features_ms_scores_the_target_only(trained, tmp_path):
     assert pred.shape == true.shape == (1, 12, 1)
     torch.testing.assert_close(true[0, :, 0], batch["y"][0, -12:, -1])       # the target (price) is last
     assert isinstance(model, Forecaster) and model.info["features"] == "MS"
+
+
+def _tslib_type1_lr(base_lr, epochs):
+    """TSLib: after epoch e (0-based) adjust_learning_rate(opt, e + 1) sets lr = base * 0.5 ** ((e + 1) - 1)."""
+    lrs, lr = [], base_lr
+    for epoch in range(epochs):
+        lrs.append(lr)
+        lr = base_lr * 0.5 ** epoch            # set after this epoch, used by the next one
+    return lrs
+
+
+def test_recipes_load_and_reproduce_tslib_type1_schedule():
+    from pathlib import Path
+
+    from mambakit.engine.optim import lr_at
+
+    folder = Path(__file__).resolve().parents[3] / "configs" / "timeseries"
+    recipes = sorted(folder.glob("*_etth1_*.yaml"))
+    assert len(recipes) == 12
+    upstream_lr = {"smamba": {96: 7e-5, 192: 7e-5, 336: 5e-5, 720: 5e-5}, "itransformer": {}, "dlinear": {}}
+    for path in recipes:
+        cfg = load_config(ForecastRecipe, path, ["data.path=unused.csv"])
+        base = upstream_lr[cfg.model.name].get(cfg.data.pred_len, 1e-4)
+        spe = 264
+        ours = [lr_at(cfg.train.scheduler, cfg.train.optimizer.lr, e * spe + k, spe, 10 * spe)
+                for e in range(10) for k in (0, spe - 1)]
+        expected = [lr for lr in _tslib_type1_lr(base, 10) for _ in (0, 1)]
+        np.testing.assert_allclose(ours, expected, rtol=1e-12, err_msg=str(path))
+        assert cfg.train.early_stopping.patience == 3 and cfg.train.batch_size == 32 and cfg.train.epochs == 10
+        assert cfg.data.split == "ett_hour" and cfg.data.seq_len == 96
+    for extra in ("quick_elecdemand.yaml", "smamba_custom.yaml"):
+        load_config(ForecastRecipe, folder / extra, ["data.path=unused.csv"])
