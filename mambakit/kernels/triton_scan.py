@@ -50,6 +50,7 @@ module is imported) the kernels run on CPU tensors.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -407,9 +408,18 @@ def _launch_config(batch: int, d: int, G: int, N: int, L: int, device: torch.dev
     return _LaunchConfig(block_d, n_pad, block_t, fwd_warps, bwd_warps)
 
 
-def _as_grouped(BC: torch.Tensor) -> torch.Tensor:
-    """(b, N, L) -> (b, 1, N, L); (b, G, N, L) unchanged; contiguous."""
-    return (BC.unsqueeze(1) if BC.dim() == 3 else BC).contiguous()
+def _as_groups(BC: torch.Tensor, G: int) -> torch.Tensor:
+    """(b, N, L) or (b, G', N, L) with G' dividing G -> contiguous (b, G, N, L) (group k of G' serves the
+    channels of groups k*G/G' .. (k+1)*G/G' - 1)."""
+    grouped = BC.unsqueeze(1) if BC.dim() == 3 else BC
+    return grouped.repeat_interleave(G // grouped.shape[1], dim=1).contiguous()
+
+
+def _sum_groups(dBC: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The adjoint of `_as_groups`: (b, G, N, L) -> `shape`, (b, N, L) or (b, G', N, L)."""
+    b, G, N, L = dBC.shape
+    G_out = 1 if len(shape) == 3 else shape[1]
+    return dBC.view(b, G_out, G // G_out, N, L).sum(2).view(shape)
 
 
 def _contig(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -424,11 +434,9 @@ class _SelectiveScanFn(torch.autograd.Function):
         N = A.shape[1]
         ct = _compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
         u_, delta_, A_, D_, z_, bias_, init_ = map(_contig, (u, delta, A, D, z, delta_bias, initial_state))
-        B_, C_ = _as_grouped(B), _as_grouped(C)
-        G = B_.shape[1]
-        if C_.shape[1] != G:
-            raise ValueError(f"selective_scan_triton: B has {G} groups but C has {C_.shape[1]}; "
-                             "the Triton kernel needs the same grouping for B and C")
+        # B and C may be grouped differently (the API allows it): run with lcm(G_B, G_C) groups
+        G = math.lcm(*(1 if t.dim() == 3 else t.shape[1] for t in (B, C)))
+        B_, C_ = _as_groups(B, G), _as_groups(C, G)
         cfg = _launch_config(batch, d, G, N, L, u.device, block_t, block_d, num_warps)
         BLOCK_D, N_PAD, BLOCK_T = cfg.block_d, cfg.n_pad, cfg.block_t
         n_tiles = triton.cdiv(L, BLOCK_T)
@@ -450,7 +458,8 @@ class _SelectiveScanFn(torch.autograd.Function):
         )
         last_state = ckpt[:, :, -1].clone()
         ctx.save_for_backward(u_, delta_, A_, B_, C_, D_, z_, bias_, init_, ckpt)
-        ctx.meta = (delta_softplus, BLOCK_D, N_PAD, BLOCK_T, ct, B.dim(), C.dim(), cfg.bwd_warps)
+        ctx.meta = (delta_softplus, BLOCK_D, N_PAD, BLOCK_T, ct, cfg.bwd_warps)
+        ctx.bc_shapes = (tuple(B.shape), tuple(C.shape))
         ctx.dtypes = tuple(None if t is None else t.dtype
                            for t in (u, delta, A, B, C, D, z, delta_bias, initial_state))
         ctx.set_materialize_grads(False)
@@ -459,7 +468,7 @@ class _SelectiveScanFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlast):
         u, delta, A, B, C, D, z, bias, init, ckpt = ctx.saved_tensors
-        delta_softplus, BLOCK_D, N_PAD, BLOCK_T, ct, b_dim, c_dim, num_warps = ctx.meta
+        delta_softplus, BLOCK_D, N_PAD, BLOCK_T, ct, num_warps = ctx.meta
         batch, d, L = u.shape
         N, G = A.shape[1], B.shape[1]
         dpg, n_tiles = d // G, ckpt.shape[2]
@@ -485,8 +494,7 @@ class _SelectiveScanFn(torch.autograd.Function):
             BLOCK_D=BLOCK_D, N_PAD=N_PAD, BLOCK_T=BLOCK_T, CDT=_tl_dtype(ct), num_warps=num_warps,
         )
         (t_u, t_delta, t_A, t_B, t_C, t_D, t_z, t_bias, t_init) = ctx.dtypes
-        dB = dB.squeeze(1) if b_dim == 3 else dB
-        dC = dC.squeeze(1) if c_dim == 3 else dC
+        dB, dC = _sum_groups(dB, ctx.bc_shapes[0]), _sum_groups(dC, ctx.bc_shapes[1])
         return (
             du.to(t_u), ddelta.to(t_delta), dA_part.sum(0).to(t_A), dB.to(t_B), dC.to(t_C),
             dD_part.sum(0).to(t_D) if D is not None else None,

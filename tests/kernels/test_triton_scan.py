@@ -13,9 +13,11 @@ import sys
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import mambakit.kernels.triton_scan as compiled_module
-from mambakit.kernels.reference import selective_scan_ref, selective_state_update_ref
+from mambakit.kernels.reference import expand_groups, selective_scan_ref, selective_state_update_ref
 
 
 def _load_interpreted():
@@ -56,15 +58,19 @@ def make_inputs(b, d, L, N, G=None, *, dtype=torch.float64, D=True, z=True, bias
     )
 
 
-def run_both(inputs, softplus, loss_on=("out", "last"), **block):
-    """Forward and gradients of sum(out * g_out) + sum(last * g_last) through Triton and the float64 reference."""
+def run_both(inputs, softplus, loss_on=("out", "last"), per_channel_ref=False, **block):
+    """Forward and gradients of sum(out * g_out) + sum(last * g_last) through Triton and the float64 reference
+    (with `per_channel_ref`, the reference gets B and C expanded to one group per channel)."""
     leaves = {k: v.clone().requires_grad_() for k, v in inputs.items() if v is not None}
     leaves64 = {k: v.detach().double().requires_grad_() for k, v in leaves.items()}
     results = []
     g_out = g_last = None
     for fn, args in ((ts.selective_scan_triton, leaves), (selective_scan_ref, leaves64)):
         kwargs = dict(block) if fn is ts.selective_scan_triton else {}
-        out, last = fn(args["u"], args["delta"], args["A"], args["B"], args["C"], D=args.get("D"), z=args.get("z"),
+        B, C = args["B"], args["C"]
+        if per_channel_ref and fn is selective_scan_ref:
+            B, C = expand_groups(B, args["u"].shape[1]), expand_groups(C, args["u"].shape[1])
+        out, last = fn(args["u"], args["delta"], args["A"], B, C, D=args.get("D"), z=args.get("z"),
                        delta_bias=args.get("delta_bias"), delta_softplus=softplus, return_last_state=True,
                        initial_state=args.get("initial_state"), **kwargs)
         if g_out is None:
@@ -122,6 +128,18 @@ def test_float32_inputs_against_float64_reference_with_large_and_tiny_steps():
     assert out.dtype == torch.float32 and last.dtype == torch.float32
     assert all(g.dtype == torch.float32 for g in grads.values())
     assert_close_to_ref(results, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("groups", [(None, 2), (2, 4)], ids=["B_ungrouped_C_2", "B_2_C_4"])
+def test_B_and_C_grouped_differently(groups):
+    """Allowed by the API (each is validated alone), unlike mamba_ssm; the reference then sees per-channel B/C."""
+    inputs = make_inputs(1, 8, 7, 3, z=False)
+    for name, G in zip("BC", groups):
+        inputs[name] = torch.randn(1, 3, 7, dtype=torch.float64) if G is None else torch.randn(1, G, 3, 7,
+                                                                                                 dtype=torch.float64)
+    results = run_both(inputs, softplus=True, per_channel_ref=True, block_t=4, block_d=2)
+    assert_close_to_ref(results, rtol=1e-10, atol=1e-10)
+    assert results[0][2]["B"].shape == inputs["B"].shape and results[0][2]["C"].shape == inputs["C"].shape
 
 
 @pytest.mark.parametrize("loss_on", [("last",), ("out",)], ids=["last_state_only", "output_only"])
@@ -249,6 +267,47 @@ def test_module_imports_without_cuda_and_without_interpreter():
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 
+def _compile_for_sm90(kernel, constexprs, ptr_type, num_warps):
+    """Compile a kernel to a cubin for an H100 (sm_90) on this machine: no GPU or driver needed."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    signature = {name: "constexpr" if name in constexprs else (ptr_type if name.endswith("_ptr") else "i32")
+                 for name in kernel.arg_names}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+
+
+def _nvidia_backend_available():
+    try:
+        from triton.backends import backends
+        return "nvidia" in backends
+    except ImportError:
+        return False
+
+
+@pytest.mark.skipif(compiled_module.is_interpreted() or not _nvidia_backend_available(),
+                    reason="needs triton's NVIDIA backend and compiled (not interpreted) kernels")
+@pytest.mark.parametrize("compute", [
+    "float32",
+    pytest.param("float64", marks=pytest.mark.slow),
+])
+def test_kernels_compile_for_h100_without_a_gpu(compute):
+    """The interpreter accepts code the compiler rejects (types, layouts, scalar/block mixes): compile the
+    kernels the GPU will run, at the launch configuration of the Vim-Ti shape (N=16) with every feature on."""
+    cdt, ptr = (tl.float32, "*fp32") if compute == "float32" else (tl.float64, "*fp64")
+    cfg = compiled_module._launch_config(8, 384, 1, 16, 197, torch.device("cpu"))
+    features = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, HAS_INIT=True, SOFTPLUS=True,
+                    BLOCK_D=cfg.block_d, N_PAD=cfg.n_pad, BLOCK_T=cfg.block_t, CDT=cdt)
+    kernels = [
+        _compile_for_sm90(compiled_module._scan_fwd_kernel, features, ptr, cfg.fwd_warps),
+        _compile_for_sm90(compiled_module._scan_bwd_kernel, dict(features, HAS_DLAST=True), ptr, cfg.bwd_warps),
+        _compile_for_sm90(compiled_module._state_update_kernel,
+                          dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, BLOCK_D=64, N_PAD=16, CDT=cdt),
+                          ptr, 4),
+    ]
+    assert all(len(k.asm["cubin"]) > 0 for k in kernels)
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available() or compiled_module.is_interpreted(),
                           reason="needs a CUDA GPU (compiled Triton kernels)")
 
@@ -282,3 +341,37 @@ def test_compiled_state_update_on_gpu():
     y_ref = selective_state_update_ref(state_ref, **inputs, dt_softplus=True)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(state, state_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_dry_run_on_cpu(tmp_path):
+    """benchmarks/scan_gpu.py cannot be timed here; its --dry-run mode runs every code path at tiny shapes
+    under the interpreter and checks the Triton peers against the reference."""
+    import json
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "scan_gpu.py"
+    proc = subprocess.run([sys.executable, str(script), "--dry-run", "--sweep", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_scan.json").read_text())
+    assert (tmp_path / "gpu_scan.md").read_text().startswith("# GPU scan benchmark")
+    kinds = {r["kind"] for r in report["results"]}
+    assert kinds == {"selective_scan", "state_update", "ssd", "sweep"}
+    for row in report["results"]:
+        if row["kind"] == "selective_scan":
+            assert row["peers"]["triton"]["max_rel_err_out_vs_reference"] < 1e-5
+            assert row["peers"]["triton"]["max_rel_err_grads_vs_reference"] < 1e-4
+        if row["kind"] == "state_update":
+            assert row["peers"]["triton"]["max_rel_err_vs_reference"] < 1e-5
+        if row["kind"] == "ssd":
+            assert row["peers"]["chunked"]["max_rel_err_grads_vs_reference"] < 1e-4
+
+
+def test_gpu_benchmark_without_cuda_exits_cleanly():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the benchmark would run")
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "scan_gpu.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0 and "CUDA is not available" in proc.stdout, proc.stderr
