@@ -1,0 +1,454 @@
+"""Patch features: a backbone over every patch of every slide, in CLAM's output layout.
+
+    pt_files/<slide_id>.pt     torch tensor (N, D) float32   (what MambaMIL and CLAM's MIL code read)
+    h5_files/<slide_id>.h5     `features` (N, D) float32 and `coords` (N, 2) int64 with the tiling attributes
+    features_meta.json         which backbone and which weights made these features
+    extract_summary.csv        one row per slide: done / already done / failed (with the reason)
+
+Backbones: `resnet50_trunc` (CLAM's: torchvision ResNet-50 cut after layer3, global average pool, 1024-d;
+ImageNet mean/std; patches resized to 224) or `timm:<model name>` (any timm model, pooled features).
+Weights: a registered zoo name (downloaded into the cache), a local file (`--weights PATH`), or, only when
+asked explicitly, random weights (`--random-weights`), which is announced in the log and recorded in
+features_meta.json and every h5 file, since such features mean nothing outside the run that made them.
+
+Extraction reads patches with DataLoader worker processes (each opens its own OpenSlide handle), shows
+progress per slide, skips slides whose outputs exist (resumable), and shards slides across `torchrun` ranks
+(slide i goes to rank i % world_size). A slide that fails is recorded and the run continues.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from mambakit.apps.pathology.weights import DEFAULT_WEIGHTS, TORCHVISION_RESNET50_HASH_PREFIX, zoo_weights
+from mambakit.apps.pathology.wsi import (SlideError, TileParams, TileResult, geometry_from_attrs, list_slides,
+                                         open_slide, read_coords_h5, read_patch, slide_id_of, summary_text,
+                                         tile_slides, write_summary)
+
+__all__ = ["ExtractParams", "Extractor", "resnet50_trunc", "timm_backbone", "build_extractor",
+           "resnet50_trunc_from_torchvision", "PatchDataset", "extract_slide", "extract_slides", "zoo_weights",
+           "DEFAULT_WEIGHTS", "RANDOM_WEIGHTS_NOTE", "shard_for_rank"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RANDOM_WEIGHTS_NOTE = ("RANDOM WEIGHTS: the backbone was not pretrained; these features only make sense for "
+                       "tests and demos, never for a study")
+
+
+# --------------------------------------------------------------------------------------------------
+# backbones
+
+class ResNet50Trunc(nn.Module):
+    """CLAM's `resnet50_trunc`: torchvision ResNet-50 up to layer3, then global average pooling.
+    Input (B, 3, H, W) normalised with ImageNet statistics; output (B, 1024). Parameter names are
+    torchvision's, so its checkpoint loads after dropping `layer4.*` and `fc.*`."""
+
+    out_dim = 1024
+
+    def __init__(self):
+        super().__init__()
+        from torchvision.models import resnet50
+
+        full = resnet50(weights=None)
+        self.conv1, self.bn1, self.relu, self.maxpool = full.conv1, full.bn1, full.relu, full.maxpool
+        self.layer1, self.layer2, self.layer3 = full.layer1, full.layer2, full.layer3
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return torch.flatten(self.pool(x), 1)
+
+
+def resnet50_trunc() -> ResNet50Trunc:
+    return ResNet50Trunc()
+
+
+def resnet50_trunc_from_torchvision(state: dict) -> dict:
+    """torchvision's ResNet-50 state dict -> ResNet50Trunc's (drops layer4 and fc, checks the rest)."""
+    if not isinstance(state, dict):
+        raise TypeError(f"expected a state dict, got {type(state).__name__}")
+    state = state.get("state_dict", state.get("model", state))
+    kept = {k.removeprefix("module."): v for k, v in state.items()
+            if not k.removeprefix("module.").startswith(("layer4.", "fc."))}
+    expected = set(ResNet50Trunc().state_dict())
+    missing, unexpected = expected - set(kept), set(kept) - expected
+    if missing or unexpected:
+        raise ValueError(f"not a torchvision ResNet-50 state dict: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    return kept
+
+
+def timm_without_head(state: dict) -> dict:
+    """A timm checkpoint without its classifier (the backbones are built with num_classes=0)."""
+    state = state.get("state_dict", state.get("model", state))
+    return {k: v for k, v in state.items() if not k.startswith(("fc.", "head.", "classifier.", "head_dist."))}
+
+
+def timm_backbone(model_name: str) -> nn.Module:
+    """Any timm model as a feature extractor (num_classes=0: pooled features)."""
+    import timm
+
+    try:
+        return timm.create_model(model_name, pretrained=False, num_classes=0)
+    except RuntimeError as e:
+        raise ValueError(f"timm does not know the model {model_name!r}: {e}") from None
+
+
+@dataclass
+class Extractor:
+    """A backbone ready to run, and what it is (recorded next to the features)."""
+    model: nn.Module
+    name: str
+    dim: int
+    input_size: int
+    mean: tuple
+    std: tuple
+    weights: str               # file path, zoo name, or RANDOM_WEIGHTS_NOTE
+    random_weights: bool
+
+    def meta(self) -> dict:
+        return {"backbone": self.name, "dim": self.dim, "input_size": self.input_size, "mean": list(self.mean),
+                "std": list(self.std), "weights": self.weights, "random_weights": self.random_weights}
+
+
+def _load_file(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _check_hash_prefix(path: Path, prefix: str) -> None:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    if not digest.hexdigest().startswith(prefix):
+        raise ValueError(f"{path}: sha256 {digest.hexdigest()} does not start with the published prefix {prefix}; "
+                         f"the file is corrupt or not torchvision's resnet50-{prefix}.pth")
+
+
+def _weights_state(backbone: str, weights: str) -> tuple[dict, str]:
+    """(state dict for our module, description) from a zoo name or a file."""
+    path = Path(weights)
+    if path.is_file():
+        state = _load_file(path)
+        desc = str(path.resolve())
+    else:
+        from mambakit.zoo import download_weights, get_weights
+
+        entry = get_weights(weights)   # raises with the registered names when unknown
+        if entry.app != "pathology" or not _entry_matches(entry, backbone):
+            raise ValueError(f"weights {weights!r} are for {entry.builder} {entry.config}, not backbone {backbone!r}")
+        try:
+            path = download_weights(weights)
+        except Exception as e:
+            raise RuntimeError(
+                f"cannot obtain the weights {weights!r} ({type(e).__name__}: {e}). Download "
+                f"{entry.urls[0]} on a machine with network access and pass it with --weights PATH, or pass "
+                f"--random-weights for a test run (the features are then meaningless)") from None
+        if entry.name == "resnet50_trunc.tv_in1k":
+            _check_hash_prefix(path, TORCHVISION_RESNET50_HASH_PREFIX)
+        state = _load_file(path)
+        desc = f"zoo:{weights} ({path})"
+    if isinstance(state, dict) and ("state_dict" in state or "model" in state):
+        state = state.get("state_dict", state.get("model"))
+    if backbone == "resnet50_trunc":
+        state = resnet50_trunc_from_torchvision(state)
+    return state, desc
+
+
+def _entry_matches(entry, backbone: str) -> bool:
+    if backbone == "resnet50_trunc":
+        return entry.builder.endswith(":resnet50_trunc")
+    return entry.config.get("model_name") == backbone.removeprefix("timm:")
+
+
+def build_extractor(backbone: str = "resnet50_trunc", weights: str | None = None, random_weights: bool = False,
+                    input_size: int | None = None, log: Callable = print) -> Extractor:
+    """The backbone with its weights. Exactly one of: weights given, the backbone's default zoo weights,
+    or `random_weights=True` (loud)."""
+    if weights is not None and random_weights:
+        raise ValueError("give either --weights or --random-weights, not both")
+    if backbone == "resnet50_trunc":
+        model, dim, size, mean, std = resnet50_trunc(), 1024, 224, IMAGENET_MEAN, IMAGENET_STD
+    elif backbone.startswith("timm:"):
+        model = timm_backbone(backbone.removeprefix("timm:"))
+        cfg = getattr(model, "pretrained_cfg", {}) or {}
+        dim = int(model.num_features)
+        size = int(cfg.get("input_size", (3, 224, 224))[-1])
+        mean, std = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
+    else:
+        raise ValueError(f"unknown backbone {backbone!r}; expected 'resnet50_trunc' or 'timm:<model name>'")
+    if random_weights:
+        desc = RANDOM_WEIGHTS_NOTE
+        banner = "!" * 100
+        log(f"{banner}\n[extract] WARNING: {RANDOM_WEIGHTS_NOTE}\n{banner}")
+        print(f"[extract] WARNING: {RANDOM_WEIGHTS_NOTE}", file=sys.stderr)
+    else:
+        if weights is None:
+            if backbone not in DEFAULT_WEIGHTS:
+                raise ValueError(f"backbone {backbone!r} has no registered weights; pass --weights PATH "
+                                 f"(or --random-weights for a test run)")
+            weights = DEFAULT_WEIGHTS[backbone]
+        state, desc = _weights_state(backbone, weights)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if backbone.startswith("timm:"):   # the classifier head is dropped by num_classes=0
+            unexpected = [k for k in unexpected if not k.startswith(("fc.", "head.", "classifier.", "head_dist."))]
+        if missing or unexpected:
+            raise ValueError(f"weights {weights!r} do not fit {backbone}: missing {list(missing)[:5]}, "
+                             f"unexpected {list(unexpected)[:5]}")
+    model.eval()
+    return Extractor(model, backbone, dim, int(input_size or size), tuple(mean), tuple(std), desc, random_weights)
+
+
+# --------------------------------------------------------------------------------------------------
+# reading patches
+
+class PatchDataset(torch.utils.data.Dataset):
+    """The patches of one slide as normalised tensors (3, S, S). The OpenSlide handle is opened lazily in
+    each worker process (handles cannot cross processes)."""
+
+    def __init__(self, slide_path: str | Path, coords: np.ndarray, geometry, input_size: int,
+                 mean: Sequence[float], std: Sequence[float]):
+        self.slide_path = str(slide_path)
+        self.coords = np.asarray(coords)
+        self.geometry = geometry
+        self.input_size = int(input_size)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self._slide = None
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        from PIL import Image
+
+        if self._slide is None:
+            self._slide = open_slide(self.slide_path)
+        image = read_patch(self._slide, self.coords[index], self.geometry)
+        if image.size != (self.input_size, self.input_size):
+            image = image.resize((self.input_size, self.input_size), Image.BILINEAR)
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        return (x - self.mean) / self.std
+
+    def __getstate__(self):   # workers get a copy without the parent's handle
+        state = self.__dict__.copy()
+        state["_slide"] = None
+        return state
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)
+
+
+# --------------------------------------------------------------------------------------------------
+# one slide
+
+@dataclass
+class ExtractParams:
+    backbone: str = "resnet50_trunc"
+    weights: str | None = None
+    random_weights: bool = False
+    batch_size: int = 64
+    num_workers: int = 2
+    device: str = "auto"
+    input_size: int | None = None       # pixels fed to the network; default: the backbone's (224)
+    skip_existing: bool = True
+    tile: TileParams = field(default_factory=TileParams)   # used when no coordinate folder is given
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _write_features_h5(path: Path, features: np.ndarray, coords: np.ndarray, coord_attrs: dict, meta: dict) -> None:
+    import h5py
+
+    tmp = path.with_name(path.name + ".tmp")
+    with h5py.File(tmp, "w") as f:
+        f.create_dataset("features", data=features.astype(np.float32))
+        dset = f.create_dataset("coords", data=coords.astype(np.int64))
+        for key, value in coord_attrs.items():
+            dset.attrs[key] = value
+        for key, value in meta.items():
+            f.attrs[key] = json.dumps(value) if isinstance(value, (list, dict)) else value
+    os.replace(tmp, path)
+
+
+def extract_slide(slide_path: str | Path, coords_h5: str | Path, out_dir: str | Path, extractor: Extractor,
+                  params: ExtractParams, device: torch.device, progress: bool = True) -> int:
+    """Features of one slide into `out_dir/pt_files` and `out_dir/h5_files`. Returns the patch count."""
+    sid = slide_id_of(slide_path)
+    try:
+        coords, attrs = read_coords_h5(coords_h5)
+    except (OSError, ValueError) as e:
+        raise SlideError(sid, "bad_coords", str(e)) from None
+    if len(coords) == 0:
+        raise SlideError(sid, "no_tissue", f"{coords_h5} holds no coordinates")
+    slide = open_slide(slide_path)   # fail early and clearly on an unreadable file
+    try:
+        geometry = geometry_from_attrs(attrs, slide)
+        if geometry.level >= slide.level_count:
+            raise SlideError(sid, "bad_coords", f"{coords_h5}: patch_level {geometry.level} but the slide has "
+                                                f"{slide.level_count} level(s)")
+    finally:
+        slide.close()
+    dataset = PatchDataset(slide_path, coords, geometry, extractor.input_size, extractor.mean, extractor.std)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=params.batch_size, shuffle=False,
+                                         num_workers=params.num_workers, worker_init_fn=_worker_init,
+                                         pin_memory=device.type == "cuda")
+    chunks = []
+    batches = loader
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(loader, desc=f"extract {sid}", unit="batch", leave=False)
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                chunks.append(extractor.model(batch.to(device, non_blocking=True)).float().cpu())
+    except SlideError:
+        raise
+    except Exception as e:   # OpenSlide errors surface here (from a worker) on corrupt tiles
+        raise SlideError(sid, "unreadable", f"reading patches failed: {type(e).__name__}: {e}") from None
+    features = torch.cat(chunks)
+    if features.shape != (len(coords), extractor.dim):
+        raise SlideError(sid, "error", f"features have shape {tuple(features.shape)}, expected "
+                                       f"({len(coords)}, {extractor.dim})")
+    out_dir = Path(out_dir)
+    (out_dir / "pt_files").mkdir(parents=True, exist_ok=True)
+    (out_dir / "h5_files").mkdir(parents=True, exist_ok=True)
+    meta = extractor.meta()
+    _write_features_h5(out_dir / "h5_files" / f"{sid}.h5", features.numpy(), coords, attrs, meta)
+    _atomic_torch_save(features, out_dir / "pt_files" / f"{sid}.pt")   # written last: marks the slide done
+    return len(coords)
+
+
+# --------------------------------------------------------------------------------------------------
+# many slides
+
+def shard_for_rank(items: Sequence, rank: int, world_size: int) -> list:
+    """Item i goes to rank i % world_size."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    return [item for i, item in enumerate(items) if i % world_size == rank]
+
+
+def _rank_and_world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _device(spec: str) -> torch.device:
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    return torch.device(spec)
+
+
+def _is_done(out_dir: Path, sid: str) -> bool:
+    return (out_dir / "pt_files" / f"{sid}.pt").is_file() and (out_dir / "h5_files" / f"{sid}.h5").is_file()
+
+
+def _check_meta(out_dir: Path, meta: dict) -> None:
+    """Refuse to mix features of different extractors in one folder."""
+    path = out_dir / "features_meta.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        keys = ("backbone", "dim", "input_size", "weights", "random_weights")
+        if any(old.get(k) != meta.get(k) for k in keys):
+            raise ValueError(f"{out_dir} already holds features from {old.get('backbone')} with weights "
+                             f"{old.get('weights')!r}; this run uses {meta['backbone']} with {meta['weights']!r}. "
+                             f"Use another --out folder (mixing extractors in one bag folder is never right)")
+        return
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def extract_slides(slides: str | Path | Sequence, out_dir: str | Path, params: ExtractParams | None = None,
+                   coords_dir: str | Path | None = None, rank: int | None = None, world_size: int | None = None,
+                   progress: bool = True, log: Callable = print, extractor: Extractor | None = None) -> list[TileResult]:
+    """Extract features for every slide of this rank; see the module docstring. Without `coords_dir`, the
+    slides are tiled first into `out_dir/patches` with `params.tile`."""
+    params = params or ExtractParams()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = list_slides(slides) if isinstance(slides, (str, os.PathLike)) else [Path(p) for p in slides]
+    env_rank, env_world = _rank_and_world()
+    rank = env_rank if rank is None else rank
+    world_size = env_world if world_size is None else world_size
+    mine = shard_for_rank(paths, rank, world_size)
+    tag = f"[extract rank {rank}/{world_size}]" if world_size > 1 else "[extract]"
+    log(f"{tag} {len(mine)} of {len(paths)} slide(s) on this rank")
+
+    tile_failures: dict[str, TileResult] = {}
+    if coords_dir is None:
+        coords_dir = out_dir
+        for r in tile_slides(mine, out_dir, params.tile, skip_existing=True, progress=progress, log=log):
+            if r.status == "failed":
+                tile_failures[r.slide_id] = r
+    coords_dir = Path(coords_dir)
+    patches_dir = coords_dir / "patches" if (coords_dir / "patches").is_dir() else coords_dir
+
+    device = _device(params.device)
+    if extractor is None:
+        extractor = build_extractor(params.backbone, params.weights, params.random_weights, params.input_size, log)
+    _check_meta(out_dir, extractor.meta())
+    extractor.model.to(device)
+
+    results = []
+    for index, path in enumerate(mine, start=1):
+        sid = slide_id_of(path)
+        if sid in tile_failures:
+            results.append(tile_failures[sid])
+            continue
+        if params.skip_existing and _is_done(out_dir, sid):
+            results.append(TileResult(sid, str(path), "skipped"))
+            continue
+        start = time.perf_counter()
+        coords_h5 = patches_dir / f"{sid}.h5"
+        try:
+            if not coords_h5.is_file():
+                raise SlideError(sid, "no_coords", f"no coordinate file {coords_h5}; run `mambakit pathology tile` "
+                                                   f"first or pass --coords")
+            n = extract_slide(path, coords_h5, out_dir, extractor, params, device, progress)
+            seconds = time.perf_counter() - start
+            results.append(TileResult(sid, str(path), "ok", n, str(out_dir / "h5_files" / f"{sid}.h5"),
+                                      seconds=seconds))
+            log(f"{tag} [{index}/{len(mine)}] {sid}: {n} patches in {seconds:.1f}s ({n / max(seconds, 1e-9):.1f}/s)")
+        except SlideError as e:
+            results.append(TileResult(sid, str(path), "failed", error_kind=e.kind, error=e.message))
+            log(f"{tag} {sid}: FAILED ({e.kind}): {e.message}")
+        except Exception as e:   # keep going; the summary lists it
+            results.append(TileResult(sid, str(path), "failed", error_kind="error", error=f"{type(e).__name__}: {e}"))
+            log(f"{tag} {sid}: FAILED (error): {type(e).__name__}: {e}")
+    name = "extract_summary.csv" if world_size == 1 else f"extract_summary.rank{rank}.csv"
+    write_summary(out_dir / name, results)
+    log(summary_text("extract" if world_size == 1 else f"extract rank {rank}", results))
+    if extractor.random_weights:
+        log(f"{tag} WARNING: {RANDOM_WEIGHTS_NOTE}")
+    return results

@@ -1,0 +1,167 @@
+"""Feature extraction: CLAM's resnet50_trunc, weights handling, the output layout, resume, shards, errors."""
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from mambakit.apps.pathology import features as F
+from mambakit.apps.pathology.wsi import TileParams
+
+
+def test_resnet50_trunc_is_torchvision_resnet50_cut_after_layer3():
+    from torchvision.models import resnet50
+
+    full = resnet50(weights=None).eval()
+    trunc = F.resnet50_trunc().eval()
+    trunc.load_state_dict(F.resnet50_trunc_from_torchvision(full.state_dict()))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        h = full.maxpool(full.relu(full.bn1(full.conv1(x))))
+        h = full.layer3(full.layer2(full.layer1(h)))
+        expected = h.mean(dim=(2, 3))
+        out = trunc(x)
+    assert out.shape == (2, 1024)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_resnet50_trunc_converter_rejects_other_state_dicts():
+    with pytest.raises(ValueError, match="not a torchvision ResNet-50"):
+        F.resnet50_trunc_from_torchvision({"conv1.weight": torch.zeros(1)})
+
+
+def test_build_extractor_random_weights_is_loud():
+    lines = []
+    ex = F.build_extractor("timm:resnet18", random_weights=True, input_size=32, log=lines.append)
+    assert ex.random_weights and ex.dim == 512 and ex.input_size == 32
+    assert "RANDOM" in ex.meta()["weights"] and ex.meta()["random_weights"] is True
+    assert any("RANDOM WEIGHTS" in line for line in lines)
+
+
+def test_build_extractor_from_local_file_and_errors(tmp_path):
+    import timm
+
+    src = timm.create_model("resnet18", pretrained=False).eval()     # with its classifier, as published
+    path = tmp_path / "resnet18.pth"
+    torch.save(src.state_dict(), path)
+    ex = F.build_extractor("timm:resnet18", weights=str(path), log=lambda *_: None)
+    assert not ex.random_weights and str(path.resolve()) in ex.weights
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = src.forward_head(src.forward_features(x), pre_logits=True)
+        torch.testing.assert_close(ex.model(x), expected)
+    with pytest.raises(ValueError, match="not both"):
+        F.build_extractor("timm:resnet18", weights=str(path), random_weights=True)
+    with pytest.raises(ValueError, match="unknown backbone"):
+        F.build_extractor("vgg", random_weights=True)
+    with pytest.raises(ValueError, match="no registered weights"):
+        F.build_extractor("timm:resnet18", log=lambda *_: None)
+    torch.save({"something": torch.zeros(3)}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="do not fit"):
+        F.build_extractor("timm:resnet18", weights=str(tmp_path / "bad.pth"), log=lambda *_: None)
+
+
+def test_hash_prefix_check(tmp_path):
+    import hashlib
+
+    path = tmp_path / "w.pth"
+    path.write_bytes(b"weights")
+    prefix = hashlib.sha256(b"weights").hexdigest()[:8]
+    F._check_hash_prefix(path, prefix)
+    with pytest.raises(ValueError, match="published prefix"):
+        F._check_hash_prefix(path, "00000000")
+
+
+def test_shard_for_rank():
+    items = list(range(7))
+    assert F.shard_for_rank(items, 0, 3) == [0, 3, 6]
+    assert F.shard_for_rank(items, 2, 3) == [2, 5]
+    assert sorted(sum((F.shard_for_rank(items, r, 3) for r in range(3)), [])) == items
+    with pytest.raises(ValueError):
+        F.shard_for_rank(items, 3, 3)
+
+
+def _params(small_tile_params, **kw):
+    base = dict(backbone="timm:resnet18", random_weights=True, batch_size=8, num_workers=0, input_size=32,
+                tile=TileParams(patch_size=128, magnification=20, seg=small_tile_params.seg, thumbnail_size=0))
+    base.update(kw)
+    return F.ExtractParams(**base)
+
+
+def test_extract_slides_layout_resume_and_failures(slide_factory, tmp_path, small_tile_params):
+    import h5py
+
+    folder = tmp_path / "slides"
+    slide_factory("s1", folder=folder, seed=1)
+    slide_factory("s2", folder=folder, seed=2, disks=[(300, 300, 200)])
+    (folder / "broken.svs").write_bytes(b"garbage")
+    out = tmp_path / "feats"
+    lines = []
+    results = F.extract_slides(folder, out, _params(small_tile_params, num_workers=1), progress=False, log=lines.append)
+    status = {r.slide_id: r.status for r in results}
+    assert status == {"broken": "failed", "s1": "ok", "s2": "ok"}
+    for sid in ("s1", "s2"):
+        feats = torch.load(out / "pt_files" / f"{sid}.pt", weights_only=True)
+        coords_tile = h5py.File(out / "patches" / f"{sid}.h5", "r")["coords"][:]
+        with h5py.File(out / "h5_files" / f"{sid}.h5", "r") as f:
+            np.testing.assert_allclose(f["features"][:], feats.numpy())
+            np.testing.assert_array_equal(f["coords"][:], coords_tile)
+            assert f["coords"].attrs["patch_level"] == 0 and f.attrs["random_weights"]
+        assert feats.shape == (len(coords_tile), 512) and feats.dtype == torch.float32
+    meta = json.loads((out / "features_meta.json").read_text())
+    assert meta["backbone"] == "timm:resnet18" and meta["random_weights"] is True
+    summary = (out / "extract_summary.csv").read_text()
+    assert "broken" in summary and "unreadable" in summary
+    # resumable: finished slides are skipped, the broken one is tried again
+    again = {r.slide_id: r.status for r in F.extract_slides(folder, out, _params(small_tile_params), progress=False,
+                                                            log=lambda *_: None)}
+    assert again == {"broken": "failed", "s1": "skipped", "s2": "skipped"}
+
+
+def test_extract_refuses_to_mix_extractors(slide_factory, tmp_path, small_tile_params):
+    folder = tmp_path / "slides"
+    slide_factory("s1", folder=folder)
+    out = tmp_path / "feats"
+    F.extract_slides(folder, out, _params(small_tile_params), progress=False, log=lambda *_: None)
+    with pytest.raises(ValueError, match="already holds features"):
+        F.extract_slides(folder, out, _params(small_tile_params, input_size=48), progress=False, log=lambda *_: None)
+
+
+def test_extract_shards_by_rank_and_uses_given_coords(slide_factory, tmp_path, small_tile_params):
+    from mambakit.apps.pathology.wsi import tile_slides
+
+    folder = tmp_path / "slides"
+    for i in range(3):
+        slide_factory(f"s{i}", folder=folder, seed=i)
+    tile_slides(folder, tmp_path / "tiles", small_tile_params, progress=False, log=lambda *_: None)
+    out = tmp_path / "feats"
+    done = F.extract_slides(folder, out, _params(small_tile_params), coords_dir=tmp_path / "tiles", rank=1,
+                            world_size=2, progress=False, log=lambda *_: None)
+    assert [r.slide_id for r in done] == ["s1"]
+    assert sorted(p.stem for p in (out / "pt_files").iterdir()) == ["s1"]
+    assert (out / "extract_summary.rank1.csv").is_file()
+    assert not (out / "patches").exists()            # coordinates came from --coords
+
+
+def test_extract_reports_missing_coords(slide_factory, tmp_path, small_tile_params):
+    folder = tmp_path / "slides"
+    slide_factory("s1", folder=folder)
+    (tmp_path / "tiles" / "patches").mkdir(parents=True)
+    results = F.extract_slides(folder, tmp_path / "feats", _params(small_tile_params), coords_dir=tmp_path / "tiles",
+                               progress=False, log=lambda *_: None)
+    assert results[0].status == "failed" and results[0].error_kind == "no_coords"
+
+
+def test_patch_dataset_pickles_without_its_handle(slide_factory):
+    from mambakit.apps.pathology.wsi import geometry_from_attrs
+
+    path = slide_factory("s1")
+    geometry = geometry_from_attrs({"patch_level": 0, "patch_size": 64})
+    ds = F.PatchDataset(path, np.array([[100, 100], [200, 200]]), geometry, 32, F.IMAGENET_MEAN, F.IMAGENET_STD)
+    x = ds[0]
+    assert x.shape == (3, 32, 32) and ds._slide is not None
+    clone = pickle.loads(pickle.dumps(ds))
+    assert clone._slide is None
+    torch.testing.assert_close(clone[0], x)
