@@ -223,10 +223,10 @@ def bench_state_update(name, b, d, N, args, device, triton_mod, ref_fn, mamba, t
     return row
 
 
-def bench_ssd(name, b, L, h, p, g, n, chunk, args, device, mamba, timer):
+def bench_ssd(name, b, L, h, p, g, n, chunk, args, device, triton_mod, mamba, timer):
     import torch
     from mambakit.kernels.reference import ssd_scan_ref
-    from mambakit.kernels.ssd import ssd_chunked
+    from mambakit.kernels.ssd import ssd_chunked, ssd_via_selective_scan
     gen = torch.Generator(device="cpu").manual_seed(0)
     inputs = dict(x=torch.randn(b, L, h, p, generator=gen), dt=torch.randn(b, L, h, generator=gen) - 2,
                   A=-torch.exp(torch.rand(h, generator=gen) * 2), B=torch.randn(b, L, g, n, generator=gen),
@@ -235,6 +235,8 @@ def bench_ssd(name, b, L, h, p, g, n, chunk, args, device, mamba, timer):
     inputs = {k: v.to(device) for k, v in inputs.items()}
     row = dict(kind="ssd", shape=name, b=b, L=L, h=h, p=p, g=g, n=n, chunk=chunk, dtype="float32", peers={})
     peers = {"chunked": lambda **kw: ssd_chunked(**kw, chunk_size=chunk, dt_softplus=True),
+             "triton_mamba1_scan": lambda **kw: ssd_via_selective_scan(triton_mod.selective_scan_triton, **kw,
+                                                                       dt_softplus=True),
              "reference": lambda **kw: ssd_scan_ref(**kw, dt_softplus=True)}
     if mamba is not None:
         peers["mamba_ssm"] = lambda **kw: mamba[2](**kw, chunk_size=chunk, dt_softplus=True)
@@ -386,8 +388,9 @@ def markdown(report) -> str:
         lines.append("")
     ssd = [r for r in report["results"] if r["kind"] == "ssd"]
     if ssd:
-        lines += ["## SSD (Mamba-2): PyTorch chunked scan", "",
-                  "'x' columns are the peer's time over the chunked scan's.", "",
+        lines += ["## SSD (Mamba-2): PyTorch chunked scan (ssd_scan's 'auto')", "",
+                  "'x' columns are the peer's time over the chunked scan's; triton_mamba1_scan is "
+                  "ssd_scan(backend='triton'), Mamba-2 run as the Mamba-1 Triton scan over h*p channels.", "",
                   "| shape (b, L, h, p, g, n, chunk) | peer | fwd ms | fwd+bwd ms | fwd x | fwd+bwd x | peak MiB | "
                   "err out | err grads |", "|---|---|---|---|---|---|---|---|---|"]
         for r in ssd:
@@ -489,7 +492,7 @@ def main(argv=None) -> int:
                                           timer))
     for shape in (DRY_SSD_SHAPES if args.dry_run else SSD_SHAPES) if "ssd" in only else []:
         print(f"ssd {shape[0]} ...", flush=True)
-        results.append(bench_ssd(*shape, args, device, mamba, timer))
+        results.append(bench_ssd(*shape, args, device, triton_mod, mamba, timer))
 
     report = dict(machine=machine_info(device, mamba[3] if mamba else None, mamba_error),
                   args=vars(args), results=results)

@@ -8,9 +8,15 @@ before dt_bias and softplus):
 
     S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t^T,    y_t = S_t C_t + D x_t,    out_t = y_t * silu(z_t)
 
-Backends: "reference" (the sequential loop, `mambakit.kernels.reference.ssd_scan_ref`), "chunked" (the
-chunked state-space-duality algorithm in PyTorch, `mambakit.kernels.ssd.ssd_chunked`), "auto" (chunked, on
-CPU and on CUDA: there is no Triton SSD kernel yet). Inputs are validated here, once.
+Backends:
+- "reference": the sequential loop (`mambakit.kernels.reference.ssd_scan_ref`);
+- "chunked": the chunked state-space-duality algorithm in PyTorch (`mambakit.kernels.ssd.ssd_chunked`), any
+  device;
+- "cpu" / "triton": Mamba-2 computed as the Mamba-1 selective scan over h*p channels
+  (`mambakit.kernels.ssd.ssd_via_selective_scan`) by the fused CPU kernel (CPU tensors) or the Triton kernel
+  (CUDA tensors), through `mambakit.core.scan.selective_scan`;
+- "auto": "chunked" on every device (no dedicated Triton SSD kernel yet).
+Inputs are validated here, once.
 """
 
 from __future__ import annotations
@@ -26,7 +32,10 @@ __all__ = ["ssd_scan", "ssd_state_update", "check_ssd_inputs", "available_ssd_ba
 _BACKENDS: dict[str, str] = {
     "reference": "mambakit.kernels.reference:ssd_scan_ref",
     "chunked": "mambakit.kernels.ssd:ssd_chunked",
+    "cpu": "mambakit.core.ssd:_ssd_on_cpu_scan",
+    "triton": "mambakit.core.ssd:_ssd_on_triton_scan",
 }
+_DEVICE_OF_BACKEND = {"cpu": "cpu", "triton": "cuda"}
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -106,12 +115,31 @@ def check_ssd_inputs(x, dt, A, B, C, chunk_size=64, D=None, z=None, dt_bias=None
     _check_dt_limit(fn, dt_limit)
 
 
-def _resolve(backend: str) -> Callable:
+def _resolve(backend: str, device: torch.device) -> Callable:
     if backend == "auto":
-        backend = "chunked"  # also on CUDA: no Triton SSD kernel yet
+        backend = "chunked"  # on every device until GPU timings say otherwise (see benchmarks/scan_gpu.py)
     if backend not in _BACKENDS:
         raise ValueError(f"ssd_scan: unknown backend {backend!r}; expected 'auto' or one of {sorted(_BACKENDS)}")
+    needed = _DEVICE_OF_BACKEND.get(backend)
+    if needed is not None and device.type != needed:
+        raise ValueError(f"ssd_scan: backend {backend!r} needs {needed.upper()} tensors, got tensors on {device}")
     return _load(_BACKENDS[backend])
+
+
+def _ssd_on_scan(scan_backend: str, *args, **kwargs):
+    from functools import partial
+
+    from mambakit.core.scan import selective_scan
+    from mambakit.kernels.ssd import ssd_via_selective_scan
+    return ssd_via_selective_scan(partial(selective_scan, backend=scan_backend), *args, **kwargs)
+
+
+def _ssd_on_cpu_scan(*args, **kwargs):
+    return _ssd_on_scan("cpu", *args, **kwargs)
+
+
+def _ssd_on_triton_scan(*args, **kwargs):
+    return _ssd_on_scan("triton", *args, **kwargs)
 
 
 def ssd_scan(x, dt, A, B, C, chunk_size=64, D=None, z=None, dt_bias=None, dt_softplus=False,
@@ -123,9 +151,10 @@ def ssd_scan(x, dt, A, B, C, chunk_size=64, D=None, z=None, dt_bias=None, dt_sof
     (b, h, p, n) in float32 (float64 for float64 inputs). Gradients flow to every tensor input, including
     dt_multiplier and initial_states, and from the final states. `chunk_size` is used by "chunked" only;
     any L works (the tail is padded internally with steps that leave the state unchanged).
+    "cpu" and "triton" support what their Mamba-1 kernels support (every argument here).
     """
     check_ssd_inputs(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_limit, dt_multiplier, initial_states)
-    fn = _resolve(backend)
+    fn = _resolve(backend, x.device)
     kwargs = dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=tuple(dt_limit),
                   dt_multiplier=dt_multiplier, initial_states=initial_states, return_final_states=return_final_states)
     if backend in ("auto", "chunked"):

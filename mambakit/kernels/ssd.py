@@ -31,7 +31,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ssd_chunked", "ssd_step", "process_dt"]
+__all__ = ["ssd_chunked", "ssd_via_selective_scan", "ssd_step", "process_dt"]
 
 _INTER_CHUNK_BLOCK = 64  # chunks per block of the inter-chunk recurrence's quadratic form
 
@@ -142,6 +142,41 @@ def ssd_chunked(x, dt, A, B, C, chunk_size=64, D=None, z=None, dt_bias=None, dt_
     if z is not None:
         y = y * F.silu(z.to(ct))
     y = y.to(dtype_in)
+    return (y, final.reshape(b, h, p, n)) if return_final_states else y
+
+
+def ssd_via_selective_scan(scan, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                           dt_limit=(0.0, float("inf")), dt_multiplier=None, initial_states=None,
+                           return_final_states=False):
+    """The SSD scan computed by a Mamba-1 selective scan `scan` (e.g. the fused CPU or the Triton kernel).
+
+    Mamba-2 is Mamba-1 over d = h*p channels with A[h] repeated over (p, n), dt[h] repeated over p, and each
+    of g groups of B/C serving (h/g)*p consecutive channels, which is the Mamba-1 grouping. The layout is
+    transposed to the scan's (b, d, L); dt_multiplier is applied here (before dt_bias and softplus, which the
+    scan applies), and with a dt_limit the whole dt processing is done here, the clamp being after softplus.
+    Arguments and result as `ssd_chunked`; differentiable through the scan's autograd.
+    """
+    ct = _compute_dtype(x, dt, A, B, C, D, z, dt_bias, dt_multiplier, initial_states)
+    b, L, h, p = x.shape
+    n = B.shape[3]
+    d = h * p
+    dt = dt.to(ct)
+    if dt_multiplier is not None:
+        dt = dt * dt_multiplier.to(ct)
+    delta_bias, softplus = dt_bias, dt_softplus
+    if tuple(dt_limit) != (0.0, float("inf")):
+        dt, delta_bias, softplus = process_dt(dt, dt_bias, dt_softplus, dt_limit), None, False
+
+    def per_channel(t):  # (h,) or (h, p) -> (d,)
+        return None if t is None else (t.to(ct).repeat_interleave(p) if t.dim() == 1 else t.to(ct).reshape(d))
+
+    out = scan(x.reshape(b, L, d).transpose(1, 2), dt.repeat_interleave(p, dim=2).transpose(1, 2),
+               A.to(ct).repeat_interleave(p)[:, None].expand(d, n), B.permute(0, 2, 3, 1), C.permute(0, 2, 3, 1),
+               D=per_channel(D), z=None if z is None else z.reshape(b, L, d).transpose(1, 2),
+               delta_bias=per_channel(delta_bias), delta_softplus=softplus, return_last_state=return_final_states,
+               initial_state=None if initial_states is None else initial_states.reshape(b, d, n))
+    y, final = out if return_final_states else (out, None)
+    y = y.transpose(1, 2).reshape(b, L, h, p)
     return (y, final.reshape(b, h, p, n)) if return_final_states else y
 
 

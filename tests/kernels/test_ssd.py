@@ -186,13 +186,37 @@ def test_ssd_step_half_state_kept_in_its_dtype():
 # ------------------------------------------------------------------------------------------- core.ssd API
 
 def test_backends_agree_and_auto_is_chunked():
-    assert available_ssd_backends() == ["chunked", "reference"]
+    assert available_ssd_backends() == ["chunked", "cpu", "reference", "triton"]
     inputs = make_inputs(1, 11, 2, 2, 1, 3)
     y_ref = ssd_scan(**inputs, chunk_size=4, dt_softplus=True, backend="reference")
     y_chunk = ssd_scan(**inputs, chunk_size=4, dt_softplus=True, backend="chunked")
     y_auto = ssd_scan(**inputs, chunk_size=4, dt_softplus=True)
     torch.testing.assert_close(y_chunk, y_ref, rtol=1e-12, atol=1e-12)
     assert torch.equal(y_auto, y_chunk)
+
+
+@pytest.mark.parametrize("case", ["L_not_multiple_of_chunk_g2_D_per_head", "many_chunks_dt_limit_g_eq_h"])
+def test_cpu_backend_runs_mamba2_on_the_mamba1_cpu_kernel(case):
+    """backend="cpu": Mamba-2 as the Mamba-1 scan over h*p channels, every input's gradient against the
+    loop, including dt_multiplier and dt_limit (applied around the kernel)."""
+    import functools
+
+    from mambakit.core.scan import selective_scan
+    from mambakit.kernels.ssd import ssd_via_selective_scan
+    b, L, h, p, g, n, _, options, kwargs = CASES[case]
+    inputs = make_inputs(b, L, h, p, g, n, **options)
+    g_y, g_s = torch.randn(b, L, h, p, dtype=torch.float64), torch.randn(b, h, p, n, dtype=torch.float64)
+    scan = functools.partial(selective_scan, backend="cpu")
+    y, s, grads = forward_and_grads(functools.partial(ssd_via_selective_scan, scan), inputs, g_y, g_s, **kwargs)
+    y_ref, s_ref, grads_ref = forward_and_grads(ssd_scan_ref, inputs, g_y, g_s, **kwargs)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(s, s_ref, rtol=1e-10, atol=1e-10)
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-9, atol=1e-9,
+                                   msg=lambda m, k=name: f"gradient of {k}: {m}")
+    # and through the public entry point
+    y_api = ssd_scan(**inputs, backend="cpu", **kwargs)
+    torch.testing.assert_close(y_api, y_ref, rtol=1e-10, atol=1e-10)
 
 
 def _bad(inputs, **changes):
@@ -214,6 +238,7 @@ def _bad(inputs, **changes):
     (lambda i: _bad(i, chunk_size=0), r"chunk_size must be a positive int, got 0"),
     (lambda i: _bad(i, dt_limit=(1.0, 0.5)), r"dt_limit must satisfy min <= max"),
     (lambda i: _bad(i, backend="cuda"), r"unknown backend 'cuda'"),
+    (lambda i: _bad(i, backend="triton"), r"backend 'triton' needs CUDA tensors, got tensors on cpu"),
 ])
 def test_bad_inputs_name_the_argument_and_the_expected_shape(change, message):
     inputs = dict(make_inputs(2, 9, 4, 2, 2, 5, dtype=torch.float32), chunk_size=4)
