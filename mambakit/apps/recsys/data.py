@@ -41,7 +41,8 @@ from torch.utils.data import Dataset
 __all__ = [
     "ATOMIC_TYPES", "AtomicFileError", "AtomicFile", "AtomicTable", "parse_header", "read_atomic",
     "find_atomic_files", "kcore_filter", "SequenceData", "build_sequences", "load_sequence_data",
-    "leave_one_out", "LOOSplit", "ExampleIndex", "SequenceCollator", "interaction_counts",
+    "leave_one_out", "LOOSplit", "ExampleIndex", "ExampleDataset", "SequenceCollator", "interaction_counts",
+    "make_batch", "PAD_TOKEN",
 ]
 
 ATOMIC_TYPES = ("token", "token_seq", "float", "float_seq")
@@ -200,6 +201,9 @@ def find_atomic_files(path: str | Path, name: str | None = None) -> dict[str, At
             candidates = [AtomicFile(path, m) for m in archive.namelist() if not m.endswith("/")]
     elif path.is_dir():
         candidates = [AtomicFile(p) for p in sorted(path.iterdir()) if p.is_file()]
+        zips = [f.path for f in candidates if f.suffix == "zip" and zipfile.is_zipfile(f.path)]
+        if not any(f.suffix == "inter" for f in candidates) and len(zips) == 1:
+            return find_atomic_files(zips[0], name)       # a registry folder holding RecBole's zip
     else:
         raise AtomicFileError(f"{path}: expected a folder, a .zip archive or an .inter file")
 
@@ -412,7 +416,8 @@ def interaction_counts(data: SequenceData, split: LOOSplit) -> np.ndarray:
 # batches
 
 class ExampleDataset(Dataset):
-    """Yields example numbers; `SequenceCollator` turns a list of them into a batch in one vectorised step."""
+    """Yields `(history_start, target_pos)` pairs; `SequenceCollator` turns a list of them into a batch in one
+    vectorised step (so one collate function serves every split)."""
 
     def __init__(self, examples: ExampleIndex):
         self.examples = examples
@@ -420,14 +425,12 @@ class ExampleDataset(Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, i: int) -> int:
-        if not -len(self) <= i < len(self):
-            raise IndexError(i)
-        return int(i) % len(self)
+    def __getitem__(self, i: int) -> tuple[int, int]:
+        return int(self.examples.start[i]), int(self.examples.target[i])
 
 
 class SequenceCollator:
-    """Builds batches for one split: `collate([i, j, ...])` -> dict of tensors.
+    """Builds batches: `collate([(start, target), ...])` -> dict of tensors.
 
     item_seq (b, T) int64: the last min(history, max_len) items before the target, left-aligned and
     right-padded with 0; item_seq_len (b,); target (b,); history_start / target_pos (b,): flat positions
@@ -436,23 +439,22 @@ class SequenceCollator:
     (every other model reads only positions < length and is causal, so the result is the same).
     """
 
-    def __init__(self, data: SequenceData, examples: ExampleIndex, max_len: int, *, with_time: bool = False,
-                 fixed_length: bool = False):
+    def __init__(self, data: SequenceData, max_len: int, *, with_time: bool = False, fixed_length: bool = False):
         if max_len < 1:
             raise ValueError(f"max_len must be >= 1, got {max_len}")
         self.items = torch.from_numpy(data.items)
         self.times = torch.from_numpy(data.times)
-        self.start = torch.from_numpy(examples.start)
-        self.target = torch.from_numpy(examples.target)
         self.max_len = max_len
         self.with_time = with_time
         self.fixed_length = fixed_length
 
-    def __call__(self, indices: Iterable[int]) -> dict[str, torch.Tensor]:
-        idx = torch.as_tensor(list(indices), dtype=torch.long)
-        start, target = self.start[idx], self.target[idx]
+    def __call__(self, pairs: Iterable[tuple[int, int]]) -> dict[str, torch.Tensor]:
+        pairs = torch.as_tensor(list(pairs), dtype=torch.long).view(-1, 2)
+        start, target = pairs[:, 0], pairs[:, 1]
         length = torch.clamp(target - start, max=self.max_len)
-        width = self.max_len if self.fixed_length else max(int(length.max()) if len(idx) else 1, 1)
+        if len(length) and int(length.min()) < 1:
+            raise ValueError("SequenceCollator: an example has an empty history (target_pos == history_start)")
+        width = self.max_len if self.fixed_length else max(int(length.max()) if len(length) else 1, 1)
         offsets = torch.arange(width)
         pos = (target - length).unsqueeze(1) + offsets
         valid = offsets.unsqueeze(0) < length.unsqueeze(1)
@@ -467,6 +469,12 @@ class SequenceCollator:
         if self.with_time:
             batch["time_seq"] = torch.where(valid, self.times[pos], torch.zeros((), dtype=self.times.dtype))
         return batch
+
+    def batch(self, examples: ExampleIndex, indices: Iterable[int] | None = None) -> dict[str, torch.Tensor]:
+        """The batch of `examples[indices]` (all of them when None)."""
+        dataset = ExampleDataset(examples)
+        indices = range(len(dataset)) if indices is None else indices
+        return self([dataset[i] for i in indices])
 
 
 def make_batch(item_ids: list[int], times: list[float] | None, max_len: int, fixed_length: bool) -> dict[str, torch.Tensor]:

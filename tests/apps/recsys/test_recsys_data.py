@@ -174,8 +174,7 @@ def test_leave_one_out_split_and_prefixes():
     assert split.test.target.tolist() == [3, 11]
     assert split.test.start.tolist() == [0, 9]
 
-    collate = SequenceCollator(d, split.test, max_len=2, with_time=True)
-    batch = collate([0, 1])
+    batch = SequenceCollator(d, max_len=2, with_time=True).batch(split.test, [0, 1])
     # u1 test: history y x z, truncated to the last 2 -> x z; target w.
     assert batch["item_seq"].tolist() == [[1, 3], [2, 1]]
     assert batch["item_seq_len"].tolist() == [2, 2]
@@ -183,12 +182,12 @@ def test_leave_one_out_split_and_prefixes():
     assert batch["time_seq"].tolist() == [[5, 5], [1, 2]]
     assert batch["time_seq"].dtype == torch.float64
 
-    train = SequenceCollator(d, split.train, max_len=3)([0, 3, 1])
+    train = SequenceCollator(d, max_len=3).batch(split.train, [0, 3, 1])
     assert train["item_seq"].tolist() == [[2], [2], [2]]                # batch width = longest input
     assert train["target"].tolist() == [1, 1, 1]
-    test = SequenceCollator(d, split.test, max_len=4)([1, 0])
+    test = SequenceCollator(d, max_len=4).batch(split.test, [1, 0])
     assert test["item_seq"].tolist() == [[2, 1, 0], [2, 1, 3]]          # right-padded with 0
-    fixed = SequenceCollator(d, split.train, max_len=3, fixed_length=True)([0])
+    fixed = SequenceCollator(d, max_len=3, fixed_length=True).batch(split.train, [0])
     assert fixed["item_seq"].tolist() == [[2, 0, 0]]
 
 
@@ -219,7 +218,7 @@ def test_prefix_augmentation_matches_recbole_loop():
             expected["test"].append(examples[-1])
     for name in ("train", "val", "test"):
         examples = getattr(split, name)
-        batch = SequenceCollator(d, examples, max_len, fixed_length=True)(range(len(examples)))
+        batch = SequenceCollator(d, max_len, fixed_length=True).batch(examples)
         got = [(row[:n].tolist(), t) for row, n, t in zip(batch["item_seq"], batch["item_seq_len"].tolist(),
                                                           batch["target"].tolist())]
         assert got == expected[name], name
