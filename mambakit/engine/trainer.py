@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, checkpoint_name, find_resume_checkpoint,
-                         load_checkpoint, prune_checkpoints, read_pointer, resolve_checkpoint, save_checkpoint,
+                         load_checkpoint, prune_checkpoints, resolve_checkpoint, save_checkpoint,
                          write_pointer)
 from .config import save_config, to_dict
 from .distributed import (DistEnv, EpochBatchSampler, epoch_generator, SeededSamples, ShardSampler, all_gather_object,

@@ -5,8 +5,7 @@ Run as a script (also under torchrun) to train it in a fresh process:
     python tests/engine/engine_toy.py RUN_DIR [--resume] [key.sub=value ...]
 
 MAMBAKIT_TEST_KILL_AT_CALL=k makes the process SIGKILL itself at the k-th call of training_step (1-based),
-to test resuming after a hard crash. MAMBAKIT_TEST_RECORD=path appends the learning rate of every
-training_step call and the sample order to a JSON-lines file.
+to test resuming after a hard crash.
 """
 
 from __future__ import annotations
@@ -92,7 +91,6 @@ class ToyTask(Task):
         super().__init__(config)
         self.calls = 0
         self.kill_at = int(os.environ.get("MAMBAKIT_TEST_KILL_AT_CALL", "0"))
-        self.record = os.environ.get("MAMBAKIT_TEST_RECORD")
         self.fit_end_calls = 0
 
     def build_model(self):
@@ -109,12 +107,9 @@ class ToyTask(Task):
         self.calls += 1
         if self.kill_at and self.calls == self.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
-        x, y, index = batch
+        x, y, _ = batch
         pred = model(x)
         loss = torch.nn.functional.mse_loss(pred, y)
-        if self.record:
-            with open(self.record, "a") as f:
-                f.write(json.dumps({"rank": int(os.environ.get("RANK", 0)), "index": index.tolist()}) + "\n")
         return loss, {"mae": float((pred - y).abs().mean().detach())}
 
     def eval_step(self, model, batch):
