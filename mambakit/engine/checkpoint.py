@@ -42,8 +42,9 @@ CHECKPOINT_FORMAT = "mambakit-checkpoint-v1"
 _NAME = re.compile(r"^step-(\d+)\.pt$")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete, corrupt or does not fit the model. The message names the file."""
+class CheckpointError(RuntimeError, ValueError):
+    """A checkpoint is missing, incomplete, corrupt or does not fit the model. The message names the file.
+    (A ValueError too, so the CLI prints it as a one-line error.)"""
 
 
 def checkpoint_name(step: int) -> str:

@@ -146,7 +146,9 @@ def _convert(tp: Any, value: Any, source: str, key: str) -> Any:
     if origin in (Union, types.UnionType):
         return _convert_union(tp, value, source, key)
     if origin is Literal:
-        if value in get_args(tp) and not (isinstance(value, bool) and not any(isinstance(a, bool) for a in get_args(tp))):
+        allowed = get_args(tp)
+        # True == 1 in Python: a bool matches only a Literal that lists bools.
+        if value in allowed and not (isinstance(value, bool) and not any(isinstance(a, bool) for a in allowed)):
             return value
         raise ConfigError(f"{_where(source, key)}: expected {_type_name(tp)}, got {_describe(value)}")
     if dataclasses.is_dataclass(tp):

@@ -28,9 +28,15 @@ from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from .seed import sample_seed
 
-__all__ = ["DistEnv", "init_distributed", "resolve_device", "EpochBatchSampler", "ShardSampler",
+__all__ = ["DistEnv", "DistributedSetupError", "init_distributed", "resolve_device", "EpochBatchSampler",
+           "ShardSampler",
            "SeededSamples", "epoch_generator", "split_sizes", "gather_outputs", "all_gather_object", "broadcast_object",
            "all_reduce_sum", "barrier", "world_size"]
+
+
+class DistributedSetupError(RuntimeError, ValueError):
+    """A device or process setup that cannot work (CUDA asked for but absent, more processes than GPUs, a
+    half-configured torchrun environment). A ValueError too, so the CLI prints it as a one-line error."""
 
 
 @dataclass
@@ -57,12 +63,12 @@ def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
     if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda, but CUDA is not available here (torch.cuda.is_available() is "
-                           f"False; torch {torch.__version__}). Use train.device=cpu or auto.")
+        raise DistributedSetupError("train.device=cuda, but CUDA is not available here (torch.cuda.is_available() "
+                                    f"is False; torch {torch.__version__}). Use train.device=cpu or auto.")
     count = torch.cuda.device_count()
     if local_rank >= count:
-        raise RuntimeError(f"LOCAL_RANK={local_rank} needs GPU {local_rank}, but only {count} GPU(s) are "
-                           "visible; start at most that many processes per node (--nproc_per_node).")
+        raise DistributedSetupError(f"LOCAL_RANK={local_rank} needs GPU {local_rank}, but only {count} GPU(s) "
+                                    "are visible; start at most that many processes per node (--nproc_per_node).")
     return torch.device("cuda", local_rank)
 
 
@@ -73,7 +79,7 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise RuntimeError(f"environment variable {name}={raw!r} is not an integer") from None
+        raise DistributedSetupError(f"environment variable {name}={raw!r} is not an integer") from None
 
 
 def world_size() -> int:
@@ -95,14 +101,14 @@ def init_distributed(device_preference: str = "auto") -> DistEnv:
     if not dist.is_initialized():
         for name in ("MASTER_ADDR", "MASTER_PORT"):
             if name not in os.environ:
-                raise RuntimeError(f"WORLD_SIZE={world_size} but {name} is not set; start multi-process runs "
-                                   "with torchrun (see the README's multi-GPU section)")
+                raise DistributedSetupError(f"WORLD_SIZE={world_size} but {name} is not set; start multi-process "
+                                            "runs with torchrun (see the README's multi-GPU section)")
         dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,
                                 **({"device_id": device} if device.type == "cuda" else {}))
         atexit.register(_destroy)
     elif dist.get_backend() != backend:
-        raise RuntimeError(f"the process group already uses backend {dist.get_backend()!r}, but device "
-                           f"{device} needs {backend!r}")
+        raise DistributedSetupError(f"the process group already uses backend {dist.get_backend()!r}, but "
+                                    f"device {device} needs {backend!r}")
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device, backend=backend)
 
 

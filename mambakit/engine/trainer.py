@@ -52,8 +52,8 @@ from .schema import EarlyStoppingConfig, RunConfig, TrainConfig
 from .seed import capture_rng_state, restore_rng_state, sample_seed, seed_everything
 from .task import Datasets, PretrainedReport, StepContext, Task
 
-__all__ = ["Trainer", "FitResult", "evaluate", "BestTracker", "move_to_device", "load_model_state",
-           "read_pretrained_weights"]
+__all__ = ["Trainer", "FitResult", "evaluate", "NonFiniteLossError", "BestTracker", "move_to_device",
+           "load_model_state", "read_pretrained_weights"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -91,6 +91,10 @@ def _check_precision(precision: str, device: torch.device) -> None:
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError(f"train.precision=bf16: GPU {torch.cuda.get_device_name(device)} does not support "
                          "bfloat16; use fp16 or fp32")
+
+
+class NonFiniteLossError(FloatingPointError, ValueError):
+    """The training loss became NaN or infinite (a ValueError too, so the CLI prints one line)."""
 
 
 def _check_batch_divisible(batch_size: int, world: int) -> None:
@@ -266,7 +270,9 @@ class Trainer:
         self.run_cfg: RunConfig = getattr(task.config, "run", None) or RunConfig()
 
     # ------------------------------------------------------------------------------------------------
-    def fit(self, run_dir: str | Path | None = None, resume: bool = False, *, name_hint: str | None = None) -> FitResult:
+    def fit(self, run_dir: str | Path | None = None, resume: bool = False, *,
+            name_hint: str | None = None) -> FitResult:
+        """Train and evaluate; `run_dir` None means run.out_dir/(run.name or <name_hint>-<time>)."""
         cfg = self.train_cfg
         started = time.time()
         _check_batch_divisible(cfg.batch_size, world_size())
@@ -605,7 +611,7 @@ class Trainer:
         if p.step % cfg.log_every_steps == 0 or p.step == self.total_steps:
             logged = self._window.flush(self.env)
             if not math.isfinite(logged["train/loss"]):
-                raise FloatingPointError(f"training loss is {logged['train/loss']} at step {p.step} (epoch "
+                raise NonFiniteLossError(f"training loss is {logged['train/loss']} at step {p.step} (epoch "
                                          f"{p.epoch}); lower train.optimizer.lr, set train.clip_grad_norm, or use "
                                          "train.precision=fp32")
             row = {"step": p.step, "epoch": round(p.step / self.steps_per_epoch, 4), **logged, "lr": lr}
@@ -668,7 +674,8 @@ class Trainer:
             self.logger.message(f"test ({'best' if restored else 'final'} weights, step {weights_step}): "
                                 f"{format_metrics(test)}")
         wall = time.time() - started
-        result = FitResult(run_dir=self.run_dir, metrics=metrics, best_metric=es.monitor if self.tracker.best is not None else None,
+        tracked = self.tracker.best is not None
+        result = FitResult(run_dir=self.run_dir, metrics=metrics, best_metric=es.monitor if tracked else None,
                            best_value=self.tracker.best, best_epoch=self.tracker.best_epoch,
                            best_checkpoint=best_path, last_checkpoint=self.last_checkpoint, epochs=p.epoch,
                            steps=p.step, stopped_early=p.stopped_early, wall_time_s=wall, history=list(history))

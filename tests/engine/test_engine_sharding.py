@@ -124,7 +124,7 @@ def test_main_process_loading_leaves_seeding_to_the_global_generators():
 def test_cuda_requested_without_cuda_is_a_clear_error():
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
-    with pytest.raises(RuntimeError, match="train.device=cuda, but CUDA is not available"):
+    with pytest.raises(ValueError, match="train.device=cuda, but CUDA is not available"):
         resolve_device("cuda")
     assert resolve_device("auto") == torch.device("cpu")
 

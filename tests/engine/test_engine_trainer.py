@@ -136,7 +136,7 @@ def test_fp16_on_cpu_and_missing_cuda_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="train.precision=fp16 needs CUDA"):
         fit(tmp_path / "a", "train.precision=fp16", "train.device=cpu")
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="train.device=cuda, but CUDA is not available"):
+        with pytest.raises(ValueError, match="train.device=cuda, but CUDA is not available"):
             fit(tmp_path / "b", "train.device=cuda")
 
 
@@ -329,6 +329,12 @@ def test_bad_hook_results_are_named(tmp_path):
 
     with pytest.raises(ValueError, match="early_stopping.patience is set, but the task has no validation split"):
         fit(tmp_path / "b", "train.early_stopping.patience=2", task_cls=NoVal)
+    class Diverging(ToyTask):
+        def training_step(self, model, batch):
+            return super().training_step(model, batch)[0] * float("nan")
+
+    with pytest.raises(ValueError, match=r"training loss is nan at step 2 \(epoch 0\); lower train.optimizer.lr"):
+        fit(tmp_path / "d", "train.log_every_steps=2", task_cls=Diverging)
     with pytest.raises(ValueError, match=r"_EmptyVal.build_datasets\(\): the val dataset is empty"):
         fit(tmp_path / "c", task_cls=_EmptyVal)
 
