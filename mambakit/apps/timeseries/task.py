@@ -176,7 +176,12 @@ class ForecastTask(Task):
 
     # fine-tuning and artefacts ----------------------------------------------------------------------------
     def load_pretrained(self, model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> PretrainedReport:
-        """The network's weights only: the scaler and data description stay those of the new data."""
+        """The network's weights only: the scaler and data description stay those of the new data. Weights
+        saved by the upstream code (S-D-Mamba / iTransformer checkpoint.pth) are converted first."""
+        from .convert import convert_upstream_state_dict, is_upstream_state_dict
+
+        if is_upstream_state_dict(state_dict):
+            state_dict = convert_upstream_state_dict(state_dict)
         weights = {k: v for k, v in state_dict.items() if k not in DATA_BUFFERS}
         return load_matching(model, weights)
 
