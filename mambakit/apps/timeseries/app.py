@@ -117,6 +117,8 @@ def _forecast_run(args: argparse.Namespace) -> int:
 
 FORECAST_VERB = Verb("forecast", "forecast beyond the end of a CSV with a trained checkpoint; writes dated rows "
                                  "and a plot", _forecast_arguments, _forecast_run)
+# Every app has `predict`; for forecasting it is `forecast`.
+PREDICT_VERB = Verb("predict", "the same as forecast", _forecast_arguments, _forecast_run)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -155,7 +157,7 @@ def quickstart(recipe_path: str | Path = QUICK_RECIPE, overrides=(), run_dir: st
 APP = App(
     name="timeseries",
     description="time-series forecasting: S-Mamba, iTransformer, DLinear on any dated CSV (TSLib protocol)",
-    verbs=[*_standard_verbs(), FORECAST_VERB],
+    verbs=[*_standard_verbs(), FORECAST_VERB, PREDICT_VERB],
     quickstart=quickstart,
     datasets=DATASETS,
 )
