@@ -198,6 +198,17 @@ def test_one_and_several_threads_agree():
         torch.testing.assert_close(one[2][k], two[2][k], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_wide_groups_are_walked_in_sub_ranges(threads):
+    """A thread walks at most 64 blocks (512 channels) chunk by chunk at once: 1040 channels take three."""
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        check_against_reference(make_inputs(1, 1040, 70, 2, GB=2, GC=2), torch.float32, chunk=16)
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_saved_state_is_checkpoints_only():
     """What the backward keeps beyond the inputs is the state every `chunk` steps: b*d*N*ceil(L/K)
     numbers, not the b*d*N*L of all states."""

@@ -9,11 +9,13 @@
  *     x_t  = exp(dt_t A_n) x_{t-1} + dt_t u_t B_{n,t}
  *     y_t  = sum_n x_t C_{n,t} + D u_t,   out_t = y_t silu(z_t)   (z optional)
  *
- * Layout of the work: a work item is (batch, block of W channels of one B/C group). Its W channels are the
- * lanes of a vector, so B and C (shared by the group) are scalar broadcasts and the N states of the block
- * are N vectors. Time is walked in chunks of K steps; each chunk's (channel, time) inputs are transposed
- * into small time-major tiles first, so the inner loop reads contiguous vectors. Items are handed to
- * threads through an atomic counter.
+ * Layout of the work: channels go in blocks of W (one B/C group each); a block's W channels are the lanes
+ * of a vector, so B and C (shared by the group) are scalar broadcasts and the N states of the block are N
+ * vectors. Time is walked in chunks of K steps; each chunk's (channel, time) inputs are transposed into
+ * small time-major tiles first, so the inner loop reads contiguous vectors. A thread takes a range of
+ * blocks of one (batch, group) and walks it chunk-major (chunk 0 of every block, then chunk 1, ...), so a
+ * chunk of B and C, and of dB and dC in the backward, is reused from cache by all the blocks: on long
+ * sequences that is most of the memory traffic. Work is handed to threads through an atomic counter.
  *
  * Backward: the forward stores the state at the start of every chunk (b, d, ceil(L/K), N). The backward
  * walks the chunks last to first, recomputes the chunk's K states and decays from its checkpoint into a
@@ -77,14 +79,15 @@ typedef struct {
 
 typedef struct {
     vec *u, *dt, *dtu, *z, *y, *dy, *dout, *dsp, *dgate, *s, *g;  /* chunk tiles, K entries each */
-    vec *A, *A2, *xs, *dx, *dAacc;                                /* N entries each; A2 = A log2(e) */
+    vec *A, *A2;                                                  /* N entries each; A2 = A log2(e) */
     vec *X;                                                       /* (K + 1) * N recomputed states */
     vec *DA;                                                      /* K * N recomputed decays */
+    vec *carry;                                                   /* what blocks carry between chunks */
     void *mem;
 } workspace;
 
-static int workspace_alloc(workspace *w, int64_t K, int64_t N, int backward) {
-    int64_t nvec = 11 * K + 5 * N + (backward ? (K + 1) * N + K * N : 0);
+static int workspace_alloc(workspace *w, int64_t K, int64_t N, int backward, int64_t ncarry) {
+    int64_t nvec = 11 * K + 2 * N + (backward ? (K + 1) * N + K * N : 0) + ncarry;
     size_t bytes = (size_t)nvec * sizeof(vec) + 64;
     bytes = (bytes + 63) / 64 * 64;
     w->mem = aligned_alloc(64, bytes);
@@ -93,10 +96,11 @@ static int workspace_alloc(workspace *w, int64_t K, int64_t N, int backward) {
     vec *v = (vec *)w->mem;
     vec **tiles[] = {&w->u, &w->dt, &w->dtu, &w->z, &w->y, &w->dy, &w->dout, &w->dsp, &w->dgate, &w->s, &w->g};
     for (size_t i = 0; i < sizeof tiles / sizeof *tiles; i++) { *tiles[i] = v; v += K; }
-    vec **states[] = {&w->A, &w->A2, &w->xs, &w->dx, &w->dAacc};
+    vec **states[] = {&w->A, &w->A2};
     for (size_t i = 0; i < sizeof states / sizeof *states; i++) { *states[i] = v; v += N; }
     w->X = v;  v += backward ? (K + 1) * N : 0;
-    w->DA = v;
+    w->DA = v; v += backward ? K * N : 0;
+    w->carry = v;
     return 0;
 }
 
@@ -186,19 +190,6 @@ static void store_tile(real *dst, const vec *tile, int64_t L, int nl, int len) {
     }
 }
 
-/* Ask for the rows of a coming chunk ahead of time: a block walks W rows of each input at once, more
- * streams than the hardware prefetcher follows, so without this the tile loads wait on L3/DRAM. */
-static void prefetch_rows(const real *src, int64_t L, int nl, int len, int write) {
-    if (!src) return;
-    for (int lane = 0; lane < nl; lane++) {
-        const char *p = (const char *)(src + lane * L);
-        for (int64_t off = 0; off < (int64_t)(len * sizeof(real)); off += 64) {
-            if (write) __builtin_prefetch(p + off, 1, 3);
-            else __builtin_prefetch(p + off, 0, 3);
-        }
-    }
-}
-
 /* states[n][lane] <-> rows[(lane * stride) + n] for lane < nl (stride between channels). */
 static void load_states(vec *states, const real *rows, int64_t stride, int64_t N, int nl) {
     for (int64_t n = 0; n < N; n++) {
@@ -222,7 +213,7 @@ static vec load_lanes(const real *p, int nl, real fill) {
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
-/* One work item.                                                                                       */
+/* Blocks, chunks and the per-chunk steps shared by forward and backward.                               */
 
 typedef struct {
     int64_t b, g, c0;  /* batch element, group, first channel */
@@ -239,13 +230,6 @@ static block make_block(const mk_scan_args *a, int64_t b, int64_t g, int64_t j) 
     return k;
 }
 
-/* Items enumerate (batch, group, block) with the block fastest. */
-static block item_block(const mk_scan_args *a, int64_t item) {
-    int64_t bpg = blocks_per_group(a);
-    int64_t unit = item / bpg;
-    return make_block(a, unit / a->groups, unit % a->groups, item % bpg);
-}
-
 /* A for the block's lanes, and A log2(e): the decays are computed as 2^(dt A log2 e). */
 static void load_A(const mk_scan_args *a, workspace *w, block k) {
     for (int64_t n = 0; n < a->dstate; n++) {
@@ -256,88 +240,95 @@ static void load_A(const mk_scan_args *a, workspace *w, block k) {
     }
 }
 
-/* dt = softplus(delta + bias) (or without softplus) and dt * u for the chunk; dsp = d softplus / d input. */
-static void chunk_steps(const mk_scan_args *a, workspace *w, vec bias, int len, int want_dsp) {
+/* Loads the chunk's u and delta tiles and turns delta into dt = softplus(delta + bias) (softplus optional)
+ * and dt * u; with want_dsp also d softplus / d input (1 above torch's threshold 20, like torch). */
+static void load_steps(const mk_scan_args *a, workspace *w, block k, int64_t off, int len, int want_dsp) {
+    const vec bias = load_lanes(a->delta_bias ? a->delta_bias + k.c0 : NULL, k.nl, 0);
+    load_tile(w->u, a->u + off, a->len, k.nl, len);
+    load_tile(w->dt, a->delta + off, a->len, k.nl, len);
     for (int t = 0; t < len; t++) {
         vec raw = w->dt[t] + bias;
         vec dt = raw;
         if (a->softplus) {
             dt = vsoftplus(raw);
-            if (want_dsp) w->dsp[t] = vsel(raw > 20.0f, vsplat(1.0f), vsigmoid(raw));  /* torch's threshold */
+            if (want_dsp) w->dsp[t] = vsel(raw > 20.0f, vsplat(1.0f), vsigmoid(raw));
         }
         w->dt[t] = dt;
         w->dtu[t] = dt * w->u[t];
     }
 }
 
-static void forward_item(const mk_scan_args *a, workspace *w, int64_t item) {
-    const int64_t L = a->len, N = a->dstate, K = a->chunk, d = a->dim, G = a->groups;
-    const int64_t nchunks = (L + K - 1) / K;
-    const block k = item_block(a, item);
-    const int nl = k.nl;
-    const int64_t row0 = k.b * d + k.c0;                   /* first (batch, channel) row */
+/* ---------------------------------------------------------------------------------------------------- */
+/* Forward.                                                                                             */
 
+/* Chunk c of block k, continuing from the block's state xs (N vectors, updated). */
+static void forward_chunk(const mk_scan_args *a, workspace *w, block k, int64_t c, vec *xs, const real *Bg,
+                          const real *Cg) {
+    const int64_t L = a->len, N = a->dstate, K = a->chunk, nchunks = (L + K - 1) / K;
+    const int64_t t0 = c * K, row0 = k.b * a->dim + k.c0, off = row0 * L + t0;
+    const int len = (int)(L - t0 < K ? L - t0 : K);
+    if (a->ckpt) store_states(a->ckpt + (row0 * nchunks + c) * N, xs, nchunks * N, N, k.nl);
     load_A(a, w, k);
-    const vec Dv = load_lanes(a->D ? a->D + k.c0 : NULL, nl, 0);
-    const vec bias = load_lanes(a->delta_bias ? a->delta_bias + k.c0 : NULL, nl, 0);
-    load_states(w->xs, a->init ? a->init + row0 * N : NULL, N, N, nl);
-    const real *Bg = a->B + (k.b * G + k.g) * N * L;
-    const real *Cg = a->C + (k.b * G + k.g) * N * L;
-    vec *xs = w->xs, *Av = w->A2;
-
-    for (int64_t c = 0; c < nchunks; c++) {
-        const int64_t t0 = c * K;
-        const int len = (int)(L - t0 < K ? L - t0 : K);
-        if (a->ckpt) store_states(a->ckpt + (row0 * nchunks + c) * N, xs, nchunks * N, N, nl);
-        if (c + 1 < nchunks) {
-            const int64_t t1 = t0 + K;
-            const int len1 = (int)(L - t1 < K ? L - t1 : K);
-            prefetch_rows(a->u + row0 * L + t1, L, nl, len1, 0);
-            prefetch_rows(a->delta + row0 * L + t1, L, nl, len1, 0);
-            prefetch_rows(a->z ? a->z + row0 * L + t1 : NULL, L, nl, len1, 0);
-            prefetch_rows(a->out + row0 * L + t1, L, nl, len1, 1);
+    load_steps(a, w, k, off, len, 0);
+    if (a->z) load_tile(w->z, a->z + off, L, k.nl, len);
+    const vec Dv = load_lanes(a->D ? a->D + k.c0 : NULL, k.nl, 0);
+    const vec *A2 = w->A2;
+    for (int t = 0; t < len; t++) {
+        const vec dt = w->dt[t], dtu = w->dtu[t];
+        const real *Bt = Bg + t0 + t, *Ct = Cg + t0 + t;          /* B[n] at Bt[n * L] */
+        vec y0 = vsplat(0), y1 = vsplat(0), y2 = vsplat(0), y3 = vsplat(0);
+        int64_t n = 0;
+        for (; n + 4 <= N; n += 4) {           /* four independent accumulators hide the FMA latency */
+            vec arg[4] = {dt * A2[n], dt * A2[n + 1], dt * A2[n + 2], dt * A2[n + 3]}, da[4];
+            vexp2_4(da, arg);
+            xs[n] = da[0] * xs[n] + dtu * Bt[n * L];
+            xs[n + 1] = da[1] * xs[n + 1] + dtu * Bt[(n + 1) * L];
+            xs[n + 2] = da[2] * xs[n + 2] + dtu * Bt[(n + 2) * L];
+            xs[n + 3] = da[3] * xs[n + 3] + dtu * Bt[(n + 3) * L];
+            y0 += xs[n] * Ct[n * L];
+            y1 += xs[n + 1] * Ct[(n + 1) * L];
+            y2 += xs[n + 2] * Ct[(n + 2) * L];
+            y3 += xs[n + 3] * Ct[(n + 3) * L];
         }
-        load_tile(w->u, a->u + row0 * L + t0, L, nl, len);
-        load_tile(w->dt, a->delta + row0 * L + t0, L, nl, len);
-        if (a->z) load_tile(w->z, a->z + row0 * L + t0, L, nl, len);
-        chunk_steps(a, w, bias, len, 0);
-
-        for (int t = 0; t < len; t++) {
-            const vec dt = w->dt[t], dtu = w->dtu[t];
-            const real *Bt = Bg + t0 + t, *Ct = Cg + t0 + t;      /* B[n] at Bt[n * L] */
-            vec y0 = vsplat(0), y1 = vsplat(0), y2 = vsplat(0), y3 = vsplat(0);
-            int64_t n = 0;
-            for (; n + 4 <= N; n += 4) {       /* four independent accumulators hide the FMA latency */
-                vec arg[4] = {dt * Av[n], dt * Av[n + 1], dt * Av[n + 2], dt * Av[n + 3]}, da[4];
-                vexp2_4(da, arg);
-                xs[n] = da[0] * xs[n] + dtu * Bt[n * L];
-                xs[n + 1] = da[1] * xs[n + 1] + dtu * Bt[(n + 1) * L];
-                xs[n + 2] = da[2] * xs[n + 2] + dtu * Bt[(n + 2) * L];
-                xs[n + 3] = da[3] * xs[n + 3] + dtu * Bt[(n + 3) * L];
-                y0 += xs[n] * Ct[n * L];
-                y1 += xs[n + 1] * Ct[(n + 1) * L];
-                y2 += xs[n + 2] * Ct[(n + 2) * L];
-                y3 += xs[n + 3] * Ct[(n + 3) * L];
-            }
-            for (; n < N; n++) {
-                xs[n] = vexp2(dt * Av[n]) * xs[n] + dtu * Bt[n * L];
-                y0 += xs[n] * Ct[n * L];
-            }
-            vec y = ((y0 + y1) + (y2 + y3)) + Dv * w->u[t];
-            if (a->z) y = y * (w->z[t] * vsigmoid(w->z[t]));
-            w->y[t] = y;
+        for (; n < N; n++) {
+            xs[n] = vexp2(dt * A2[n]) * xs[n] + dtu * Bt[n * L];
+            y0 += xs[n] * Ct[n * L];
         }
-        store_tile(a->out + row0 * L + t0, w->y, L, nl, len);
+        vec y = ((y0 + y1) + (y2 + y3)) + Dv * w->u[t];
+        if (a->z) y = y * (w->z[t] * vsigmoid(w->z[t]));
+        w->y[t] = y;
     }
-    if (a->last) store_states(a->last + row0 * N, xs, N, N, nl);
+    store_tile(a->out + off, w->y, L, k.nl, len);
 }
+
+/* Blocks j0 .. j1 - 1 of (batch b, group g), chunk by chunk across the blocks, so each chunk of B and C is
+ * read from cache by all of them. */
+static void forward_blocks(const mk_scan_args *a, workspace *w, int64_t b, int64_t g, int64_t j0, int64_t j1) {
+    const int64_t L = a->len, N = a->dstate, nchunks = (L + a->chunk - 1) / a->chunk;
+    const real *Bg = a->B + (b * a->groups + g) * N * L, *Cg = a->C + (b * a->groups + g) * N * L;
+    for (int64_t j = j0; j < j1; j++) {
+        block k = make_block(a, b, g, j);
+        load_states(w->carry + (j - j0) * N, a->init ? a->init + (b * a->dim + k.c0) * N : NULL, N, N, k.nl);
+    }
+    for (int64_t c = 0; c < nchunks; c++)
+        for (int64_t j = j0; j < j1; j++)
+            forward_chunk(a, w, make_block(a, b, g, j), c, w->carry + (j - j0) * N, Bg, Cg);
+    if (a->last)
+        for (int64_t j = j0; j < j1; j++) {
+            block k = make_block(a, b, g, j);
+            store_states(a->last + (b * a->dim + k.c0) * N, w->carry + (j - j0) * N, N, N, k.nl);
+        }
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* Backward.                                                                                            */
 
 /* Per-channel gradients summed over the batch are first written per batch element. */
 typedef struct {
     real *dA, *dD, *dbias;           /* (batch, dim, dstate), (batch, dim), (batch, dim) */
 } partials;
 
-/* dst[t0 + i] += sum of the lanes of p[i], i < W. */
+/* dst[i] += sum of the lanes of p[i], i < W. */
 static inline void reduce_lanes_add(real *dst, const vec p[W]) {
 #if defined(__AVX__) && !defined(MK_DOUBLE)
     __m256 s01 = _mm256_hadd_ps((__m256)p[0], (__m256)p[1]);
@@ -417,17 +408,17 @@ static inline __attribute__((always_inline)) void recompute_chunk(workspace *w, 
     }
 }
 
-/* The adjoint recurrence for states n0 .. n0 + r - 1, last step first, with their adjoints dx and dA
- * sums in registers (r is a compile-time constant at each call). Overwrites X[t + 1][n] with
- * dLoss/dx_t[n] (X[t + 1] is not needed any more) and adds this group's terms of
+/* The adjoint recurrence for states n0 .. n0 + r - 1, last step first, with their adjoints dx and dA sums
+ * in registers (r is a compile-time constant at each call; dx, dAs point at the block's carried values).
+ * Overwrites X[t + 1][n] with dLoss/dx_t[n] (X[t + 1] is not needed any more) and adds this group's terms of
  * s_t = sum_n dLoss/dx_t[n] B_n,t and g_t = sum_n dLoss/d(dt A_n) A_n into w->s, w->g. */
-static inline __attribute__((always_inline)) void reverse_group(workspace *w, const real *Bc, const real *Cc,
-                                                                int64_t L, int64_t N, int len, int64_t n0,
-                                                                const int r) {
+static inline __attribute__((always_inline)) void reverse_group(workspace *w, vec *dxs, vec *dAs_, const real *Bc,
+                                                                const real *Cc, int64_t L, int64_t N, int len,
+                                                                int64_t n0, const int r) {
     vec dx[4], dAs[4], A[4];
     for (int j = 0; j < r; j++) {
-        dx[j] = w->dx[n0 + j];
-        dAs[j] = w->dAacc[n0 + j];
+        dx[j] = dxs[n0 + j];
+        dAs[j] = dAs_[n0 + j];
         A[j] = w->A[n0 + j];
     }
     const real *Bn = Bc + n0 * L, *Cn = Cc + n0 * L;
@@ -449,111 +440,116 @@ static inline __attribute__((always_inline)) void reverse_group(workspace *w, co
         w->g[t] += g;
     }
     for (int j = 0; j < r; j++) {
-        w->dx[n0 + j] = dx[j];
-        w->dAacc[n0 + j] = dAs[j];
+        dxs[n0 + j] = dx[j];
+        dAs_[n0 + j] = dAs[j];
     }
 }
 
-/* Adds the block's dB, dC into dB_acc, dC_acc (arrays shaped like a->dB) and writes its per-channel
- * partials. */
-static void backward_block(const mk_scan_args *a, workspace *w, block k, real *dB_acc, real *dC_acc,
-                           partials part) {
-    const int64_t L = a->len, N = a->dstate, K = a->chunk, d = a->dim, G = a->groups;
-    const int64_t nchunks = (L + K - 1) / K;
-    const int nl = k.nl;
-    const int64_t row0 = k.b * d + k.c0;
+/* What a block carries from chunk to chunk in the backward: 2 N + 2 vectors. */
+#define CARRY_BWD(N) (2 * (N) + 2)
 
+/* Chunk c of block k: carry = [dLoss/dx (N) | dLoss/dA (N) | dD | dbias] of the block, updated; adds the
+ * chunk's dB, dC into dBg, dCg (the (batch, group) slices of the arrays being accumulated). */
+static void backward_chunk(const mk_scan_args *a, workspace *w, block k, int64_t c, vec *carry, const real *Bg,
+                           const real *Cg, real *dBg, real *dCg) {
+    const int64_t L = a->len, N = a->dstate, K = a->chunk, nchunks = (L + K - 1) / K;
+    const int64_t t0 = c * K, row0 = k.b * a->dim + k.c0, off = row0 * L + t0;
+    const int len = (int)(L - t0 < K ? L - t0 : K), nl = k.nl;
+    vec *dx = carry, *dAs = carry + N, *dD = carry + 2 * N, *dbias = carry + 2 * N + 1;
     load_A(a, w, k);
-    for (int64_t n = 0; n < N; n++) w->dAacc[n] = vsplat(0);
+    load_steps(a, w, k, off, len, 1);
     const vec Dv = load_lanes(a->D ? a->D + k.c0 : NULL, nl, 0);
-    const vec bias = load_lanes(a->delta_bias ? a->delta_bias + k.c0 : NULL, nl, 0);
-    load_states(w->dx, a->dlast ? a->dlast + row0 * N : NULL, N, N, nl);
-    const int64_t bgNL = (k.b * G + k.g) * N * L;
-    const real *Bg = a->B + bgNL, *Cg = a->C + bgNL;
-    real *dBg = dB_acc + bgNL, *dCg = dC_acc + bgNL;
-    vec dD = vsplat(0), dbias = vsplat(0);
-
-    for (int64_t c = nchunks - 1; c >= 0; c--) {
-        const int64_t t0 = c * K;
-        const int len = (int)(L - t0 < K ? L - t0 : K);
-        const int64_t off = row0 * L + t0;
-        if (c > 0) {                                       /* the chunk before is next */
-            const int64_t prev = off - K;
-            prefetch_rows(a->u + prev, L, nl, (int)K, 0);
-            prefetch_rows(a->delta + prev, L, nl, (int)K, 0);
-            prefetch_rows(a->dout + prev, L, nl, (int)K, 0);
-            prefetch_rows(a->z ? a->z + prev : NULL, L, nl, (int)K, 0);
-            prefetch_rows(a->du + prev, L, nl, (int)K, 1);
-            prefetch_rows(a->ddelta + prev, L, nl, (int)K, 1);
-            prefetch_rows(a->z ? a->dz + prev : NULL, L, nl, (int)K, 1);
+    load_tile(w->dout, a->dout + off, L, nl, len);
+    if (a->z) load_tile(w->z, a->z + off, L, nl, len);
+    for (int t = 0; t < len; t++) {
+        if (a->z) {
+            vec z = w->z[t], sig = vsigmoid(z);
+            w->dgate[t] = sig * (1.0f + z * (1.0f - sig));
+            w->dy[t] = w->dout[t] * (z * sig);
+        } else {
+            w->dy[t] = w->dout[t];
         }
-        load_tile(w->u, a->u + off, L, nl, len);
-        load_tile(w->dt, a->delta + off, L, nl, len);
-        load_tile(w->dout, a->dout + off, L, nl, len);
-        if (a->z) load_tile(w->z, a->z + off, L, nl, len);
-        chunk_steps(a, w, bias, len, 1);
-        for (int t = 0; t < len; t++) {
-            if (a->z) {
-                vec z = w->z[t], sig = vsigmoid(z);
-                w->dgate[t] = sig * (1.0f + z * (1.0f - sig));
-                w->dy[t] = w->dout[t] * (z * sig);
-            } else {
-                w->dy[t] = w->dout[t];
-            }
-            w->s[t] = vsplat(0);
-            w->g[t] = vsplat(0);
-        }
-
-        load_states(w->X, a->ckpt + (row0 * nchunks + c) * N, nchunks * N, N, nl);
-        if (a->z) recompute_chunk(w, Bg + t0, Cg + t0, L, N, len, Dv, 1);
-        else recompute_chunk(w, Bg + t0, Cg + t0, L, N, len, Dv, 0);
-
-        /* dC[n, t] = sum over the block's channels of dy_t x_t[n] (before X is overwritten). */
-        lane_dots(dCg + t0, L, w->X, N, w->dy, len);
-
-        int64_t n0 = 0;
-        for (; n0 + 4 <= N; n0 += 4) reverse_group(w, Bg + t0, Cg + t0, L, N, len, n0, 4);
-        for (; n0 < N; n0++) reverse_group(w, Bg + t0, Cg + t0, L, N, len, n0, 1);
-
-        /* dB[n, t] = sum over the block's channels of dLoss/dx_t[n] dt_t u_t. */
-        lane_dots(dBg + t0, L, w->X, N, w->dtu, len);
-
-        for (int t = 0; t < len; t++) {
-            const vec s = w->s[t], u = w->u[t], dy = w->dy[t];
-            vec ddt = w->g[t] + s * u;
-            if (a->z) w->z[t] = w->dout[t] * w->y[t] * w->dgate[t];   /* dz (tile reused) */
-            w->y[t] = s * w->dt[t] + Dv * dy;                        /* du (tile reused) */
-            dD += dy * u;
-            if (a->softplus) ddt = ddt * w->dsp[t];
-            dbias += ddt;
-            w->dt[t] = ddt;                                          /* ddelta (tile reused) */
-        }
-        store_tile(a->du + off, w->y, L, nl, len);
-        store_tile(a->ddelta + off, w->dt, L, nl, len);
-        if (a->z) store_tile(a->dz + off, w->z, L, nl, len);
+        w->s[t] = vsplat(0);
+        w->g[t] = vsplat(0);
     }
-    if (a->dinit) store_states(a->dinit + row0 * N, w->dx, N, N, nl);
-    store_states(part.dA + row0 * N, w->dAacc, N, N, nl);
-    for (int lane = 0; lane < nl; lane++) {
-        part.dD[row0 + lane] = dD[lane];
-        part.dbias[row0 + lane] = dbias[lane];
+
+    load_states(w->X, a->ckpt + (row0 * nchunks + c) * N, nchunks * N, N, nl);
+    if (a->z) recompute_chunk(w, Bg + t0, Cg + t0, L, N, len, Dv, 1);
+    else recompute_chunk(w, Bg + t0, Cg + t0, L, N, len, Dv, 0);
+
+    /* dC[n, t] = sum over the block's channels of dy_t x_t[n] (before X is overwritten). */
+    lane_dots(dCg + t0, L, w->X, N, w->dy, len);
+
+    int64_t n0 = 0;
+    for (; n0 + 4 <= N; n0 += 4) reverse_group(w, dx, dAs, Bg + t0, Cg + t0, L, N, len, n0, 4);
+    for (; n0 < N; n0++) reverse_group(w, dx, dAs, Bg + t0, Cg + t0, L, N, len, n0, 1);
+
+    /* dB[n, t] = sum over the block's channels of dLoss/dx_t[n] dt_t u_t. */
+    lane_dots(dBg + t0, L, w->X, N, w->dtu, len);
+
+    for (int t = 0; t < len; t++) {
+        const vec s = w->s[t], u = w->u[t], dy = w->dy[t];
+        vec ddt = w->g[t] + s * u;
+        if (a->z) w->z[t] = w->dout[t] * w->y[t] * w->dgate[t];   /* dz (tile reused) */
+        w->y[t] = s * w->dt[t] + Dv * dy;                        /* du (tile reused) */
+        *dD += dy * u;
+        if (a->softplus) ddt = ddt * w->dsp[t];
+        *dbias += ddt;
+        w->dt[t] = ddt;                                          /* ddelta (tile reused) */
+    }
+    store_tile(a->du + off, w->y, L, nl, len);
+    store_tile(a->ddelta + off, w->dt, L, nl, len);
+    if (a->z) store_tile(a->dz + off, w->z, L, nl, len);
+}
+
+/* Blocks j0 .. j1 - 1 of (batch b, group g), last chunk first, chunk by chunk across the blocks (B, C and
+ * the dB, dC slices of a chunk stay in cache for all of them); dB, dC are added into dB_acc, dC_acc. */
+static void backward_blocks(const mk_scan_args *a, workspace *w, int64_t b, int64_t g, int64_t j0, int64_t j1,
+                            real *dB_acc, real *dC_acc, partials part) {
+    const int64_t L = a->len, N = a->dstate, nchunks = (L + a->chunk - 1) / a->chunk, bg = b * a->groups + g;
+    const real *Bg = a->B + bg * N * L, *Cg = a->C + bg * N * L;
+    for (int64_t j = j0; j < j1; j++) {
+        block k = make_block(a, b, g, j);
+        vec *carry = w->carry + (j - j0) * CARRY_BWD(N);
+        load_states(carry, a->dlast ? a->dlast + (b * a->dim + k.c0) * N : NULL, N, N, k.nl);
+        for (int64_t i = N; i < CARRY_BWD(N); i++) carry[i] = vsplat(0);
+    }
+    for (int64_t c = nchunks - 1; c >= 0; c--)
+        for (int64_t j = j0; j < j1; j++)
+            backward_chunk(a, w, make_block(a, b, g, j), c, w->carry + (j - j0) * CARRY_BWD(N), Bg, Cg,
+                           dB_acc + bg * N * L, dC_acc + bg * N * L);
+    for (int64_t j = j0; j < j1; j++) {
+        block k = make_block(a, b, g, j);
+        const int64_t row0 = b * a->dim + k.c0;
+        const vec *carry = w->carry + (j - j0) * CARRY_BWD(N);
+        if (a->dinit) store_states(a->dinit + row0 * N, carry, N, N, k.nl);
+        store_states(part.dA + row0 * N, carry + N, N, N, k.nl);
+        for (int lane = 0; lane < k.nl; lane++) {
+            part.dD[row0 + lane] = carry[2 * N][lane];
+            part.dbias[row0 + lane] = carry[2 * N + 1][lane];
+        }
     }
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
 /* Threads: work is claimed through an atomic counter; thread 0 is the caller.                          */
 /*                                                                                                      */
-/* The backward's dB and dC sum over the channels of a group, so two threads must not add into the same */
-/* (batch, group) slice. With enough (batch, group) units to keep every thread busy, a thread claims    */
-/* whole units and adds straight into the output; otherwise threads claim single blocks and thread t>0  */
-/* adds into its own zeroed copy, summed into the output at the end.                                    */
+/* An item is a range of blocks of one (batch, group) unit. With enough units to keep every thread busy  */
+/* an item is a whole unit; otherwise each unit is split into `ranges` ranges. A thread walks its item   */
+/* chunk-major over sub-ranges of at most MAX_SUB blocks (bounding what it carries between chunks).     */
+/* The backward's dB and dC sum over the channels of a unit: with whole units per item a thread adds     */
+/* straight into the output; with split units thread t > 0 adds into its own zeroed copy, summed at the  */
+/* end. No two threads ever write the same address.                                                     */
+
+#define MAX_SUB 64
 
 typedef struct {
     const mk_scan_args *a;
-    int backward, by_unit;
+    int backward;
+    int64_t ranges;                  /* ranges per unit */
     int64_t nitems;
     int64_t next;
-    real *acc;                       /* block mode: (nthreads - 1) copies of dB then dC */
+    real *acc;                       /* split units: (nthreads - 1) copies of dB then dC */
     partials part;
 } job;
 
@@ -562,19 +558,32 @@ typedef struct {
     int tid;
 } worker_arg;
 
-static void backward_work(job *j, workspace *w, int64_t item, int tid) {
+static int64_t ranges_per_unit(const mk_scan_args *a, int nthreads) {
+    const int64_t units = a->batch * a->groups, bpg = blocks_per_group(a);
+    if (nthreads <= 1 || units >= 4 * (int64_t)nthreads) return 1;
+    const int64_t r = (4 * (int64_t)nthreads + units - 1) / units;
+    return r < bpg ? r : bpg;
+}
+
+static void run_item(job *j, workspace *w, int64_t item, int tid) {
     const mk_scan_args *a = j->a;
-    if (j->by_unit) {
-        const int64_t NL = a->dstate * a->len, b = item / a->groups, g = item % a->groups;
-        memset(a->dB + item * NL, 0, NL * sizeof(real));
-        memset(a->dC + item * NL, 0, NL * sizeof(real));
-        for (int64_t jb = 0; jb < blocks_per_group(a); jb++)
-            backward_block(a, w, make_block(a, b, g, jb), a->dB, a->dC, j->part);
-    } else {
+    const int64_t unit = item / j->ranges, r = item % j->ranges, bpg = blocks_per_group(a);
+    const int64_t b = unit / a->groups, g = unit % a->groups;
+    const int64_t first = r * bpg / j->ranges, end = (r + 1) * bpg / j->ranges;
+    real *dB = a->dB, *dC = a->dC;
+    if (j->backward && j->ranges == 1) {          /* this item owns the unit's dB, dC slices */
+        const int64_t NL = a->dstate * a->len;
+        memset(a->dB + unit * NL, 0, NL * sizeof(real));
+        memset(a->dC + unit * NL, 0, NL * sizeof(real));
+    } else if (j->backward && tid > 0) {
         const int64_t size = a->batch * a->groups * a->dstate * a->len;
-        real *dB = tid ? j->acc + (int64_t)(tid - 1) * 2 * size : a->dB;
-        real *dC = tid ? dB + size : a->dC;
-        backward_block(a, w, item_block(a, item), dB, dC, j->part);
+        dB = j->acc + (int64_t)(tid - 1) * 2 * size;
+        dC = dB + size;
+    }
+    for (int64_t j0 = first; j0 < end; j0 += MAX_SUB) {
+        const int64_t j1 = j0 + MAX_SUB < end ? j0 + MAX_SUB : end;
+        if (j->backward) backward_blocks(a, w, b, g, j0, j1, dB, dC, j->part);
+        else forward_blocks(a, w, b, g, j0, j1);
     }
 }
 
@@ -582,12 +591,12 @@ static void *worker(void *p) {
     worker_arg *wa = (worker_arg *)p;
     job *j = wa->j;
     workspace w;
-    if (workspace_alloc(&w, j->a->chunk, j->a->dstate, j->backward)) return NULL;
+    const int64_t carry = j->backward ? CARRY_BWD(j->a->dstate) : j->a->dstate;
+    if (workspace_alloc(&w, j->a->chunk, j->a->dstate, j->backward, MAX_SUB * carry)) return NULL;
     for (;;) {
         int64_t item = __atomic_fetch_add(&j->next, 1, __ATOMIC_RELAXED);
         if (item >= j->nitems) break;
-        if (j->backward) backward_work(j, &w, item, wa->tid);
-        else forward_item(j->a, &w, item);
+        run_item(j, &w, item, wa->tid);
     }
     free(w.mem);
     return NULL;
@@ -623,23 +632,22 @@ static int check_args(const mk_scan_args *a) {
 
 static int run_forward(const mk_scan_args *a) {
     if (check_args(a)) return 2;
-    job j = {a, 0, 0, a->batch * a->groups * blocks_per_group(a), 0, NULL, {NULL, NULL, NULL}};
+    job j = {a, 0, ranges_per_unit(a, a->nthreads), 0, 0, NULL, {NULL, NULL, NULL}};
+    j.nitems = a->batch * a->groups * j.ranges;
     return run_threads(&j, clamp_threads(a->nthreads, j.nitems));
 }
 
 static int run_backward(const mk_scan_args *a) {
     if (check_args(a)) return 2;
-    const int64_t b = a->batch, d = a->dim, N = a->dstate, units = a->batch * a->groups;
-    const int64_t size = units * N * a->len;
-    job j = {a, 1, 0, 0, 0, NULL, {NULL, NULL, NULL}};
-    int nthreads = a->nthreads;
-    j.by_unit = nthreads == 1 || units >= 2 * (int64_t)nthreads;
-    j.nitems = j.by_unit ? units : units * blocks_per_group(a);
-    nthreads = clamp_threads(nthreads, j.nitems);
+    const int64_t b = a->batch, d = a->dim, N = a->dstate;
+    const int64_t size = b * a->groups * N * a->len;
+    job j = {a, 1, ranges_per_unit(a, a->nthreads), 0, 0, NULL, {NULL, NULL, NULL}};
+    j.nitems = b * a->groups * j.ranges;
+    int nthreads = clamp_threads(a->nthreads, j.nitems);
     real *part = malloc((size_t)(b * d * (N + 2)) * sizeof(real) + 1);
     if (!part) return 1;
     j.part = (partials){part, part + b * d * N, part + b * d * N + b * d};
-    if (!j.by_unit) {
+    if (j.ranges > 1) {
         memset(a->dB, 0, (size_t)size * sizeof(real));
         memset(a->dC, 0, (size_t)size * sizeof(real));
         if (nthreads > 1) {
