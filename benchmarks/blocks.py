@@ -5,11 +5,11 @@
    Also forward alone, and mambakit's bidirectional Vim mixer (`MultiOrderMamba.vim`) at Vim-Ti for scale.
 2. Token-by-token decoding: `Mamba.step()` against re-running `forward` on the growing prefix (the cost of a
    model without a recurrent mode) and against mambapy's `MambaBlock.step`.
-3. Peak memory at L=100000 (b=1, d_model=256): forward (no grad) and forward+backward, each case in a fresh
+3. Peak memory at L=100000 (and L=10000, where mambapy fits) (b=1, d_model=256): forward (no grad) and forward+backward, each case in a fresh
    subprocess; peak = the process's RSS high-water mark (VmHWM, reset just before the call through
    /proc/self/clear_refs; ru_maxrss where that is unavailable) minus its RSS just before the measured call, so
    it counts everything the call allocated, whichever allocator. Subprocesses run under an address
-   space limit (default 14 GiB) so that a peer that needs more fails alone and is reported as such.
+   space limit (default 8 GiB, kind to a shared machine) so that a peer that needs more fails alone and is reported as such.
 
 Timings: median over repeats after a warm-up, torch.get_num_threads() threads, float32. Writes
 benchmarks/results/blocks.json and blocks.md. Usage: python benchmarks/blocks.py [--quick] [--parts ...].
@@ -48,7 +48,14 @@ def machine() -> dict:
 
 def scan_backend_in_use() -> str:
     from mambakit.core import scan
-    return "cpu" if "cpu" in scan.available_backends() else "reference"
+    if "cpu" not in scan.available_backends():
+        return "reference"
+    try:
+        from mambakit.kernels.cpu_scan import kernel_status
+    except ImportError:
+        return "cpu"
+    ok, why = kernel_status(torch.float32)
+    return "cpu (fused kernel)" if ok else f"cpu unavailable, reference fallback ({why})"
 
 
 def timeit(fn, repeats: int, warmup: int = 1) -> float:
@@ -199,13 +206,14 @@ def memory_case(impl: str, mode: str, b: int, L: int, d: int, limit_gib: float, 
     return {"impl": impl, "mode": mode, "status": "ok", "peak_mib": out["peak_bytes"] / 2 ** 20, "wall_s": wall}
 
 
-def bench_memory(b: int, L: int, d: int, limit_gib: float, timeout: int) -> list[dict]:
+def bench_memory(b: int, lengths: list[int], d: int, limit_gib: float, timeout: int) -> list[dict]:
     rows = []
-    for mode in ("forward", "forward+backward"):
-        for impl in ("mambakit", "mambapy"):
-            row = {"batch": b, "length": L, "d_model": d, **memory_case(impl, mode, b, L, d, limit_gib, timeout)}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    for L in lengths:
+        for mode in ("forward", "forward+backward"):
+            for impl in ("mambakit", "mambapy"):
+                row = {"batch": b, "length": L, "d_model": d, **memory_case(impl, mode, b, L, d, limit_gib, timeout)}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     return rows
 
 
@@ -249,15 +257,17 @@ def markdown(result: dict) -> str:
     if result.get("memory"):
         rows = result["memory"]
         r0 = rows[0]
-        lines += [f"### Peak memory at L={r0['length']} (b={r0['batch']}, d_model={r0['d_model']}; RSS high-water "
-                  "minus RSS before the call, fresh process per case)", "",
-                  "| mode | mambakit | mambapy | ratio (mambapy / mambakit) |", "|---|---|---|---|"]
-        for mode in ("forward", "forward+backward"):
-            ours = next(r for r in rows if r["mode"] == mode and r["impl"] == "mambakit")
-            peer = next(r for r in rows if r["mode"] == mode and r["impl"] == "mambapy")
-            fmt = lambda r: f"{r['peak_mib']:.0f} MiB" if r["status"] == "ok" else r["status"]
-            ratio = f"{peer['peak_mib'] / ours['peak_mib']:.1f}x" if ours["status"] == peer["status"] == "ok" else "-"
-            lines.append(f"| {mode} | {fmt(ours)} | {fmt(peer)} | {ratio} |")
+        lines += [f"### Peak memory (b={r0['batch']}, d_model={r0['d_model']}; RSS high-water minus RSS before the "
+                  f"call, fresh process per case, {result['memory_limit_gib']:g} GiB address-space cap)", "",
+                  "| L | mode | mambakit | mambapy | ratio (mambapy / mambakit) |", "|---|---|---|---|---|"]
+        fmt = lambda r: f"{r['peak_mib']:.0f} MiB" if r["status"] == "ok" else r["status"]
+        for L in sorted({r["length"] for r in rows}):
+            for mode in ("forward", "forward+backward"):
+                ours = next(r for r in rows if r["mode"] == mode and r["impl"] == "mambakit" and r["length"] == L)
+                peer = next(r for r in rows if r["mode"] == mode and r["impl"] == "mambapy" and r["length"] == L)
+                ok = ours["status"] == peer["status"] == "ok"
+                ratio = f"{peer['peak_mib'] / ours['peak_mib']:.1f}x" if ok else "-"
+                lines.append(f"| {L} | {mode} | {fmt(ours)} | {fmt(peer)} | {ratio} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -267,26 +277,30 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny shapes, to check that the script runs")
     ap.add_argument("--parts", default="block,decode,memory", help="comma-separated subset of block,decode,memory")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--memory-limit-gib", type=float, default=14.0)
+    ap.add_argument("--memory-limit-gib", type=float, default=8.0)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     parts = set(args.parts.split(","))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     result = {"machine": machine(), "scan_backend": scan_backend_in_use(), "quick": args.quick}
     if args.quick:
         shapes = [("Vim-Ti (quick)", 2, 33, 192)]
         decode = (64, 2, 16)
-        mem = (1, 2000, 64, 600)
+        mem = (1, [500, 2000], 64, 600)
     else:
         shapes = [("Vim-Ti", 8, 197, 192), ("d768 L1024", 4, 1024, 768)]
         decode = (768, 4, 256)
-        mem = (1, 100_000, 256, 3600)
+        mem = (1, [10_000, 100_000], 256, 3600)
     if "block" in parts:
         result["block"] = bench_block(shapes, args.repeats)
     if "decode" in parts:
         result["decode"] = bench_decode(*decode, repeats=max(1, args.repeats // 2))
     if "memory" in parts:
-        b, L, d, timeout = mem
-        result["memory"] = bench_memory(b, L, d, args.memory_limit_gib, timeout)
+        b, lengths, d, timeout = mem
+        result["memory_limit_gib"] = args.memory_limit_gib
+        result["memory"] = bench_memory(b, lengths, d, args.memory_limit_gib, timeout)
     result["load_avg_end"] = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "blocks_quick" if args.quick else "blocks"
