@@ -53,6 +53,7 @@ class MambaMILConfig:
     layer: int = 2                # upstream scripts: 2
     rate: int = 5                 # upstream scripts: 5 (argparse default 10)
     mixer: Literal["SRMamba", "Mamba", "BiMamba"] = "SRMamba"
+    dim: int = 512                # upstream: 512
     d_state: int = 16
     d_conv: int = 4
     expand: int = 2

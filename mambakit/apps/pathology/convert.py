@@ -84,7 +84,8 @@ def mambamil_from_upstream(state, mixer: str = "SRMamba", rate: int = 5, dropout
     n_classes = cfg.pop("n_classes")
     model = MambaMIL(n_classes=n_classes, dropout=dropout, act=act, rate=rate, mixer=mixer, **cfg)
     config = {"name": "mamba_mil", "in_dim": cfg["in_dim"], "dropout": dropout, "act": act, "layer": cfg["layer"],
-              "rate": rate, "mixer": mixer, "d_state": cfg["d_state"], "d_conv": cfg["d_conv"], "expand": cfg["expand"]}
+              "rate": rate, "mixer": mixer, "dim": cfg["dim"], "d_state": cfg["d_state"], "d_conv": cfg["d_conv"],
+              "expand": cfg["expand"]}
     return _check_and_load(model, state, "MambaMIL"), config | {"n_classes": n_classes}
 
 

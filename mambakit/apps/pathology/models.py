@@ -38,8 +38,9 @@ __all__ = ["MambaMIL", "MeanMIL", "MaxMIL", "ABMIL", "TransMIL", "NystromAttenti
 MIXER_TYPES = ("SRMamba", "Mamba", "BiMamba")
 
 
-def as_bag(x: torch.Tensor, in_dim: int, owner: str) -> torch.Tensor:
-    """(N, D) or (1, N, D) -> (1, N, D) float, with clear errors."""
+def as_bag(x: torch.Tensor, in_dim: int, owner: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(N, D) or (1, N, D) -> (1, N, D) in the model's dtype (features are often stored in half precision;
+    MambaMIL casts them with `.float()`), with clear errors."""
     if x.dim() == 2:
         x = x.unsqueeze(0)
     if x.dim() != 3 or x.shape[0] != 1:
@@ -49,7 +50,7 @@ def as_bag(x: torch.Tensor, in_dim: int, owner: str) -> torch.Tensor:
         raise ValueError(f"{owner}: features are {x.shape[-1]}-d, the model expects in_dim={in_dim}")
     if x.shape[1] == 0:
         raise ValueError(f"{owner}: empty bag (0 instances)")
-    return x.float()
+    return x.to(dtype)
 
 
 def _fc(in_dim: int, dim: int, act: str, dropout: float) -> nn.Sequential:
@@ -109,7 +110,7 @@ class MambaMIL(nn.Module):
                 xavier_init(block[0])
 
     def forward(self, x: torch.Tensor, return_scores: bool = False):
-        h = self._fc1(as_bag(x, self.in_dim, "MambaMIL"))
+        h = self._fc1(as_bag(x, self.in_dim, "MambaMIL", self._fc1[0].weight.dtype))
         for norm, mixer in self.layers:
             h = h + mixer(norm(h))
         h = self.norm(h)
@@ -138,7 +139,7 @@ class _InstancePoolMIL(nn.Module):
         xavier_init(self)
 
     def forward(self, x: torch.Tensor, return_scores: bool = False):
-        logits = self.head(as_bag(x, self.in_dim, type(self).__name__)[0])          # (N, C)
+        logits = self.head(as_bag(x, self.in_dim, type(self).__name__, self.head[0].weight.dtype)[0])          # (N, C)
         pooled = logits.mean(dim=0, keepdim=True) if self.pool == "mean" else logits.max(dim=0, keepdim=True)[0]
         if not return_scores:
             return pooled
@@ -181,7 +182,7 @@ class ABMIL(nn.Module):
         return self.attention(h).squeeze(-1)
 
     def forward(self, x: torch.Tensor, return_scores: bool = False):
-        h = self.feature(as_bag(x, self.in_dim, "ABMIL"))
+        h = self.feature(as_bag(x, self.in_dim, "ABMIL", self.feature[0].weight.dtype))
         pooled, a = attention_pool(h, self.scores(h))
         logits = self.classifier(pooled)
         return (logits, a) if return_scores else logits
@@ -302,7 +303,7 @@ class TransMIL(nn.Module):
         if return_scores:
             raise NotImplementedError("TransMIL has no per-instance attention score for heatmaps; use MambaMIL "
                                       "or ABMIL")
-        h = self._fc1(as_bag(x, self.in_dim, "TransMIL"))
+        h = self._fc1(as_bag(x, self.in_dim, "TransMIL", self._fc1[0].weight.dtype))
         n = h.shape[1]
         side = int(math.ceil(math.sqrt(n)))
         h = torch.cat([h, h[:, : side * side - n]], dim=1)        # pad to a square by repeating the first tokens
