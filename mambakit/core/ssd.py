@@ -149,9 +149,9 @@ def ssd_scan(x, dt, A, B, C, chunk_size=64, D=None, z=None, dt_bias=None, dt_sof
 
     Returns y (b, L, h, p) in x's dtype and, when `return_final_states`, the state after step L
     (b, h, p, n) in float32 (float64 for float64 inputs). Gradients flow to every tensor input, including
-    dt_multiplier and initial_states, and from the final states. `chunk_size` is used by "chunked" only;
-    any L works (the tail is padded internally with steps that leave the state unchanged).
-    "cpu" and "triton" support what their Mamba-1 kernels support (every argument here).
+    dt_multiplier and initial_states, and from the final states. Any L works. `chunk_size`, the longest
+    chunk, is used by "chunked" only (chunks are equalised, and the tail padded with steps that leave the
+    state unchanged). Every backend supports every argument.
     """
     check_ssd_inputs(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_limit, dt_multiplier, initial_states)
     fn = _resolve(backend, x.device)

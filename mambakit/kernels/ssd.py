@@ -7,8 +7,8 @@ dt = clamp(softplus(dt * dt_multiplier + dt_bias), dt_limit) (each part optional
     S_t = exp(dt_t A_h) S_{t-1} + dt_t x_t B_t^T        S: (p, n)
     y_t = S_t C_t + D x_t,  then * silu(z_t)
 
-The chunked algorithm (Dao & Gu 2024, as in mamba_ssm's `ssd_minimal_discrete`) splits L into chunks of
-`chunk_size` steps:
+The chunked algorithm (Dao & Gu 2024, as in mamba_ssm's `ssd_minimal_discrete`) splits L into equal chunks
+of at most `chunk_size` steps:
 
 1. intra-chunk output, the quadratic (attention-like) form: y_diag = (C B^T * exp(segsum(dt A))) (dt x),
    where segsum[i, j] = sum_{k=j+1..i} dt_k A is computed as a masked cumulative sum (stable: no difference
@@ -19,9 +19,9 @@ The chunked algorithm (Dao & Gu 2024, as in mamba_ssm's `ssd_minimal_discrete`) 
    chunks in quadratic form, a short loop across blocks);
 4. state to output: y_off = C S_{k-1} exp(cumsum(dt A)).
 
-Memory is O(b L chunk_size h) for the intra-chunk part, never O(L^2). L need not divide by chunk_size:
-inputs are zero-padded to a multiple of it with dt = 0 on the padded steps (applied after softplus), so the
-padded steps neither decay nor feed the state and the final state is the state at step L.
+Memory is O(b L chunk_size h) for the intra-chunk part, never O(L^2). L need not divide by the chunk length:
+inputs are zero-padded to a multiple of it (fewer than one step per chunk) with dt = 0 on the padded steps
+(applied after softplus), so they neither decay nor feed the state and the final state is the state at L.
 """
 
 from __future__ import annotations
@@ -105,7 +105,15 @@ def ssd_chunked(x, dt, A, B, C, chunk_size=64, D=None, z=None, dt_bias=None, dt_
     b, L, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     r = h // g
-    cs = int(chunk_size)
+    if L == 0:  # nothing to scan: the loop's result (empty y, the initial state)
+        from mambakit.kernels.reference import ssd_scan_ref
+        return ssd_scan_ref(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
+                            dt_multiplier=dt_multiplier, initial_states=initial_states,
+                            return_final_states=return_final_states)
+    # chunk_size is the longest chunk; equal chunks of at most that length minimise the padding (any chunk
+    # length gives the same result)
+    n_chunks = -(-L // int(chunk_size))
+    cs = -(-L // n_chunks)
     xf = x.to(ct)
     dtf = process_dt(dt.to(ct), dt_bias, dt_softplus, dt_limit, dt_multiplier)
     pad = (-L) % cs

@@ -106,6 +106,23 @@ def test_padded_tail_leaves_final_state_unchanged():
     torch.testing.assert_close(final_8, final_8_ref, rtol=1e-12, atol=1e-12)
 
 
+def test_chunk_lengths_are_balanced_and_any_chunking_gives_the_same_result():
+    inputs = make_inputs(1, 65, 2, 2, 1, 3)
+    y64, s64 = ssd_chunked(**inputs, chunk_size=64, dt_softplus=True, return_final_states=True)   # 2 x 33
+    y7, s7 = ssd_chunked(**inputs, chunk_size=7, dt_softplus=True, return_final_states=True)      # 10 x 7
+    y_ref, s_ref = ssd_scan_ref(**inputs, dt_softplus=True, return_final_states=True)
+    for y, s in ((y64, s64), (y7, s7)):
+        torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(s, s_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_empty_sequence_returns_the_initial_state():
+    inputs = make_inputs(2, 0, 2, 3, 1, 4)
+    y, final = ssd_chunked(**inputs, chunk_size=8, dt_softplus=True, return_final_states=True)
+    assert y.shape == (2, 0, 2, 3)
+    torch.testing.assert_close(final, inputs["initial_states"])
+
+
 def test_dt_multiplier_scales_raw_dt_and_its_gradient_flows():
     inputs = make_inputs(1, 21, 2, 2, 1, 3, z=False, init=False)
     # multiplying the raw dt equals passing dt * multiplier with no multiplier
