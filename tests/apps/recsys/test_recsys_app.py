@@ -45,14 +45,14 @@ def cycle_data(tmp_path_factory):
     return folder
 
 
-def recipe(tmp_path, data_path, model: dict, **train) -> Path:
+def recipe(tmp_path, data_path, model: dict, lr: float = 0.01, **train) -> Path:
     config = {
         "data": {"dataset": None, "path": str(data_path), "user_min_interactions": 0, "item_min_interactions": 0,
                  "max_len": 8},
         "model": model,
         "eval": {"ks": [1, 5, 10], "mask_history": False, "popularity_baseline": True},
         "train": {"epochs": 1, "batch_size": 64, "eval_batch_size": 256, "drop_last": False, "seed": 0,
-                  "optimizer": {"name": "adam", "lr": 0.01}, "log_every_steps": 5,
+                  "optimizer": {"name": "adam", "lr": lr}, "log_every_steps": 5,
                   "early_stopping": {"monitor": "val/ndcg@10", "mode": "max", "patience": 3}, **train},
         "run": {"out_dir": str(tmp_path / "runs"), "progress": False, "tensorboard": False, "curves": False},
     }
@@ -63,7 +63,7 @@ def recipe(tmp_path, data_path, model: dict, **train) -> Path:
 
 def test_train_eval_recommend_round_trip(tmp_path, cycle_data, capsys):
     path = recipe(tmp_path, cycle_data, {"name": "gru4rec", "embedding_size": 16, "hidden_size": 32,
-                                         "dropout_prob": 0.0}, epochs=12)
+                                         "dropout_prob": 0.0}, lr=0.03, epochs=4)
     run = tmp_path / "run"
     assert cli.main(["recsys", "train", "-c", str(path), "--run-dir", str(run)]) == 0
     summary = json.loads((run / "summary.json").read_text())
