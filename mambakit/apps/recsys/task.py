@@ -9,7 +9,7 @@ exact when several processes evaluate.
 from __future__ import annotations
 
 import math
-import time
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from .data import (ExampleDataset, LOOSplit, SequenceCollator, SequenceData, int
 from .metrics import mask_history_, ranking_metrics, target_rank
 from .models import build_model
 
-__all__ = ["RecsysTask", "load_data", "resolve_data_path", "popularity_metrics", "MODEL_TITLES"]
+__all__ = ["RecsysTask", "load_data", "resolve_data_path", "popularity_metrics", "describe_data", "MODEL_TITLES"]
 
 MODEL_TITLES = {"mamba4rec": "Mamba4Rec", "tim4rec": "TiM4Rec", "sasrec": "SASRec", "gru4rec": "GRU4Rec",
                 "mostpop": "most popular"}
@@ -107,6 +107,8 @@ class RecsysTask(Task):
 
     def build_datasets(self) -> Datasets:
         split = self.split
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(describe_data(self.data, split), flush=True)
         return Datasets(train=ExampleDataset(split.train),
                         val=ExampleDataset(split.val) if len(split.val) else None,
                         test=ExampleDataset(split.test) if len(split.test) else None,
@@ -175,12 +177,6 @@ def popularity_metrics(config: RecsysRecipe, split: str = "test") -> dict[str, f
         mask_history_(scores, torch.from_numpy(data.items), batch["history_start"], batch["target_pos"],
                       batch["target"])
     return ranking_metrics(target_rank(scores, batch["target"], max(config.eval.ks)), config.eval.ks)
-
-
-def timed(fn, *args, **kwargs):
-    started = time.time()
-    out = fn(*args, **kwargs)
-    return out, time.time() - started
 
 
 def describe_data(data: SequenceData, split: LOOSplit) -> str:
