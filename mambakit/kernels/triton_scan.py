@@ -60,7 +60,6 @@ import triton.language as tl
 __all__ = ["selective_scan_triton", "selective_state_update_triton", "is_interpreted"]
 
 
-
 # ----------------------------------------------------------------------------------------------- device code
 
 @triton.jit
@@ -93,7 +92,7 @@ def _softplus(x):
 
 @triton.jit
 def _softplus_grad(x):
-    return tl.where(x > 20.0, 1.0, 1.0 / (1.0 + tl.exp(-x)))
+    return tl.where(x > 20.0, 1.0, _sigmoid(x))
 
 
 @triton.jit
@@ -117,9 +116,11 @@ def _scan_fwd_kernel(
     SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, N_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
     CDT: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    bi = tl.program_id(1).to(tl.int64)
+    # one flat grid (no 65535 limit on the batch): consecutive programs are channel blocks of one batch
+    # element, so they share its B/C tiles in L2
     blocks_per_group = (dpg + BLOCK_D - 1) // BLOCK_D
+    bi = (tl.program_id(0) // (G * blocks_per_group)).to(tl.int64)
+    pid = tl.program_id(0) % (G * blocks_per_group)
     grp = pid // blocks_per_group
     in_group = (pid % blocks_per_group) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = in_group < dpg
@@ -183,9 +184,11 @@ def _scan_bwd_kernel(
     HAS_DLAST: tl.constexpr, SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, N_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr, CDT: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    bi = tl.program_id(1).to(tl.int64)
+    # one flat grid (no 65535 limit on the batch): consecutive programs are channel blocks of one batch
+    # element, so they share its B/C tiles in L2
     blocks_per_group = (dpg + BLOCK_D - 1) // BLOCK_D
+    bi = (tl.program_id(0) // (G * blocks_per_group)).to(tl.int64)
+    pid = tl.program_id(0) % (G * blocks_per_group)
     grp = pid // blocks_per_group
     in_group = (pid % blocks_per_group) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = in_group < dpg
@@ -291,8 +294,9 @@ def _state_update_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     BLOCK_D: tl.constexpr, N_PAD: tl.constexpr, CDT: tl.constexpr,
 ):
-    bi = tl.program_id(1).to(tl.int64)
-    chan = (tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
+    blocks = (d + BLOCK_D - 1) // BLOCK_D
+    bi = (tl.program_id(0) // blocks).to(tl.int64)
+    chan = ((tl.program_id(0) % blocks) * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
     dmask = chan < d
     grp = chan // dpg
     offs_n = tl.arange(0, N_PAD)
@@ -445,7 +449,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         out = torch.empty(batch, d, L, device=u.device, dtype=u.dtype)
         ckpt = torch.empty(batch, d, n_slots, N, device=u.device, dtype=ct)
         dpg = d // G
-        grid = (G * triton.cdiv(dpg, BLOCK_D), batch)
+        grid = (batch * G * triton.cdiv(dpg, BLOCK_D),)
         dummy = u_
         _scan_fwd_kernel[grid](
             u_, delta_, A_, B_, C_, D_ if D_ is not None else dummy, z_ if z_ is not None else dummy,
@@ -481,7 +485,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         dA_part, dinit = torch.empty(batch, d, N, **kw), torch.empty(batch, d, N, **kw)
         dD_part = torch.empty(batch, d, **kw) if D is not None else None
         dummy = du
-        grid = (G * triton.cdiv(dpg, BLOCK_D), batch)
+        grid = (batch * G * triton.cdiv(dpg, BLOCK_D),)
         _scan_bwd_kernel[grid](
             u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
             bias if bias is not None else dummy, init if init is not None else dummy, ckpt, dout,
@@ -546,7 +550,7 @@ def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias
     out = torch.empty(batch, d, device=x.device, dtype=x.dtype)
     n_pad = triton.next_power_of_2(max(N, 1))
     block_d = max(1, min(64, triton.next_power_of_2(d), 4096 // n_pad))
-    grid = (triton.cdiv(d, block_d), batch)
+    grid = (batch * triton.cdiv(d, block_d),)
     dummy = x_
     _state_update_kernel[grid](
         state, x_, dt_, A_, B3, C3, D_ if D_ is not None else dummy, z_ if z_ is not None else dummy,
