@@ -183,7 +183,7 @@ class SelectiveSSM(nn.Module):
         x = F.silu(causal_conv(x, conv, prefix))
         dt, B, C = torch.split(F.linear(x.transpose(1, 2), x_proj.weight),
                                [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, dt_proj.weight).transpose(1, 2)                               # (b, d_inner, L)
+        dt = torch.matmul(dt_proj.weight, dt.transpose(1, 2))      # (b, d_inner, L), contiguous as the scan wants
         B, C = B.transpose(1, 2), C.transpose(1, 2)                                     # (b, N, L)
         ct = compute_dtype(A_log)
         A = -torch.exp(A_log.to(ct))
