@@ -68,6 +68,9 @@ def _apps(tmp_path, monkeypatch):
     monkeypatch.delenv("MAMBAKIT_DEBUG", raising=False)
     monkeypatch.delenv("MAMBAKIT_OFFLINE", raising=False)
     CALLS.clear()
+    # Only the toy apps: the real apps installed through entry points must not run here (their quick
+    # recipes train for minutes).
+    monkeypatch.setattr(app_registry, "_FROM_ENTRY_POINTS", {})
     register_app(OK_APP)
     register_app(BAD_APP)
     yield
