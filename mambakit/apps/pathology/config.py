@@ -58,6 +58,7 @@ class MambaMILConfig:
     d_conv: int = 4
     expand: int = 2
     init: Literal["upstream", "mamba"] = "upstream"
+    checkpoint_layers: bool = False   # activation checkpointing per block (memory for 100k-patch bags)
 
 
 @dataclass

@@ -28,6 +28,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from mambakit.apps.pathology.heads import activation, attention_mlp, attention_pool, gated_attention_mlps, xavier_init
@@ -84,17 +85,20 @@ class MambaMIL(nn.Module):
     projection (upstream: 0 for subtyping, 0.25 for survival). init: "upstream" reproduces MambaMIL's
     Xavier re-initialisation of every Linear (dt_proj included); "mamba" keeps the mixers' own mamba_ssm
     initialisation (dt bias from inverse softplus) and Xavier-initialises only the MIL layers.
+    checkpoint_layers: recompute each block's activations in the backward pass instead of keeping them
+    (activation checkpointing: same results, less memory for very large bags, about one more forward).
     """
 
     def __init__(self, in_dim: int = 1024, n_classes: int = 2, dropout: float = 0.0, act: str = "gelu",
                  layer: int = 2, rate: int = 10, mixer: str = "SRMamba", dim: int = 512, d_state: int = 16,
-                 d_conv: int = 4, expand: float = 2, init: str = "upstream"):
+                 d_conv: int = 4, expand: float = 2, init: str = "upstream", checkpoint_layers: bool = False):
         super().__init__()
         if layer < 1 or rate < 1:
             raise ValueError(f"layer and rate must be >= 1, got layer={layer}, rate={rate}")
         if init not in ("upstream", "mamba"):
             raise ValueError(f"init must be 'upstream' or 'mamba', got {init!r}")
         self.in_dim, self.n_classes, self.rate, self.mixer_type = in_dim, n_classes, rate, mixer
+        self.checkpoint_layers = checkpoint_layers
         self._fc1 = _fc(in_dim, dim, act, dropout)
         self.norm = nn.LayerNorm(dim)
         self.layers = nn.ModuleList(
@@ -111,8 +115,11 @@ class MambaMIL(nn.Module):
 
     def forward(self, x: torch.Tensor, return_scores: bool = False):
         h = self._fc1(as_bag(x, self.in_dim, "MambaMIL", self._fc1[0].weight.dtype))
-        for norm, mixer in self.layers:
-            h = h + mixer(norm(h))
+        for block in self.layers:
+            if self.checkpoint_layers and torch.is_grad_enabled() and h.requires_grad:
+                h = h + torch.utils.checkpoint.checkpoint(block, h, use_reentrant=False)
+            else:
+                h = h + block(h)
         h = self.norm(h)
         pooled, a = attention_pool(h, self.attention(h).squeeze(-1))
         logits = self.classifier(pooled)

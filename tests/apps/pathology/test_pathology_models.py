@@ -106,6 +106,19 @@ def test_mambamil_has_upstream_names_shapes_and_size():
     assert sum(p.numel() for p in model.parameters()) == 4_227_843     # upstream MambaMIL(1024, 2)
 
 
+def test_mambamil_checkpointing_gives_the_same_values_and_gradients():
+    torch.manual_seed(0)
+    plain = MambaMIL(in_dim=8, n_classes=2, dim=8, d_state=4, rate=3).double()
+    ckpt = MambaMIL(in_dim=8, n_classes=2, dim=8, d_state=4, rate=3, checkpoint_layers=True).double()
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 20, 8, dtype=torch.float64, requires_grad=True)
+    outs = [m(x) for m in (plain, ckpt)]
+    torch.testing.assert_close(outs[0], outs[1])
+    grads = [torch.autograd.grad(o.sum(), [x, m.layers[1][1].in_proj.weight]) for o, m in zip(outs, (plain, ckpt))]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
 def test_mambamil_init_modes():
     up = MambaMIL(in_dim=16, n_classes=2, dim=16, init="upstream")
     assert all(float(m.dt_proj.bias.detach().abs().max()) == 0 for _, m in up.layers)          # upstream zeroes dt biases

@@ -1,0 +1,256 @@
+"""MIL at whole-slide scale on the CPU: forward+backward time and peak memory for one bag, MambaMIL
+(SR-Mamba, R=5, 2 layers; also with activation checkpointing per block) against TransMIL (Nystrom attention)
+and ABMIL (gated attention), at 1k, 10k, 50k and 100k instances of 1024-d features, with the ratios from one
+run.
+
+    .venv/bin/python benchmarks/mil.py            # writes benchmarks/results/mil.{json,md}, prints the table
+    .venv/bin/python benchmarks/mil.py --quick    # small bags: checks the script in a minute
+
+Method
+- Every (model, bag size) runs in its own subprocess, so each peak comes from a clean process and an
+  out-of-memory kill stays contained. The parent watches the child's resident memory and stops it above
+  --limit-gib (default 20 of the machine's 24 GiB); such a case, or one the kernel kills, is reported as
+  out of memory at that size, and larger bags of that model are not tried.
+- One step = model(bag) -> cross-entropy on a 2-class label -> backward() into every parameter, in float32,
+  train mode, batch size 1 (how MIL trains). Models are built as the MambaMIL repository builds them
+  (MambaMIL(1024, 2, dropout 0, gelu, layer 2, rate 5); TransMIL(1024, 2); gated ABMIL(1024, 2)).
+- Warm-up: one step on a 1,000-instance bag first (first-call costs: the fused scan kernel's load, the
+  allocator), then the timed steps: the median of 3 for bags up to 10k instances, one step above.
+- Memory: peak resident set size above the resident size just before the measured step (the kernel's
+  high-water mark is reset through /proc/self/clear_refs, then VmHWM - VmRSS is read from
+  /proc/self/status), with glibc's mmap threshold pinned (MALLOC_MMAP_THRESHOLD_=65536) so freed large
+  buffers return to the OS between steps. It counts activations, autograd buffers and gradients; the bag
+  and the weights are allocated before.
+- Threads: torch's default (all cores). The machine's load average is recorded at the start and the end;
+  compare numbers only within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = {"mambamil": "MambaMIL (SR-Mamba)", "mambamil_ckpt": "MambaMIL, checkpointed blocks",
+          "transmil": "TransMIL (Nystrom)", "abmil": "ABMIL (gated)"}
+SIZES = [1000, 10000, 50000, 100000]
+QUICK_SIZES = [500, 2000]
+IN_DIM = 1024
+
+
+# --------------------------------------------------------------------------------------------------
+# child: one (model, size)
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _build(name: str):
+    from mambakit.apps.pathology.models import ABMIL, MambaMIL, TransMIL
+
+    if name in ("mambamil", "mambamil_ckpt"):
+        return MambaMIL(in_dim=IN_DIM, n_classes=2, dropout=0.0, act="gelu", layer=2, rate=5,
+                        checkpoint_layers=name == "mambamil_ckpt")
+    if name == "transmil":
+        return TransMIL(in_dim=IN_DIM, n_classes=2, dropout=0.0, act="relu")
+    if name == "abmil":
+        return ABMIL(in_dim=IN_DIM, n_classes=2, gated=True)
+    raise ValueError(name)
+
+
+def child(name: str, size: int, repeats: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = _build(name).train()
+    label = torch.tensor([1])
+
+    def step(bag):
+        loss = F.cross_entropy(model(bag), label)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    step(torch.randn(1000, IN_DIM))                      # warm-up
+    bag = torch.randn(size, IN_DIM)
+    rss_before = _status_kib("VmRSS")
+    _reset_peak()
+    start = time.perf_counter()
+    step(bag)
+    times = [time.perf_counter() - start]
+    peak_kib = _status_kib("VmHWM") - rss_before
+    for _ in range(repeats - 1):
+        start = time.perf_counter()
+        step(bag)
+        times.append(time.perf_counter() - start)
+    return {"model": name, "size": size, "status": "ok", "time_s": statistics.median(times), "times_s": times,
+            "peak_gib": peak_kib / 2**20, "params": sum(p.numel() for p in model.parameters()),
+            "threads": torch.get_num_threads()}
+
+
+# --------------------------------------------------------------------------------------------------
+# parent
+
+def _rss_gib(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 2**20
+    except FileNotFoundError:
+        pass
+    return 0.0
+
+
+def run_case(name: str, size: int, limit_gib: float, timeout_s: float) -> dict:
+    repeats = 3 if size <= 10000 else 1
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, __file__, "--child", name, str(size), "--repeats", str(repeats)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    start, peak_seen = time.time(), 0.0
+    while proc.poll() is None:
+        rss = _rss_gib(proc.pid)
+        peak_seen = max(peak_seen, rss)
+        if rss > limit_gib:
+            proc.kill()
+            proc.wait()
+            return {"model": name, "size": size, "status": "oom",
+                    "detail": f"resident memory passed {limit_gib:g} GiB (stopped)"}
+        if time.time() - start > timeout_s:
+            proc.kill()
+            proc.wait()
+            return {"model": name, "size": size, "status": "timeout", "detail": f"over {timeout_s:g} s"}
+        time.sleep(0.2)
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        killed = proc.returncode in (-9, 137)
+        return {"model": name, "size": size, "status": "oom" if killed else "error",
+                "detail": "killed by the kernel (out of memory)" if killed else err.strip().splitlines()[-1:]}
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = 0.0
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal"):
+                mem = int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem, 1), "torch": torch.__version__,
+            "python": platform.python_version(), "commit": commit}
+
+
+def _fmt(r: dict | None, key: str, digits: int) -> str:
+    if r is None:
+        return "-"
+    if r["status"] != "ok":
+        return {"oom": "OOM", "timeout": "timeout", "skipped": "skipped"}.get(r["status"], "error")
+    return f"{r[key]:.{digits}f}"
+
+
+def _ratio(a: dict | None, b: dict | None, key: str) -> str:
+    if a is None or b is None or a["status"] != "ok" or b["status"] != "ok" or not b[key]:
+        return "-"
+    return f"{a[key] / b[key]:.2f}x"
+
+
+def table(results: list[dict], sizes: list[int]) -> str:
+    """One row per (bag size, model); the ratios compare TransMIL with the row's model (> 1: the row's
+    model is faster / leaner)."""
+    by = {(r["model"], r["size"]): r for r in results}
+    models = list(dict.fromkeys(r["model"] for r in results))
+    lines = ["| instances | model | fwd+bwd s | peak GiB | TransMIL time / this | TransMIL memory / this |",
+             "|---|---|---|---|---|---|"]
+    for n in sizes:
+        t = by.get(("transmil", n))
+        for name in models:
+            r = by.get((name, n))
+            if r is None:
+                continue
+            lines.append(f"| {n:,} | {MODELS[name]} | {_fmt(r, 'time_s', 3 if r.get('time_s', 1) < 1 else 2)} | "
+                         f"{_fmt(r, 'peak_gib', 3)} | {_ratio(t, r, 'time_s')} | {_ratio(t, r, 'peak_gib')} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", nargs=2, metavar=("MODEL", "SIZE"), help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help=f"bags of {QUICK_SIZES} (a check of the script)")
+    parser.add_argument("--sizes", default=None, help="comma-separated bag sizes (default 1000,10000,50000,100000)")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: mambamil,transmil,abmil")
+    parser.add_argument("--limit-gib", type=float, default=20.0, help="stop a case above this resident memory")
+    parser.add_argument("--timeout-s", type=float, default=3600.0, help="stop a case after this long")
+    parser.add_argument("--out", default=None, help="results stem (default benchmarks/results/mil[_quick])")
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child[0], int(args.child[1]), args.repeats)))
+        return 0
+    sizes = QUICK_SIZES if args.quick else ([int(s) for s in args.sizes.split(",")] if args.sizes else SIZES)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+    info = machine() | {"load_average_start": os.getloadavg()}
+    results, failed_at = [], {}
+    for n in sizes:
+        for name in models:
+            if name in failed_at:
+                results.append({"model": name, "size": n, "status": "skipped",
+                                "detail": f"{failed_at[name]['status']} at {failed_at[name]['size']:,} instances"})
+                continue
+            r = run_case(name, n, args.limit_gib, args.timeout_s)
+            results.append(r)
+            if r["status"] != "ok":
+                failed_at[name] = r
+            shown = f"{r['time_s']:.2f} s, {r['peak_gib']:.2f} GiB" if r["status"] == "ok" else r.get("detail", r["status"])
+            print(f"{MODELS[name]:<22} {n:>7,} instances: {shown}", flush=True)
+    info["load_average_end"] = os.getloadavg()
+    stem = Path(args.out) if args.out else RESULTS / ("mil_quick" if args.quick else "mil")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    md = table(results, sizes)
+    notes = [f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB; torch {info['torch']}; "
+             f"commit {info['commit']}; load average {info['load_average_start'][0]:.2f} at the start, "
+             f"{info['load_average_end'][0]:.2f} at the end.",
+             "One bag, forward + backward, float32, train mode; peak = resident memory above the level before "
+             "the step. See benchmarks/mil.py for the method."]
+    for r in results:
+        if r["status"] != "ok":
+            notes.append(f"- {MODELS[r['model']]} at {r['size']:,} instances: {r['status']} ({r.get('detail', '')})")
+    (stem.with_suffix(".json")).write_text(json.dumps({"machine": info, "results": results}, indent=1) + "\n")
+    (stem.with_suffix(".md")).write_text(md + "\n\n" + "\n".join(notes) + "\n")
+    print("\n" + md + "\n\n" + "\n".join(notes))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
