@@ -83,12 +83,14 @@ def _from_pretrained(spec: str, model_name: str | None):
     from .models import _read, load_weights, resolve_weights_file
 
     register_timm_models()
+    kwargs = {}
     if model_name is None:
         if Path(spec).exists():
             raise ValueError(f"{spec}: a weights file does not say its architecture; add --model TIMM_NAME")
         from mambakit.zoo import get_weights
-        model_name = get_weights(spec).builder.split(":")[1]
-    model = timm.create_model(model_name)
+        entry = get_weights(spec)
+        model_name, kwargs = entry.builder.split(":")[1], dict(entry.config)
+    model = timm.create_model(model_name, **kwargs)
     state = strip_prefixes(state_dict_from(_read(resolve_weights_file(spec), False), False, str(spec)))
     head = state.get(classifier_name(model) + ".weight")
     if head is not None and head.shape[0] != model.num_classes:
@@ -102,7 +104,11 @@ def _from_pretrained(spec: str, model_name: str | None):
     else:
         classes = [f"class {i}" for i in range(n)]
     from timm.data import create_transform, resolve_model_data_config
-    transform = create_transform(**resolve_model_data_config(model))
+    data_cfg = resolve_model_data_config(model)
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None:                    # a model built for another resolution than its pretrained cfg
+        data_cfg["input_size"] = (3, *img_size)
+    transform = create_transform(**data_cfg)
     return model, transform, classes, 3
 
 

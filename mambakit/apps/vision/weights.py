@@ -41,7 +41,7 @@ EFFICIENT_VMAMBA_WEIGHTS = [
               f"efficient_vmamba_{size}.ckpt"],
         sha256=None, filename=f"efficient_vmamba_{size}.ckpt",
         converter="mambakit.apps.vision.convert:efficient_vmamba_from_upstream",
-        licence="unspecified (the upstream repository has no licence file)",
+        licence="none stated (no licence file upstream)",
         metrics={"imagenet1k/top1": top1}, source="TerryPei/EfficientVMamba (arXiv 2403.09977)")
     for size, top1 in (("tiny", 76.5), ("small", 78.7), ("base", 81.8))
 ]

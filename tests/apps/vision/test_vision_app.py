@@ -15,6 +15,7 @@ from PIL import Image
 from mambakit.apps.vision.app import APP, CONFIGS
 from mambakit.apps.vision.config import DataConfig, ModelConfig, VisionRecipe
 from mambakit.apps.vision.models import create_model
+from mambakit.apps.vision.predict import predict
 from mambakit.apps.vision.task import VisionTask
 from mambakit.cli import main as cli
 from mambakit.data.testing import FileServer
@@ -90,13 +91,19 @@ def test_pretrained_by_zoo_name_and_upstream_file(tmp_path):
     with FileServer({"vim.pth": raw}) as server:
         register_weights(WeightEntry(
             name="test-vim.tiny", app="vision", description="test", builder="mambakit.apps.vision.vim:vim_tiny_patch16_224",
-            config={"num_classes": 1000}, urls=[server.url("vim.pth")], sha256=hashlib.sha256(raw).hexdigest(),
+            config={"num_classes": 1000, "img_size": 32, "patch_size": 8, "embed_dim": 16, "depth": 1},
+            urls=[server.url("vim.pth")], sha256=hashlib.sha256(raw).hexdigest(),
             filename="vim.pth", converter="mambakit.apps.vision.convert:vim_from_upstream"))
         try:
             model = create_model(ModelConfig(pretrained="test-vim.tiny", kwargs=dict(patch_size=8, embed_dim=16,
                                                                                     depth=1)), data, 3)
+            image = next((Path(data.root) / "test" / "red").glob("*.png"))
+            top = predict([image], pretrained="test-vim.tiny", topk=3)[0]["top"]
         finally:
             unregister_weights("test-vim.tiny")
+    from timm.data import ImageNetInfo
+    assert top[0]["label"] == ImageNetInfo().index_to_description(top[0]["index"])      # ImageNet class names
+    assert len(top) == 3 and top[0]["prob"] >= top[2]["prob"]
     assert model.head.out_features == 3
     torch.testing.assert_close(model.layers[0].mixer.in_proj.weight, source.layers[0].mixer.in_proj.weight)
     # the same file from disk, at another resolution (pos_embed resized) and with its EMA weights

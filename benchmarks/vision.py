@@ -1,0 +1,326 @@
+"""Vim's headline claim on a CPU: time and peak memory of Vim-Ti against timm's DeiT-Ti as the resolution grows,
+and EfficientVMamba-T against ResNet-18 and MobileNetV2, from the same run.
+
+    .venv/bin/python benchmarks/vision.py                          # everything, CPU, 2 threads
+    .venv/bin/python benchmarks/vision.py --pairs vim --resolutions 224,512 --batches 1
+    .venv/bin/python benchmarks/vision.py --profile vim:1024:1:forward   # where Vim's time goes
+
+Modes: "forward" (inference: eval mode, no_grad) and "train" (forward + backward of a cross-entropy loss,
+training mode, drop path 0). Resolutions 224, 512, 768, 1024 at batch 1 and 8; the models are built for
+each resolution (img_size for the models with position embeddings: Vim, DeiT), randomly initialised,
+1000 classes.
+
+Every point runs in a fresh process, so that its peak memory is its own: the peak resident set size during
+one step minus the size just before it (Linux VmHWM after resetting it through /proc/self/clear_refs). The
+process's data segment is capped (`--mem-cap-gib`, default 12; RLIMIT_DATA), so a point that would need more
+fails with an allocation error instead of pushing a shared machine into swap; such points are reported as
+"over the cap". Time: the median over repeats after one warm-up step (at least 2 repeats, more while they
+fit in `--min-seconds`). Writes benchmarks/results/vision.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+PAIRS = {  # pair -> (the Mamba model, its peers)
+    "vim": ("vim_tiny_patch16_224", ("deit_tiny_patch16_224",)),
+    "effvm": ("efficient_vmamba_tiny", ("resnet18", "mobilenetv2_100")),
+}
+TITLES = {"vim_tiny_patch16_224": "Vim-Ti", "deit_tiny_patch16_224": "DeiT-Ti",
+          "efficient_vmamba_tiny": "EfficientVMamba-T", "resnet18": "ResNet-18", "mobilenetv2_100": "MobileNetV2"}
+RESOLUTIONS = (224, 512, 768, 1024)
+BATCHES = (1, 8)
+MODES = ("forward", "train")
+
+
+def _vm_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def build(name: str, resolution: int):
+    import timm
+
+    import mambakit.apps.vision  # noqa: F401  (registers vim_* / efficient_vmamba_*)
+
+    kwargs = {"img_size": resolution} if name.startswith(("vim", "deit")) else {}
+    if name.startswith(("vim", "deit", "efficient")):
+        kwargs["drop_path_rate"] = 0.0
+    return timm.create_model(name, num_classes=1000, **kwargs)
+
+
+def measure(name: str, resolution: int, batch: int, mode: str, args) -> dict:
+    """One point, in this process: times (s) and peak memory (MiB)."""
+    import torch
+
+    torch.manual_seed(0)
+    model = build(name, resolution)
+    x = torch.randn(batch, 3, resolution, resolution)
+    target = torch.randint(0, 1000, (batch,))
+    if mode == "forward":
+        model.eval()
+
+        def step():
+            with torch.no_grad():
+                model(x)
+    else:
+        model.train()
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x), target).backward()
+
+    resettable = _reset_peak_rss()
+    base = _vm_kib("VmRSS")
+    t0 = time.perf_counter()
+    step()                                   # the warm-up step; it also allocates the gradients in "train"
+    warm = time.perf_counter() - t0
+    peak = _vm_kib("VmHWM")
+    peak_mib = (peak - base) / 1024 if (resettable and base is not None and peak is not None) else None
+    times = []
+    while len(times) < args.min_repeats or (sum(times) + warm < args.min_seconds and len(times) < args.max_repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return {"model": name, "resolution": resolution, "batch": batch, "mode": mode,
+            "time_s": statistics.median(times), "times_s": [round(t, 5) for t in times], "warmup_s": round(warm, 4),
+            "peak_mib": peak_mib, "params": sum(p.numel() for p in model.parameters()),
+            "tokens": (resolution // 16) ** 2 + 1 if name.startswith(("vim", "deit")) else None}
+
+
+def run_point(name: str, resolution: int, batch: int, mode: str, args) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_point", f"{name}:{resolution}:{batch}:{mode}",
+           "--threads", str(args.threads), "--min-repeats", str(args.min_repeats), "--max-repeats",
+           str(args.max_repeats), "--min-seconds", str(args.min_seconds), "--mem-cap-gib", str(args.mem_cap_gib)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    started = time.time()
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"model": name, "resolution": resolution, "batch": batch, "mode": mode,
+                "error": f"took more than {args.timeout:.0f} s"}
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+        over = any(s in proc.stderr for s in ("DefaultCPUAllocator: can't allocate memory", "MemoryError",
+                                              "not enough memory", "Cannot allocate memory"))
+        return {"model": name, "resolution": resolution, "batch": batch, "mode": mode,
+                "error": f"over the {args.mem_cap_gib:g} GiB cap" if over else tail[-200:],
+                "over_cap": over, "wall_s": round(time.time() - started, 1)}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def machine(args) -> dict:
+    info = {"python": platform.python_version(), "cpus_visible": os.cpu_count(), "threads": args.threads,
+            "loadavg_start": [round(v, 2) for v in os.getloadavg()]}
+    import torch
+    import timm
+
+    info.update(torch=torch.__version__, timm=timm.__version__)
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            info["cpu"] = line.split(":", 1)[1].strip()
+            break
+    from mambakit.kernels.cpu_scan import kernel_status
+    info["cpu_scan_kernel"] = bool(kernel_status()[0])
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reporting
+
+def _fmt_time(p: dict) -> str:
+    if "time_s" not in p:
+        return p.get("error", "-") if p else "-"
+    t = p["time_s"]
+    return f"{t * 1000:.0f} ms" if t < 10 else f"{t:.1f} s"
+
+
+def _fmt_mem(p: dict) -> str:
+    return f"{p['peak_mib']:.0f}" if p.get("peak_mib") is not None else "-"
+
+
+def crossovers(points: list[dict], pairs, resolutions) -> list[dict]:
+    """Per pair, peer, mode and batch: the smallest resolution from which the Mamba model is faster at every
+    measured larger resolution (None when it never is)."""
+    by = {(p["model"], p["resolution"], p["batch"], p["mode"]): p for p in points}
+    out = []
+    for pair in pairs:
+        mamba, peers = PAIRS[pair]
+        for peer in peers:
+            for mode in MODES:
+                for batch in sorted({p["batch"] for p in points}):
+                    faster = []
+                    for r in resolutions:
+                        m, q = by.get((mamba, r, batch, mode), {}), by.get((peer, r, batch, mode), {})
+                        if "time_s" in m and "time_s" in q:
+                            faster.append((r, q["time_s"] / m["time_s"]))
+                        elif "time_s" in m and q.get("over_cap"):
+                            faster.append((r, float("inf")))       # the peer does not even fit
+                    cross = None
+                    for i, (r, _) in enumerate(faster):
+                        if all(s > 1 for _, s in faster[i:]):
+                            cross = r
+                            break
+                    out.append({"mamba": mamba, "peer": peer, "mode": mode, "batch": batch, "overtakes_at": cross,
+                                "speedups": {r: (None if s == float("inf") else round(s, 3)) for r, s in faster}})
+    return out
+
+
+def markdown(points: list[dict], meta: dict) -> str:
+    a, m = meta["args"], meta["machine"]
+    lines = [
+        "# Vision on the CPU: Vim-Ti vs DeiT-Ti, EfficientVMamba-T vs ResNet-18 / MobileNetV2",
+        "",
+        f"Generated by `benchmarks/vision.py` on {meta['generated']} ({m.get('cpu', '?')}, {a['threads']} threads, "
+        f"torch {m.get('torch')}, timm {m.get('timm')}, fused CPU scan kernel: {m.get('cpu_scan_kernel')}; load "
+        f"average {m.get('loadavg_start')} at the start, {m.get('loadavg_end')} at the end). Randomly initialised "
+        f"models, 1000 classes. forward: eval mode, no_grad. train: forward + backward of cross-entropy. Time: "
+        f"median over >= {a['min_repeats']} steps after a warm-up step. Peak MiB: extra resident memory of one "
+        f"step (VmHWM - VmRSS before it), each point in its own process capped at {a['mem_cap_gib']:g} GiB. "
+        f"Speed-up = peer time / Mamba time; memory ratio = Mamba peak / peer peak.",
+        "",
+    ]
+    by = {(p["model"], p["resolution"], p["batch"], p["mode"]): p for p in points}
+    for pair in a["pairs"]:
+        mamba, peers = PAIRS[pair]
+        for peer in peers:
+            lines += [f"## {TITLES[mamba]} vs {TITLES[peer]}", "",
+                      f"| mode | batch | pixels | {TITLES[mamba]} | {TITLES[peer]} | speed-up | "
+                      f"{TITLES[mamba]} peak MiB | {TITLES[peer]} peak MiB | memory ratio |",
+                      "|---|---|---|---|---|---|---|---|---|"]
+            for mode in MODES:
+                for batch in a["batches"]:
+                    for r in a["resolutions"]:
+                        x, y = by.get((mamba, r, batch, mode)), by.get((peer, r, batch, mode))
+                        if x is None and y is None:
+                            continue
+                        x, y = x or {}, y or {}
+                        sp = f"{y['time_s'] / x['time_s']:.2f}x" if "time_s" in x and "time_s" in y else "-"
+                        mr = f"{x['peak_mib'] / y['peak_mib']:.2f}" if x.get("peak_mib") and y.get("peak_mib") else "-"
+                        lines.append(f"| {mode} | {batch} | {r} | {_fmt_time(x)} | {_fmt_time(y)} | {sp} | "
+                                     f"{_fmt_mem(x)} | {_fmt_mem(y)} | {mr} |")
+            lines.append("")
+    lines += ["## Where the Mamba model overtakes its peer", "",
+              "| Mamba | peer | mode | batch | faster from (pixels) | speed-ups by resolution |", "|---|---|---|---|---|---|"]
+    for c in meta["crossovers"]:
+        sp = ", ".join(f"{r}: {'peer over cap' if s is None else f'{s:.2f}x'}" for r, s in c["speedups"].items())
+        at = c["overtakes_at"] if c["overtakes_at"] is not None else "not in the range"
+        lines.append(f"| {TITLES[c['mamba']]} | {TITLES[c['peer']]} | {c['mode']} | {c['batch']} | {at} | {sp} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def profile(spec: str, args) -> None:
+    """Where a model's time goes: `model_key:resolution:batch:mode` (model_key vim | effvm | a timm name)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    key, resolution, batch, mode = spec.split(":")
+    name = PAIRS[key][0] if key in PAIRS else key
+    torch.set_num_threads(args.threads)
+    model = build(name, int(resolution))
+    x = torch.randn(int(batch), 3, int(resolution), int(resolution))
+    model.train(mode == "train")
+
+    def step():
+        if mode == "train":
+            torch.nn.functional.cross_entropy(model(x), torch.zeros(int(batch), dtype=torch.long)).backward()
+        else:
+            with torch.no_grad():
+                model(x)
+    step()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--pairs", default=",".join(PAIRS), help=f"comma-separated: {', '.join(PAIRS)}")
+    p.add_argument("--resolutions", default=",".join(map(str, RESOLUTIONS)))
+    p.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--min-repeats", type=int, default=2)
+    p.add_argument("--max-repeats", type=int, default=10)
+    p.add_argument("--min-seconds", type=float, default=5.0, help="repeat while the total stays under this")
+    p.add_argument("--mem-cap-gib", type=float, default=12.0, help="data-segment cap per point (RLIMIT_DATA)")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per point")
+    p.add_argument("--results", default=str(RESULTS / "vision"), help="output prefix (.json, .md)")
+    p.add_argument("--profile", default=None, metavar="MODEL:RES:BATCH:MODE",
+                   help="profile one point instead (MODEL: vim, effvm or a timm name)")
+    p.add_argument("--_point", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.profile:
+        profile(args.profile, args)
+        return 0
+    if args._point:
+        cap = int(args.mem_cap_gib * 2**30)
+        resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
+        import torch
+
+        torch.set_num_threads(args.threads)
+        name, res, batch, mode = args._point.split(":")
+        print(json.dumps(measure(name, int(res), int(batch), mode, args)))
+        return 0
+
+    pairs = [s for s in args.pairs.split(",") if s]
+    unknown = [s for s in pairs if s not in PAIRS]
+    if unknown:
+        p.error(f"--pairs: unknown {unknown}; expected some of {', '.join(PAIRS)}")
+    resolutions = [int(v) for v in args.resolutions.split(",")]
+    batches = [int(v) for v in args.batches.split(",")]
+    modes = [m for m in args.modes.split(",") if m]
+    meta = {"generated": datetime.now().isoformat(timespec="seconds"), "machine": machine(args),
+            "args": {**{k: v for k, v in vars(args).items() if not k.startswith("_")}, "pairs": pairs,
+                     "resolutions": resolutions, "batches": batches, "modes": modes}}
+    points = []
+    for pair in pairs:
+        mamba, peers = PAIRS[pair]
+        for mode in modes:
+            for batch in batches:
+                for r in resolutions:
+                    for name in (mamba, *peers):
+                        point = run_point(name, r, batch, mode, args)
+                        points.append(point)
+                        shown = (f"{_fmt_time(point)}, peak {_fmt_mem(point)} MiB" if "time_s" in point
+                                 else point["error"])
+                        print(f"{TITLES.get(name, name):>18} {mode:>7} b{batch} {r:>4}px: {shown}", flush=True)
+    meta["machine"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    meta["crossovers"] = crossovers(points, pairs, resolutions)
+    prefix = Path(args.results)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    prefix.with_suffix(".json").write_text(json.dumps({"meta": meta, "points": points}, indent=1) + "\n")
+    prefix.with_suffix(".md").write_text(markdown(points, meta))
+    print(markdown(points, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
