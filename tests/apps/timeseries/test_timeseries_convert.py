@@ -57,3 +57,31 @@ def test_itransformer_upstream_keys():
     fresh.load_state_dict(convert_upstream_state_dict(upstream, prefix=""), strict=True)
     x = torch.randn(2, 24, 3)
     torch.testing.assert_close(fresh(x), ours(x), rtol=0, atol=0)
+
+
+def test_finetune_loads_upstream_weights_but_keeps_the_new_data_scaler(tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    from mambakit.apps.timeseries.config import ForecastRecipe
+    from mambakit.apps.timeseries.task import ForecastTask
+    from mambakit.engine.config import from_dict
+
+    n = 300
+    pd.DataFrame({"date": pd.date_range("2020-01-01", periods=n, freq="h").astype(str),
+                  "a": np.sin(np.arange(n) / 5.0) * 3 + 7, "OT": np.cos(np.arange(n) / 7.0)}).to_csv(
+        tmp_path / "s.csv", index=False)
+    recipe = from_dict(ForecastRecipe, {"data": {"path": str(tmp_path / "s.csv"), "seq_len": 24, "label_len": 12,
+                                                 "pred_len": 12},
+                                        "model": {"name": "smamba", "d_model": 16, "d_ff": 16, "d_state": 2}})
+    task = ForecastTask(recipe)
+    torch.manual_seed(0)
+    pretrained = task.build_model()
+    torch.manual_seed(1)
+    fresh = task.build_model()
+    scaler_before = fresh.scaler_mean.clone()
+    report = task.load_pretrained(fresh, to_upstream(pretrained.net))
+    assert sorted(report.missing) == ["meta", "scaler_mean", "scaler_std"] and not report.unexpected
+    for key, value in pretrained.net.state_dict().items():
+        torch.testing.assert_close(fresh.net.state_dict()[key], value, rtol=0, atol=0)
+    assert torch.equal(fresh.scaler_mean, scaler_before)
