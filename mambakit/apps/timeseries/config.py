@@ -96,7 +96,9 @@ class ForecastData:
     split: Literal["ett_hour", "ett_minute", "ratio"] = "ratio"
     split_ratios: tuple[float, float, float] = (0.7, 0.1, 0.2)
     seq_len: int = 96                 # lookback
-    label_len: int = 48               # kept in the windows for decoder-style models; unused by these models
+    # Kept in the windows for decoder-style models; unused by these models. Default: TSLib's 48, or seq_len if
+    # that is shorter.
+    label_len: int | None = None
     pred_len: int = 96                # horizon
     freq: str | None = None           # pandas frequency for the calendar features (default: inferred)
     timeenc: Literal["timeF", "none"] = "timeF"
@@ -108,6 +110,8 @@ class ForecastData:
         for name in ("seq_len", "pred_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.label_len is None:
+            self.label_len = min(48, self.seq_len)
         if not 0 <= self.label_len <= self.seq_len:
             raise ValueError(f"label_len must be in [0, seq_len={self.seq_len}], got {self.label_len}")
 
