@@ -93,6 +93,8 @@ def _add_extractor_arguments(parser: argparse.ArgumentParser) -> None:
                    help="zoo weights name or a local file (default: the backbone's zoo weights)")
     g.add_argument("--random-weights", action="store_true",
                    help="use an untrained backbone (tests and demos only: the features mean nothing)")
+    g.add_argument("--calibrate-bn", type=int, default=0, metavar="N",
+                   help="with --random-weights: estimate BatchNorm statistics on N patches of the slides first")
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--num-workers", type=int, default=2, help="patch-reading worker processes (default 2)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -104,7 +106,8 @@ def _extract_params(args):
 
     return ExtractParams(backbone=args.backbone, weights=args.weights, random_weights=args.random_weights,
                          batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
-                         input_size=args.input_size, skip_existing=not getattr(args, "no_skip", False),
+                         input_size=args.input_size, calibrate_bn=args.calibrate_bn,
+                         skip_existing=not getattr(args, "no_skip", False),
                          tile=_tile_params(args))
 
 

@@ -117,10 +117,12 @@ class Extractor:
     std: tuple
     weights: str               # file path, zoo name, or RANDOM_WEIGHTS_NOTE
     random_weights: bool
+    calibration: dict | None = None   # BatchNorm statistics estimated on patches (random weights only)
 
     def meta(self) -> dict:
         return {"backbone": self.name, "dim": self.dim, "input_size": self.input_size, "mean": list(self.mean),
-                "std": list(self.std), "weights": self.weights, "random_weights": self.random_weights}
+                "std": list(self.std), "weights": self.weights, "random_weights": self.random_weights,
+                "batchnorm_calibration": self.calibration}
 
 
 def _load_file(path: Path) -> dict:
@@ -177,22 +179,31 @@ def _entry_matches(entry, backbone: str) -> bool:
     return entry.config.get("model_name") == backbone.removeprefix("timm:")
 
 
+def _backbone(backbone: str) -> nn.Module:
+    if backbone == "resnet50_trunc":
+        return resnet50_trunc()
+    if backbone.startswith("timm:"):
+        return timm_backbone(backbone.removeprefix("timm:"))
+    raise ValueError(f"unknown backbone {backbone!r}; expected 'resnet50_trunc' or 'timm:<model name>'")
+
+
 def build_extractor(backbone: str = "resnet50_trunc", weights: str | None = None, random_weights: bool = False,
                     input_size: int | None = None, log: Callable = print) -> Extractor:
     """The backbone with its weights. Exactly one of: weights given, the backbone's default zoo weights,
     or `random_weights=True` (loud)."""
     if weights is not None and random_weights:
         raise ValueError("give either --weights or --random-weights, not both")
+    with torch.random.fork_rng(devices=[]):
+        # Random weights are the same in every process (ranks, resumed runs, heatmaps) and every run.
+        torch.manual_seed(0)
+        model = _backbone(backbone)
     if backbone == "resnet50_trunc":
-        model, dim, size, mean, std = resnet50_trunc(), 1024, 224, IMAGENET_MEAN, IMAGENET_STD
-    elif backbone.startswith("timm:"):
-        model = timm_backbone(backbone.removeprefix("timm:"))
+        dim, size, mean, std = 1024, 224, IMAGENET_MEAN, IMAGENET_STD
+    else:
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         dim = int(model.num_features)
         size = int(cfg.get("input_size", (3, 224, 224))[-1])
         mean, std = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
-    else:
-        raise ValueError(f"unknown backbone {backbone!r}; expected 'resnet50_trunc' or 'timm:<model name>'")
     if random_weights:
         desc = RANDOM_WEIGHTS_NOTE
         banner = "!" * 100
@@ -256,6 +267,49 @@ def _worker_init(_):
     torch.set_num_threads(1)
 
 
+@torch.no_grad()
+def calibrate_batchnorm(extractor: Extractor, sources: Sequence[tuple[Path, Path]], n_patches: int,
+                        batch_size: int, device: torch.device, per_slide: int = 32) -> dict:
+    """Estimate a random-weight backbone's BatchNorm statistics on patches of the slides (an untrained
+    network's activations otherwise grow layer after layer; with the statistics of real patches every
+    normalisation is in range). `sources`: (slide, coordinate file) pairs in a fixed order; up to `per_slide`
+    evenly spaced patches are taken from each until `n_patches`. Deterministic, so every rank and every
+    resumed run computes the same statistics. Records what it used in `extractor.calibration`."""
+    if not extractor.random_weights:
+        raise ValueError("BatchNorm calibration is only for random weights: it would overwrite the statistics "
+                         "of pretrained weights")
+    norms = [m for m in extractor.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        raise ValueError(f"{extractor.name} has no BatchNorm layers to calibrate")
+    batches, used, total = [], [], 0
+    for slide_path, coords_h5 in sources:
+        if total >= n_patches:
+            break
+        coords, attrs = read_coords_h5(coords_h5)
+        take = min(per_slide, n_patches - total, len(coords))
+        picks = coords[np.linspace(0, len(coords) - 1, take).round().astype(int)]
+        slide = open_slide(slide_path)
+        try:
+            geometry = geometry_from_attrs(attrs, slide)
+        finally:
+            slide.close()
+        batches.append(PatchDataset(slide_path, picks, geometry, extractor.input_size, extractor.mean, extractor.std))
+        used.append(slide_id_of(slide_path))
+        total += take
+    if total == 0:
+        raise ValueError("no patches to calibrate BatchNorm on")
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None                     # cumulative average over every calibration batch
+    extractor.model.train()
+    data = torch.utils.data.ConcatDataset(batches)
+    for batch in torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False):
+        extractor.model(batch.to(device))
+    extractor.model.eval()
+    extractor.calibration = {"patches": total, "slides": used}
+    return extractor.calibration
+
+
 # --------------------------------------------------------------------------------------------------
 # one slide
 
@@ -268,6 +322,7 @@ class ExtractParams:
     num_workers: int = 2
     device: str = "auto"
     input_size: int | None = None       # pixels fed to the network; default: the backbone's (224)
+    calibrate_bn: int = 0               # random weights: estimate BatchNorm statistics on this many patches
     skip_existing: bool = True
     tile: TileParams = field(default_factory=TileParams)   # used when no coordinate folder is given
 
@@ -276,6 +331,8 @@ class ExtractParams:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.calibrate_bn < 0 or (self.calibrate_bn and not self.random_weights):
+            raise ValueError("calibrate_bn (a number of patches) applies to --random-weights only")
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
@@ -294,7 +351,7 @@ def _write_features_h5(path: Path, features: np.ndarray, coords: np.ndarray, coo
         for key, value in coord_attrs.items():
             dset.attrs[key] = value
         for key, value in meta.items():
-            f.attrs[key] = json.dumps(value) if isinstance(value, (list, dict)) else value
+            f.attrs[key] = json.dumps(value) if isinstance(value, (list, dict)) or value is None else value
     os.replace(tmp, path)
 
 
@@ -357,6 +414,22 @@ def shard_for_rank(items: Sequence, rank: int, world_size: int) -> list:
     return [item for i, item in enumerate(items) if i % world_size == rank]
 
 
+def _calibration_sources(paths: Sequence[Path], patches_dir: Path, tile: TileParams, tile_into: Path | None):
+    """(slide, coordinate file) in the global slide order, the same on every rank; slides another rank
+    tiles are tiled here too when this run tiles (same parameters, same file)."""
+    from mambakit.apps.pathology.wsi import tile_slide
+
+    for path in paths:
+        h5 = patches_dir / f"{slide_id_of(path)}.h5"
+        if not h5.is_file() and tile_into is not None:
+            try:
+                tile_slide(path, tile_into, tile)
+            except SlideError:
+                continue
+        if h5.is_file():
+            yield path, h5
+
+
 def _rank_and_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
@@ -378,7 +451,7 @@ def _check_meta(out_dir: Path, meta: dict) -> None:
     path = out_dir / "features_meta.json"
     if path.is_file():
         old = json.loads(path.read_text())
-        keys = ("backbone", "dim", "input_size", "weights", "random_weights")
+        keys = ("backbone", "dim", "input_size", "weights", "random_weights", "batchnorm_calibration")
         if any(old.get(k) != meta.get(k) for k in keys):
             raise ValueError(f"{out_dir} already holds features from {old.get('backbone')} with weights "
                              f"{old.get('weights')!r}; this run uses {meta['backbone']} with {meta['weights']!r}. "
@@ -406,6 +479,7 @@ def extract_slides(slides: str | Path | Sequence, out_dir: str | Path, params: E
     log(f"{tag} {len(mine)} of {len(paths)} slide(s) on this rank")
 
     tile_failures: dict[str, TileResult] = {}
+    coords_given = coords_dir
     if coords_dir is None:
         coords_dir = out_dir
         for r in tile_slides(mine, out_dir, params.tile, skip_existing=True, progress=progress, log=log):
@@ -417,8 +491,13 @@ def extract_slides(slides: str | Path | Sequence, out_dir: str | Path, params: E
     device = _device(params.device)
     if extractor is None:
         extractor = build_extractor(params.backbone, params.weights, params.random_weights, params.input_size, log)
-    _check_meta(out_dir, extractor.meta())
     extractor.model.to(device)
+    if params.calibrate_bn and extractor.calibration is None:
+        sources = _calibration_sources(paths, patches_dir, params.tile, out_dir if coords_given is None else None)
+        info = calibrate_batchnorm(extractor, sources, params.calibrate_bn, params.batch_size, device)
+        log(f"{tag} BatchNorm statistics of the random backbone estimated on {info['patches']} patches of "
+            f"{len(info['slides'])} slide(s)")
+    _check_meta(out_dir, extractor.meta())
 
     results = []
     for index, path in enumerate(mine, start=1):

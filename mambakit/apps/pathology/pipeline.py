@@ -153,6 +153,7 @@ class CohortRun:
     num_workers: int = 1
     batch_size: int = 32
     heatmaps: int = 3                   # test slides drawn per attention model (positives first)
+    calibrate_bn: int = 512             # patches for the random backbone's BatchNorm statistics
     overrides: list[str] = field(default_factory=list)
     sources: str | None = None          # a folder with the three source files (default: data registry)
 
@@ -211,7 +212,8 @@ def run_cohort_pipeline(run: CohortRun, log: Callable = print, progress: bool = 
     t = time.perf_counter()
     tile = TileParams(patch_size=256, magnification=20, seg=SegmentationParams(a_t=1, a_h=1), thumbnail_size=512)
     params = ExtractParams(backbone="resnet50_trunc", random_weights=True, batch_size=run.batch_size,
-                           num_workers=run.num_workers, input_size=run.input_size, tile=tile)
+                           num_workers=run.num_workers, input_size=run.input_size, calibrate_bn=run.calibrate_bn,
+                           tile=tile)
     results = extract_slides(cohort_dir / "slides", out / "features", params, progress=progress, log=log)
     failed = [r for r in results if r.status == "failed"]
     if failed:
@@ -227,7 +229,7 @@ def run_cohort_pipeline(run: CohortRun, log: Callable = print, progress: bool = 
                          "sources_sha256": manifest["sources"]},
               "extractor": {"backbone": "resnet50_trunc (CLAM)", "weights": "RANDOM (explicit --random-weights: no "
                             "pretrained weights can be downloaded here)", "input_size": run.input_size,
-                            "patch": "256 px at 20x (0.5 um/px)"},
+                            "batchnorm_calibration_patches": run.calibrate_bn, "patch": "256 px at 20x (0.5 um/px)"},
               "models": {}, "timings_s": timings}
     for recipe_path in run.recipes:
         t = time.perf_counter()

@@ -165,3 +165,39 @@ def test_patch_dataset_pickles_without_its_handle(slide_factory):
     clone = pickle.loads(pickle.dumps(ds))
     assert clone._slide is None
     torch.testing.assert_close(clone[0], x)
+
+
+def test_random_weights_are_the_same_in_every_process():
+    a = F.build_extractor("timm:resnet18", random_weights=True, log=lambda *_: None)
+    torch.manual_seed(123)                        # the global RNG state does not matter
+    b = F.build_extractor("timm:resnet18", random_weights=True, log=lambda *_: None)
+    for (k, v), w in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        torch.testing.assert_close(v, w, msg=k)
+
+
+def test_batchnorm_calibration_for_random_weights(slide_factory, tmp_path, small_tile_params):
+    import h5py
+
+    folder = tmp_path / "slides"
+    for i in range(2):
+        slide_factory(f"s{i}", folder=folder, seed=i)
+    outs = []
+    for run in ("a", "b"):
+        lines = []
+        F.extract_slides(folder, tmp_path / run, _params(small_tile_params, calibrate_bn=12), progress=False,
+                         log=lines.append)
+        assert any("BatchNorm statistics" in line for line in lines)
+        outs.append(torch.load(tmp_path / run / "pt_files" / "s0.pt", weights_only=True))
+        meta = json.loads((tmp_path / run / "features_meta.json").read_text())
+        assert meta["batchnorm_calibration"] == {"patches": 12, "slides": ["s0"]}
+    torch.testing.assert_close(outs[0], outs[1])                     # deterministic: ranks and resumes agree
+    done = F.extract_slides(folder, tmp_path / "plain", _params(small_tile_params), progress=False, log=lambda *_: None)
+    assert [r.status for r in done] == ["ok", "ok"], [r.error for r in done]
+    plain = torch.load(tmp_path / "plain" / "pt_files" / "s0.pt", weights_only=True)
+    assert not torch.allclose(plain, outs[0])                        # the statistics changed the features
+    with pytest.raises(ValueError, match="random-weights only"):
+        F.ExtractParams(weights="x.pth", calibrate_bn=10)
+    ex = F.build_extractor("timm:resnet18", weights=None, random_weights=True, log=lambda *_: None)
+    ex.random_weights = False
+    with pytest.raises(ValueError, match="only for random weights"):
+        F.calibrate_batchnorm(ex, [], 4, 2, torch.device("cpu"))
