@@ -2,6 +2,7 @@
 composed into slides, tiled, extracted, MambaMIL and its baseline trained, evaluated, heatmaps drawn."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ def test_quickstart_runs_the_whole_pipeline(tmp_path):
     att = mamba["attention"]
     assert 0.0 <= att["attention_on_tumour"] <= 1.0 and 0.0 < att["tumour_patch_share"] < 1.0
     assert np.isclose(att["enrichment"], att["attention_on_tumour"] / att["tumour_patch_share"])
-    assert mamba["heatmaps"] and all((tmp_path / "qs").exists() for _ in mamba["heatmaps"])
+    assert mamba["heatmaps"] and all(Path(p).is_file() for p in mamba["heatmaps"])
     from PIL import Image
 
     assert Image.open(mamba["heatmaps"][0]).size[0] > 200
