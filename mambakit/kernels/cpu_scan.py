@@ -39,8 +39,8 @@ from torch.autograd.function import once_differentiable
 
 from mambakit.kernels.reference import selective_scan_ref
 
-__all__ = ["selective_scan_cpu", "kernel_status", "load_library", "KernelUnavailable", "DEFAULT_CHUNK",
-           "vexp_bench"]
+__all__ = ["selective_scan_cpu", "kernel_status", "load_library", "set_threading", "KernelUnavailable",
+           "DEFAULT_CHUNK", "vexp_bench"]
 
 #: Checkpoint interval of the backward (steps). Measured on AMD EPYC (Zen) with 2 threads; see
 #: benchmarks/README.md ("Selective scan (CPU)"): 32..128 are within noise, 64 keeps the per-thread
@@ -49,7 +49,7 @@ DEFAULT_CHUNK = 64
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
 _SOURCES = ("selective_scan_cpu.c", "vmath.h")
-_ABI_VERSION = 2
+_ABI_VERSION = 3
 # No -ffast-math: reassociation would break exp's range reduction, and finite-math-only would turn NaN
 # inputs into garbage instead of NaN outputs. Contraction into FMA is allowed (it only adds accuracy).
 _FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-fno-math-errno", "-fno-trapping-math",
@@ -157,7 +157,39 @@ def _open(path: Path, double: bool) -> ctypes.CDLL:
         fn.restype = None
     lib.mk_vexp_bench.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
     lib.mk_vexp_bench.restype = None
+    lib.mk_use_openmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    lib.mk_use_openmp.restype = None
+    lib.mk_threading.restype = ctypes.c_int
+    set_threading("openmp", lib)
     return lib
+
+
+def _torch_openmp() -> tuple[int, int] | None:
+    """GOMP_parallel and omp_get_thread_num of the OpenMP runtime torch runs its ops on, if it does (torch
+    loads it into the global namespace); None otherwise."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    try:
+        everything = ctypes.CDLL(None)
+        return tuple(ctypes.cast(getattr(everything, name), ctypes.c_void_p).value
+                     for name in ("GOMP_parallel", "omp_get_thread_num"))
+    except (AttributeError, OSError):
+        return None
+
+
+def set_threading(mode: str, lib: ctypes.CDLL | None = None) -> str:
+    """Run the kernel's threads on torch's OpenMP pool ("openmp", the default where torch uses libgomp or
+    a GOMP-compatible runtime) or on threads it starts per call ("pthreads"). Returns the mode in effect.
+
+    Sharing torch's pool matters on machines with few cores: after every torch op its workers spin-wait
+    for a while, and separate threads would compete with them for the cores."""
+    if mode not in ("openmp", "pthreads"):
+        raise ValueError(f"set_threading: mode must be 'openmp' or 'pthreads', got {mode!r}")
+    libs = [lib] if lib is not None else [x for x in _libs.values() if not isinstance(x, KernelUnavailable)]
+    fns = _torch_openmp() if mode == "openmp" else None
+    for one in libs:
+        one.mk_use_openmp(*(fns or (None, None)))
+    return "openmp" if fns else "pthreads"
 
 
 def _build_and_load(double: bool) -> ctypes.CDLL:

@@ -181,21 +181,29 @@ def test_inference_mode_matches_grad_mode():
     assert torch.equal(out, out2.detach()) and torch.equal(last, last2.detach())
 
 
-def test_one_and_several_threads_agree():
+@pytest.mark.parametrize("mode", ["openmp", "pthreads"])
+def test_one_and_several_threads_agree(mode):
     """One thread owns each (batch, group) unit; with few units, threads split the blocks of a unit and
-    sum private copies of dB/dC: the two paths must agree."""
+    sum private copies of dB/dC: the paths must agree, on torch's OpenMP pool and on our own threads."""
     inputs = make_inputs(1, 32, 50, 8)
     old = torch.get_num_threads()
     try:
+        assert cpu_scan.set_threading(mode) in (mode, "pthreads")
         torch.set_num_threads(1)
         one = run(selective_scan_cpu, inputs, torch.float32, True, (torch.ones(1), torch.ones(1)))
         torch.set_num_threads(2)
         two = run(selective_scan_cpu, inputs, torch.float32, True, (torch.ones(1), torch.ones(1)))
     finally:
         torch.set_num_threads(old)
+        cpu_scan.set_threading("openmp")
     assert torch.equal(one[0], two[0])
     for k in one[2]:
         torch.testing.assert_close(one[2][k], two[2][k], rtol=1e-5, atol=1e-6)
+
+
+def test_threading_mode_is_validated():
+    with pytest.raises(ValueError, match="mode must be 'openmp' or 'pthreads', got 'tbb'"):
+        cpu_scan.set_threading("tbb")
 
 
 @pytest.mark.parametrize("threads", [1, 2])

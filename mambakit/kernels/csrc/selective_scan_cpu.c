@@ -51,7 +51,7 @@ typedef ureal uvec __attribute__((vector_size(W * sizeof(real))));
 
 #include "vmath.h"
 
-#define MK_ABI_VERSION 2
+#define MK_ABI_VERSION 3
 
 /* Every pointer is to a contiguous array of `real`. Optional inputs and unwanted outputs are NULL. */
 typedef struct {
@@ -86,11 +86,20 @@ typedef struct {
     void *mem;
 } workspace;
 
-static int workspace_alloc(workspace *w, int64_t K, int64_t N, int backward, int64_t ncarry) {
+/* Threads that live on between calls (the caller, OpenMP's pool) keep their workspace memory. */
+static __thread void *kept_mem = NULL;
+static __thread size_t kept_bytes = 0;
+
+static int workspace_alloc(workspace *w, int64_t K, int64_t N, int backward, int64_t ncarry, int keep) {
     int64_t nvec = 11 * K + 2 * N + (backward ? (K + 1) * N + K * N : 0) + ncarry;
     size_t bytes = (size_t)nvec * sizeof(vec) + 64;
     bytes = (bytes + 63) / 64 * 64;
-    w->mem = aligned_alloc(64, bytes);
+    if (keep && kept_bytes < bytes) {
+        free(kept_mem);
+        kept_mem = aligned_alloc(64, bytes);
+        kept_bytes = kept_mem ? bytes : 0;
+    }
+    w->mem = keep ? kept_mem : aligned_alloc(64, bytes);
     if (!w->mem) return -1;
     memset(w->mem, 0, bytes);
     vec *v = (vec *)w->mem;
@@ -587,34 +596,51 @@ static void run_item(job *j, workspace *w, int64_t item, int tid) {
     }
 }
 
-static void *worker(void *p) {
-    worker_arg *wa = (worker_arg *)p;
-    job *j = wa->j;
+/* Threads run either on the OpenMP pool torch already uses (GOMP_parallel, handed over by the loader:
+ * mk_use_openmp) or, where there is none, on pthreads started for the call. Sharing torch's pool matters
+ * on few cores: after each torch op its workers spin-wait for a while, and threads of our own would have
+ * to share the cores with them. */
+typedef void (*gomp_parallel_fn)(void (*)(void *), void *, unsigned, unsigned);
+typedef int (*omp_thread_num_fn)(void);
+static gomp_parallel_fn gomp_parallel = NULL;
+static omp_thread_num_fn omp_thread_num = NULL;
+
+static void work(job *j, int tid, int keep) {
     workspace w;
     const int64_t carry = j->backward ? CARRY_BWD(j->a->dstate) : j->a->dstate;
-    if (workspace_alloc(&w, j->a->chunk, j->a->dstate, j->backward, MAX_SUB * carry)) return NULL;
+    if (workspace_alloc(&w, j->a->chunk, j->a->dstate, j->backward, MAX_SUB * carry, keep)) return;
     for (;;) {
         int64_t item = __atomic_fetch_add(&j->next, 1, __ATOMIC_RELAXED);
         if (item >= j->nitems) break;
-        run_item(j, &w, item, wa->tid);
+        run_item(j, &w, item, tid);
     }
-    free(w.mem);
+    if (!keep) free(w.mem);
+}
+
+static void *pthread_body(void *p) {
+    worker_arg *wa = (worker_arg *)p;
+    work(wa->j, wa->tid, 0);
     return NULL;
 }
 
+static void openmp_body(void *p) { work((job *)p, omp_thread_num(), 1); }
+
 /* Runs the job on up to `nthreads` threads; returns 0, or 1 if work was left undone (no memory). */
 static int run_threads(job *j, int nthreads) {
-    pthread_t threads[256];
-    worker_arg args[256];
-    int started = 0;
-    for (int i = 1; i < nthreads; i++) {
-        args[i] = (worker_arg){j, i};
-        if (pthread_create(&threads[i], NULL, worker, &args[i]) != 0) break;
-        started = i;
+    if (gomp_parallel && nthreads > 1) {
+        gomp_parallel(openmp_body, j, (unsigned)nthreads, 0);
+    } else {
+        pthread_t threads[256];
+        worker_arg args[256];
+        int started = 0;
+        for (int i = 1; i < nthreads; i++) {
+            args[i] = (worker_arg){j, i};
+            if (pthread_create(&threads[i], NULL, pthread_body, &args[i]) != 0) break;
+            started = i;
+        }
+        work(j, 0, 1);
+        for (int i = 1; i <= started; i++) pthread_join(threads[i], NULL);
     }
-    args[0] = (worker_arg){j, 0};
-    worker(&args[0]);
-    for (int i = 1; i <= started; i++) pthread_join(threads[i], NULL);
     /* A claimed item is always finished; items are left only if every thread failed to allocate. */
     return j->next < j->nitems ? 1 : 0;
 }
@@ -689,6 +715,14 @@ static int run_backward(const mk_scan_args *a) {
 int mk_abi_version(void) { return MK_ABI_VERSION * 100 + (int)sizeof(real); }
 int64_t mk_lanes(void) { return W; }
 int64_t mk_args_size(void) { return (int64_t)sizeof(mk_scan_args); }
+
+/* Use this OpenMP runtime's GOMP_parallel and omp_get_thread_num (both NULL: pthreads). */
+void mk_use_openmp(void *parallel, void *thread_num) {
+    gomp_parallel = parallel && thread_num ? (gomp_parallel_fn)parallel : NULL;
+    omp_thread_num = gomp_parallel ? (omp_thread_num_fn)thread_num : NULL;
+}
+
+int mk_threading(void) { return gomp_parallel != NULL; }
 
 int mk_scan_fwd(const mk_scan_args *a) { return run_forward(a); }
 
