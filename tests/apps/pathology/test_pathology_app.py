@@ -155,6 +155,7 @@ def test_bad_fold_and_split_errors(mil_data):
                             "--folds", "x,y"])
 
 
+@pytest.mark.slow      # end to end through four CLI verbs (tens of seconds on a busy 2-core machine)
 def test_tile_extract_heatmap_and_eval_verbs(mil_data, slide_factory, tmp_path, capsys):
     from mambakit.apps.pathology.task import MILTask
     from mambakit.engine.trainer import Trainer
