@@ -4,19 +4,21 @@ speed     Training step (forward + cross-entropy over all items + backward + Ada
           Mamba4Rec and TiM4Rec against SASRec at max lengths 50, 200 and 1000, synthetic item ids (every
           position valid), ratios to SASRec from the same run. Each (model, length) runs in a fresh subprocess:
           time = median over repeats after a warm-up step; peak memory = the process's RSS high-water mark
-          (VmHWM, reset through /proc/self/clear_refs just before the measured steps) minus its RSS before
-          them (on CUDA: torch.cuda.max_memory_allocated). -> results/recsys_speed.{json,md}
+          over the warm-up and measured steps (VmHWM, reset through /proc/self/clear_refs before the first
+          step) minus its RSS before it, with model and batch already built (on CUDA: the same with
+          torch.cuda.max_memory_allocated - memory_allocated). -> results/recsys_speed.{json,md}
 
 ml100k    All four models and most-popular on MovieLens-100k under one protocol (RecBole's leave-one-out, full
           ranking, no masking of seen items), 3 seeds each, through `mambakit recsys train` recipes
-          (configs/recsys/<model>_ml100k.yaml) with a common epoch budget given on the command line; mean and
+          (configs/recsys/<model>_ml100k.yaml) with a common budget given on the command line (epochs, batch
+          size, patience; the recipes' own 300 epochs at batch 2048 take hours per run on 2 cores); mean and
           spread (sample std) of the test metrics of the best-validation-NDCG@10 weights, and wall time.
           Finished runs are kept in the JSON, so an interrupted run continues where it stopped.
           -> results/recsys_ml100k.{json,md}
 
 Usage:
     python benchmarks/recsys.py speed [--lengths 50 200 1000] [--batch 64] [--repeats 5] [--device cpu]
-    python benchmarks/recsys.py ml100k [--epochs 20] [--patience 5] [--seeds 0 1 2] [--models ...]
+    python benchmarks/recsys.py ml100k [--epochs 5] [--patience 2] [--batch-size 256] [--seeds 0 1 2] [--models ...]
 """
 
 from __future__ import annotations
@@ -95,9 +97,11 @@ def speed_case(model: str, L: int, batch: int, n_items: int, repeats: int, devic
         if device == "cuda":
             torch.cuda.synchronize()
 
-    step()                                   # warm-up: allocator, kernels, Adam state
+    # Memory: from before the first step (model and batch already allocated), so the peak covers activations,
+    # gradients and the Adam state created by the first step.
     cuda = device == "cuda"
     if cuda:
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
@@ -107,6 +111,7 @@ def speed_case(model: str, L: int, batch: int, n_items: int, repeats: int, devic
         except OSError:
             reset = False
         base = _status_kb("VmRSS:")
+    step()                                   # warm-up (not timed): allocator, kernels, Adam state
     times_s = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -123,11 +128,14 @@ def speed_case(model: str, L: int, batch: int, n_items: int, repeats: int, devic
 
 
 def run_speed(args) -> dict:
+    info = machine()
+    if args.threads:
+        info["torch_threads"] = args.threads
     rows = []
     for L in args.lengths:
         for model in args.models:
             cmd = [sys.executable, __file__, "_speed_case", model, str(L), str(args.batch), str(args.n_items),
-                   str(args.repeats), args.device]
+                   str(args.repeats), args.device, str(args.threads or 0)]
             print(f"speed: {model} L={L} ...", flush=True)
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT)
@@ -146,7 +154,7 @@ def run_speed(args) -> dict:
             row["time_vs_sasrec"] = row["step_s"] / ref["step_s"]
             if row.get("peak_bytes") and ref.get("peak_bytes"):
                 row["memory_vs_sasrec"] = row["peak_bytes"] / ref["peak_bytes"]
-    return {"benchmark": "recsys_speed", "machine": machine(), "device": args.device, "n_items": args.n_items,
+    return {"benchmark": "recsys_speed", "machine": info, "device": args.device, "n_items": args.n_items,
             "batch": args.batch, "repeats": args.repeats, "rows": rows, "load_avg_end": os.getloadavg()}
 
 
@@ -184,7 +192,7 @@ def speed_markdown(result: dict) -> str:
 # --------------------------------------------------------------------------------------------------
 # ml100k accuracy
 
-def run_one(model: str, seed: int, epochs: int, patience: int, out_dir: Path) -> dict:
+def run_one(model: str, seed: int, epochs: int, patience: int, batch_size: int, lr: float, out_dir: Path) -> dict:
     """Train one recipe through the app (as `mambakit recsys train` does) and return its summary."""
     from mambakit.apps.recsys.config import RecsysRecipe
     from mambakit.apps.recsys.task import RecsysTask, popularity_metrics
@@ -194,7 +202,8 @@ def run_one(model: str, seed: int, epochs: int, patience: int, out_dir: Path) ->
     recipe = CONFIGS / f"{model}_ml100k.yaml"
     overrides = [f"train.seed={seed}", f"run.out_dir={out_dir}", "run.progress=false", "run.curves=true"]
     if model != "mostpop":
-        overrides += [f"train.epochs={epochs}", f"train.early_stopping.patience={patience}"]
+        overrides += [f"train.epochs={epochs}", f"train.early_stopping.patience={patience}",
+                      f"train.batch_size={batch_size}", f"train.optimizer.lr={lr}"]
     config = load_config(RecsysRecipe, recipe, overrides)
     started = time.time()
     if model == "mostpop":
@@ -210,17 +219,19 @@ def run_one(model: str, seed: int, epochs: int, patience: int, out_dir: Path) ->
 def run_ml100k(args) -> dict:
     path = RESULTS / "recsys_ml100k.json"
     previous = json.loads(path.read_text()) if path.is_file() and not args.fresh else {}
-    same = previous.get("protocol") == {"epochs": args.epochs, "patience": args.patience}
+    protocol = {"epochs": args.epochs, "patience": args.patience, "batch_size": args.batch_size, "lr": args.lr,
+                "max_len": 50}
+    same = previous.get("protocol") == protocol
     runs = previous.get("runs", []) if same else []
     result = {"benchmark": "recsys_ml100k", "machine": previous.get("machine") if same else machine(),
-              "protocol": {"epochs": args.epochs, "patience": args.patience}, "runs": runs}
+              "protocol": protocol, "runs": runs}
     out_dir = Path(args.out_dir)
-    for model in args.models:
-        for seed in args.seeds:
+    for seed in args.seeds:              # every model gets seed 0 before any gets seed 1
+        for model in args.models:
             if any(r["model"] == model and r["seed"] == seed for r in runs):
                 continue
             print(f"ml100k: {model} seed {seed} ...", flush=True)
-            row = run_one(model, seed, args.epochs, args.patience, out_dir)
+            row = run_one(model, seed, args.epochs, args.patience, args.batch_size, args.lr, out_dir)
             row["load_avg_after"] = os.getloadavg()
             runs.append(row)
             m = row["metrics"]
@@ -246,14 +257,17 @@ def ml100k_markdown(result: dict) -> str:
         "RecBole's ml-100k atomic files, 5-core, max length 50, leave-one-out (last item test, second last "
         "validation, every earlier prefix a training example), full ranking over all 1,349 items, seen items "
         "not masked (RecBole 1.2.1's sequential setting). Each model at its upstream / RecBole config "
-        f"(configs/recsys/<model>_ml100k.yaml: Adam 1e-3, batch 2048, CE over all items) for at most "
-        f"{p['epochs']} epochs with early stopping on validation NDCG@10 (patience {p['patience']}); test metrics "
+        f"(configs/recsys/<model>_ml100k.yaml; CE over all items, Adam lr {p['lr']:g}) with a budget that fits "
+        f"a 2-core CPU: batch {p['batch_size']}, at most {p['epochs']} epochs, early stopping on validation "
+        f"NDCG@10 (patience {p['patience']}); test metrics "
         "of the best-validation weights. Mean ± sample std over seeds; wall time per run on "
-        f"{m['cores']} cores ({m['cpu']}), load average {m['load_avg_start'][0]:.1f} at start"
+        f"{m['cores']} cores ({m['cpu']}, {m['torch_threads']} torch threads), load average "
+        f"{m['load_avg_start'][0]:.1f} at start"
         + (f", {result['load_avg_end'][0]:.1f} at end" if "load_avg_end" in result else "") + ".",
         "",
-        "| model | seeds | " + " | ".join(k.upper().replace("HIT", "HR") for k in keys) + " | epochs (best) | wall time |",
-        "|---|---:|" + "---:|" * len(keys) + "---:|---:|",
+        "| model | seeds | " + " | ".join(k.upper().replace("HIT", "HR") for k in keys)
+        + " | epochs (best) | wall time per run | load avg after |",
+        "|---|---:|" + "---:|" * len(keys) + "---:|---:|---:|",
     ]
     order = [k for k in ("mamba4rec", "tim4rec", "sasrec", "gru4rec", "mostpop")]
     for model in order:
@@ -270,8 +284,9 @@ def ml100k_markdown(result: dict) -> str:
             ep = f"{statistics.fmean(r['epochs'] for r in runs):.0f} " \
                  f"({', '.join(str(r['best_epoch']) for r in runs)})"
         wall, wall_std = _mean_std([r["wall_time_s"] for r in runs])
+        load = statistics.fmean(r.get("load_avg_after", [float("nan")])[0] for r in runs)
         lines.append(f"| {TITLES[model]} | {len(runs)} | " + " | ".join(cells) + f" | {ep} | "
-                     f"{wall / 60:.1f} ± {wall_std / 60:.1f} min |")
+                     f"{wall / 60:.1f} ± {wall_std / 60:.1f} min | {load:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -285,7 +300,10 @@ def _write(result: dict, stem: str, markdown: str) -> None:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_speed_case":
-        model, L, batch, n_items, repeats, device = sys.argv[2:8]
+        model, L, batch, n_items, repeats, device, threads = sys.argv[2:9]
+        if int(threads):
+            import torch
+            torch.set_num_threads(int(threads))
         print(json.dumps(speed_case(model, int(L), int(batch), int(n_items), int(repeats), device)))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -299,18 +317,26 @@ def main() -> None:
     sp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     sp.add_argument("--timeout", type=int, default=1800)
     sp.add_argument("--out", default="recsys_speed", help="result file stem in benchmarks/results/")
+    sp.add_argument("--threads", type=int, default=None, help="torch threads in each measuring process")
     ml = sub.add_parser("ml100k")
     ml.add_argument("--models", nargs="+", default=["mostpop", "gru4rec", "sasrec", "mamba4rec", "tim4rec"])
     ml.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ml.add_argument("--epochs", type=int, default=20)
-    ml.add_argument("--patience", type=int, default=5)
+    ml.add_argument("--epochs", type=int, default=5)
+    ml.add_argument("--patience", type=int, default=2)
+    ml.add_argument("--batch-size", type=int, default=256)
+    ml.add_argument("--lr", type=float, default=1e-3)
     ml.add_argument("--out-dir", default=str(ROOT / "runs" / "bench-recsys"))
     ml.add_argument("--fresh", action="store_true", help="ignore finished runs in the JSON")
+    ml.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's choice; 1 is faster on a crowded machine)")
     args = parser.parse_args()
     if args.part == "speed":
         result = run_speed(args)
         _write(result, args.out, speed_markdown(result))
     else:
+        if args.threads:
+            import torch
+            torch.set_num_threads(args.threads)
         result = run_ml100k(args)
         _write(result, "recsys_ml100k", ml100k_markdown(result))
     print(f"wrote {RESULTS}")
