@@ -184,8 +184,9 @@ def test_inference_mode_matches_grad_mode():
 @pytest.mark.parametrize("mode", ["openmp", "pthreads"])
 def test_one_and_several_threads_agree(mode):
     """One thread owns each (batch, group) unit; with few units, threads split the blocks of a unit and
-    sum private copies of dB/dC: the paths must agree, on torch's OpenMP pool and on our own threads."""
-    inputs = make_inputs(1, 32, 50, 8)
+    sum private copies of dB/dC: the paths must agree, on torch's OpenMP pool and on our own threads.
+    (2^18 state updates: calls under 2^17 updates per thread stay on one thread.)"""
+    inputs = make_inputs(1, 64, 512, 8)
     old = torch.get_num_threads()
     try:
         assert cpu_scan.set_threading(mode) in (mode, "pthreads")
@@ -208,11 +209,13 @@ def test_threading_mode_is_validated():
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_wide_groups_are_walked_in_sub_ranges(threads):
-    """A thread walks at most 64 blocks (512 channels) chunk by chunk at once: 1040 channels take three."""
+    """A thread walks at most 64 blocks (512 channels) chunk by chunk at once: 2 groups of 520 channels
+    take two sub-ranges each on one thread; on two threads (enough work: 2.66e5 state updates) each group is
+    split into ranges."""
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
-        check_against_reference(make_inputs(1, 1040, 70, 2, GB=2, GC=2), torch.float32, chunk=16)
+        check_against_reference(make_inputs(1, 1040, 64, 4, GB=2, GC=2), torch.float32, chunk=16)
     finally:
         torch.set_num_threads(old)
 

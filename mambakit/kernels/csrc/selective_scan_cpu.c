@@ -645,7 +645,13 @@ static int run_threads(job *j, int nthreads) {
     return j->next < j->nitems ? 1 : 0;
 }
 
-static int clamp_threads(int64_t want, int64_t items) {
+/* Threads worth starting for a call: at most one per item and one per MIN_WORK state updates (about
+ * 0.1 ms of work for one core), so that small calls (decoding, gradcheck) do not pay thread wake-ups. */
+#define MIN_WORK ((int64_t)1 << 17)
+
+static int clamp_threads(const mk_scan_args *a, int64_t want, int64_t items) {
+    const int64_t work = a->batch * a->dim * a->len * a->dstate;
+    if (want > work / MIN_WORK) want = work / MIN_WORK;
     if (want > items) want = items;
     if (want > 256) want = 256;
     return want < 1 ? 1 : (int)want;
@@ -658,18 +664,21 @@ static int check_args(const mk_scan_args *a) {
 
 static int run_forward(const mk_scan_args *a) {
     if (check_args(a)) return 2;
-    job j = {a, 0, ranges_per_unit(a, a->nthreads), 0, 0, NULL, {NULL, NULL, NULL}};
-    j.nitems = a->batch * a->groups * j.ranges;
-    return run_threads(&j, clamp_threads(a->nthreads, j.nitems));
+    const int64_t units = a->batch * a->groups;
+    const int nthreads = clamp_threads(a, a->nthreads, units * blocks_per_group(a));
+    job j = {a, 0, ranges_per_unit(a, nthreads), 0, 0, NULL, {NULL, NULL, NULL}};
+    j.nitems = units * j.ranges;
+    return run_threads(&j, clamp_threads(a, nthreads, j.nitems));
 }
 
 static int run_backward(const mk_scan_args *a) {
     if (check_args(a)) return 2;
     const int64_t b = a->batch, d = a->dim, N = a->dstate;
     const int64_t size = b * a->groups * N * a->len;
-    job j = {a, 1, ranges_per_unit(a, a->nthreads), 0, 0, NULL, {NULL, NULL, NULL}};
+    int nthreads = clamp_threads(a, a->nthreads, b * a->groups * blocks_per_group(a));
+    job j = {a, 1, ranges_per_unit(a, nthreads), 0, 0, NULL, {NULL, NULL, NULL}};
     j.nitems = b * a->groups * j.ranges;
-    int nthreads = clamp_threads(a->nthreads, j.nitems);
+    nthreads = clamp_threads(a, nthreads, j.nitems);
     real *part = malloc((size_t)(b * d * (N + 2)) * sizeof(real) + 1);
     if (!part) return 1;
     j.part = (partials){part, part + b * d * N, part + b * d * N + b * d};
