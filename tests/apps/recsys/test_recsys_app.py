@@ -138,3 +138,25 @@ def test_quickstart_beats_most_popular(tmp_path):
     assert result.value > result.baseline_value
     summary = json.loads((Path(result.run_dir) / "summary.json").read_text())["metrics"]
     assert summary["test/hit@10"] > summary["test/pop_hit@10"]
+
+
+@pytest.mark.slow
+def test_tim4rec_two_process_ddp_equals_one_process(tmp_path, cycle_data):
+    """TiM4Rec's last layer has parameters without gradient (as upstream): DDP must still run, and end where a
+    single process ends."""
+    import os
+    import subprocess
+    import sys
+
+    path = recipe(tmp_path, cycle_data, {"name": "tim4rec", "hidden_size": 16, "d_state": 8, "head_dim": 8,
+                                         "dropout_prob": 0.0, "time_dropout": 0.0}, epochs=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    metrics = []
+    for launcher, run in ((["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"], "ddp"),
+                          ([], "one")):
+        cmd = [sys.executable, *launcher, "-m", "mambakit", "recsys", "train", "-c", str(path),
+               "--run-dir", str(tmp_path / run)]
+        subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=600)
+        metrics.append(json.loads((tmp_path / run / "summary.json").read_text())["metrics"])
+    for key in ("test/ndcg@10", "test/hit@1", "val/ndcg@10", "test/loss"):
+        assert metrics[0][key] == pytest.approx(metrics[1][key], rel=1e-5, abs=1e-6), key
