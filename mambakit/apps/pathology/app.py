@@ -223,7 +223,7 @@ def _heatmap_run(args) -> int:
         tmp = Path(tempfile.mkdtemp(prefix="mambakit-heatmap-"))
         results = extract_slides([slide], tmp, _extract_params(args), progress=True)
         if results[0].status == "failed":
-            raise RuntimeError(f"{sid}: {results[0].error}")
+            raise ValueError(f"{sid}: {results[0].error}")
         h5 = tmp / "h5_files" / f"{sid}.h5"
     regions = None
     if args.cohort:

@@ -266,7 +266,7 @@ def compose_slide(rng: np.random.Generator, src: Sources, spec: CohortSpec, posi
             tissue[y:y + rh, x:x + rw] = True
             regions.append({"box": [int(x), int(y), int(rw), int(rh)], "source": source})
         if not regions:
-            raise RuntimeError("could not place a tumour region; enlarge the grid or tissue_fraction")
+            raise ValueError("could not place a tumour region; enlarge the grid or tissue_fraction")
     image = _stain_jitter(rng, image, tissue)
     return image, tissue, regions
 

@@ -158,7 +158,9 @@ def _weights_state(backbone: str, weights: str) -> tuple[dict, str]:
         try:
             path = download_weights(weights)
         except Exception as e:
-            raise RuntimeError(
+            from mambakit.data import DownloadError
+
+            raise DownloadError(
                 f"cannot obtain the weights {weights!r} ({type(e).__name__}: {e}). Download "
                 f"{entry.urls[0]} on a machine with network access and pass it with --weights PATH, or pass "
                 f"--random-weights for a test run (the features are then meaningless)") from None

@@ -217,7 +217,7 @@ def run_cohort_pipeline(run: CohortRun, log: Callable = print, progress: bool = 
     results = extract_slides(cohort_dir / "slides", out / "features", params, progress=progress, log=log)
     failed = [r for r in results if r.status == "failed"]
     if failed:
-        raise RuntimeError(f"{len(failed)} cohort slide(s) failed: " + "; ".join(f"{r.slide_id}: {r.error}" for r in failed))
+        raise ValueError(f"{len(failed)} cohort slide(s) failed: " + "; ".join(f"{r.slide_id}: {r.error}" for r in failed))
     timings["tile_extract_s"] = time.perf_counter() - t
     n_patches = int(sum(len(load_features(out / "features" / "pt_files" / f"{s['slide_id']}.pt"))
                         for s in manifest["slides"]))
