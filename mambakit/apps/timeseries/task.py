@@ -19,9 +19,9 @@ from torch import nn
 
 from mambakit.engine.task import Datasets, PretrainedReport, Task, load_matching
 
+from .config import ForecastData, ForecastEval, ForecastRecipe
 from .data import DataError, ForecastSplits, StandardScaler, build_splits, read_series
 from .metrics import reduce_errors, seasonal_naive, window_errors
-from .config import ForecastData, ForecastEval, ForecastRecipe
 from .models import build_model
 
 __all__ = ["ForecastData", "ForecastEval", "ForecastRecipe", "ForecastTask", "Forecaster", "resolve_data_path"]
@@ -133,7 +133,7 @@ class ForecastTask(Task):
         return Forecaster(net, self.splits.scaler, self.data_meta())
 
     # steps ----------------------------------------------------------------------------------------------
-    def _forecast(self, model: nn.Module, batch: Mapping[str, torch.Tensor]):
+    def forecast_batch(self, model: nn.Module, batch: Mapping[str, torch.Tensor]):
         """(forecast, truth) on the scored columns: all of them, or the target alone for features MS."""
         marks = batch["x_mark"] if batch["x_mark"].shape[-1] > 0 else None
         pred = model(batch["x"], marks)
@@ -143,11 +143,11 @@ class ForecastTask(Task):
         return pred, true
 
     def training_step(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        pred, true = self._forecast(model, batch)
+        pred, true = self.forecast_batch(model, batch)
         return F.mse_loss(pred, true)
 
     def eval_step(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        pred, true = self._forecast(model, batch)
+        pred, true = self.forecast_batch(model, batch)
         out = window_errors(pred, true)
         ev = self.config.eval
         if ev.original_scale:
@@ -208,7 +208,7 @@ def plot_test_forecasts(task: ForecastTask, model: nn.Module, path: Path, count:
         for i in picks:
             item = test[int(i)]
             batch = {k: v.unsqueeze(0).to(device) for k, v in item.items()}
-            pred, _ = task._forecast(model, batch)
+            pred, _ = task.forecast_batch(model, batch)
             pred = pred[0, :, -1].double().cpu().numpy() * scaler.std[column] + scaler.mean[column]
             look = scaler.inverse_transform(item["x"].double().numpy())[:, column]
             true = scaler.inverse_transform(item["y"][-task.config.data.pred_len:].double().numpy())[:, column]

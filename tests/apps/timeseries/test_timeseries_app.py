@@ -183,7 +183,7 @@ def test_features_ms_scores_the_target_only(trained, tmp_path):
     task = ForecastTask(cfg)
     model = task.build_model()
     batch = {k: v.unsqueeze(0) for k, v in task.build_datasets().test[0].items()}
-    pred, true = task._forecast(model, batch)
+    pred, true = task.forecast_batch(model, batch)
     assert pred.shape == true.shape == (1, 12, 1)
     torch.testing.assert_close(true[0, :, 0], batch["y"][0, -12:, -1])       # the target (price) is last
     assert isinstance(model, Forecaster) and model.info["features"] == "MS"
