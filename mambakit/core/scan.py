@@ -92,8 +92,8 @@ def _expect(name: str, t, shape: tuple, device: torch.device, optional: bool = F
 def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None) -> None:
     """Raise a ValueError/TypeError naming the offending argument and the expected shape.
 
-    u, delta, z: (b, d, L); A: (d, N); B, C: (b, N, L) or (b, G, N, L) with G dividing d (B and C may use
-    different G); D, delta_bias: (d,); initial_state: (b, d, N); floating dtypes; all on u's device.
+    u, delta, z: (b, d, L); A: (d, N); B, C: (b, N, L) or (b, G, N, L) with G dividing d, both the same shape
+    (as in mamba_ssm); D, delta_bias: (d,); initial_state: (b, d, N); floating dtypes; all on u's device.
     """
     if not isinstance(u, torch.Tensor):
         raise TypeError(f"selective_scan: u must be a tensor of shape (batch, dim, length), got {_shape_text(u)}")
@@ -129,6 +129,9 @@ def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, initia
                 raise ValueError(f"selective_scan: {name} has shape {tuple(t.shape)}, expected {expected} "
                                  f"(batch {b}, N = A.shape[1] = {N}, length {L})")
             _expect(name, t, (b, G, N, L), dev)
+    if B.shape != C.shape:
+        raise ValueError(f"selective_scan: B has shape {tuple(B.shape)} and C {tuple(C.shape)}; they must have the "
+                         f"same shape (the same number of groups)")
     _expect("D", D, (d,), dev, optional=True)
     _expect("z", z, (b, d, L), dev, optional=True)
     _expect("delta_bias", delta_bias, (d,), dev, optional=True)
@@ -173,5 +176,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         if isinstance(t, torch.Tensor) and t.dim() not in (2, 3):
             raise ValueError(f"{fn}: {name} has shape {tuple(t.shape)}, expected ({b}, {N}) or ({b}, G, {N})")
         _expect(name, t, (b, t.shape[1], N) if grouped else (b, N), dev, fn=fn)
+    if B.shape != C.shape:
+        raise ValueError(f"{fn}: B has shape {tuple(B.shape)} and C {tuple(C.shape)}; they must have the same shape")
     impl = _resolve(backend, dev, _STATE_UPDATE)
     return impl(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)

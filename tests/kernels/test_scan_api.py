@@ -94,12 +94,13 @@ def test_validation_names_the_argument_and_the_expected_shape(name, value, error
         selective_scan(**x, backend="reference")
 
 
-def test_B_and_C_may_be_grouped_differently():
-    x = {k: v.double() for k, v in inputs().items()}
-    x["C"] = torch.randn(2, 4, 4, 5, dtype=torch.float64)
-    expanded = dict(x, B=x["B"][:, None].expand(2, 4, 4, 5))
-    torch.testing.assert_close(selective_scan(**x, backend="reference"),
-                               selective_scan(**expanded, backend="reference"), rtol=0, atol=0)
+def test_B_and_C_must_have_the_same_groups():
+    """As in mamba_ssm: the backends index B and C with one group layout."""
+    x = inputs()
+    x["C"] = torch.randn(2, 4, 4, 5)
+    with pytest.raises(ValueError, match=r"selective_scan: B has shape \(2, 4, 5\) and C \(2, 4, 4, 5\); they must "
+                                         r"have the same shape"):
+        selective_scan(**x, backend="reference")
 
 
 # ------------------------------------------------------------------------------------------------------
