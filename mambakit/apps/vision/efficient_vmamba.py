@@ -48,7 +48,7 @@ from torch import nn
 
 from mambakit.core import DropPath, selective_scan
 from mambakit.core.mamba import init_dt_proj
-from mambakit.core.orders import ATROUS_2X2, reorder, restore, scan_order
+from mambakit.core.orders import ATROUS_2X2, scan_order
 
 __all__ = ["EfficientVSSM", "SS2D", "VSSBlock", "BiAttn", "InvertedResidual", "PatchMerging2D", "EFFICIENT_VMAMBA_MODELS"]
 
@@ -107,9 +107,10 @@ class SS2D(nn.Module):
         B, d, H, W = x.shape
         K, N, R = self.K, self.d_state, self.dt_rank
         ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+        gather, scatter = _lattice_index(self.orders, H, W, x.device)
         tokens = x.flatten(2).transpose(1, 2)                                              # (B, HW, d), row-major
-        idxs = [o.indices(H * W, hw=(H, W), device=x.device) for o in self.orders]
-        xs = torch.stack([reorder(tokens, idx) for idx in idxs], dim=1).transpose(2, 3)      # (B, K, d, P)
+        tokens = torch.cat([tokens, tokens.new_zeros(B, 1, d)], dim=1)                     # + the zero token
+        xs = tokens.index_select(1, gather).view(B, K, -1, d).transpose(2, 3)              # (B, K, d, P)
         P = xs.shape[-1]
         x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight.to(xs.dtype))
         dts, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=2)
@@ -118,11 +119,8 @@ class SS2D(nn.Module):
                             -torch.exp(self.A_logs.to(ct)), Bs.to(ct).contiguous(), Cs.to(ct).contiguous(),
                             self.Ds.to(ct), delta_bias=self.dt_projs_bias.reshape(-1).to(ct), delta_softplus=True,
                             backend=self.scan_backend)
-        ys = ys.view(B, K, d, P).transpose(2, 3)                                            # (B, K, P, d)
-        y = restore(ys[:, 0], idxs[0])
-        for k in range(1, K):
-            y = y + restore(ys[:, k], idxs[k])      # each pixel belongs to exactly one lattice cell
-        return self.out_norm(y)
+        ys = ys.view(B, K, d, P).transpose(2, 3).reshape(B, K * P, d)
+        return self.out_norm(ys.index_select(1, scatter))       # each pixel from the one cell that scanned it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[-1] != self.d_model:
@@ -133,6 +131,36 @@ class SS2D(nn.Module):
         x = self.act(self.conv2d(x.permute(0, 3, 1, 2)))
         y = self.scan(x).to(x.dtype).view(B, H, W, self.d_inner)
         return self.dropout(self.out_proj(y * z))
+
+
+_LATTICE_CACHE: dict = {}
+
+
+def _lattice_index(orders, H: int, W: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K lattice orders of an (H, W) grid as two index vectors, cached per geometry:
+    gather (K*P,) reads token t (H*W: the zero token) into scanned position k*P + j; scatter (H*W,) reads each
+    pixel's output from the one scanned position that holds it. Built from core's `OrderIndices`."""
+    key = (tuple(o.name for o in orders), H, W, str(device))
+    hit = _LATTICE_CACHE.get(key)
+    if hit is not None:
+        return hit
+    idxs = [o.indices(H * W, hw=(H, W)) for o in orders]
+    P = idxs[0].scan_length
+    gather = torch.cat([idx.perm for idx in idxs])
+    scatter = torch.full((H * W,), -1, dtype=torch.long)
+    for k, idx in enumerate(idxs):
+        if idx.scan_length != P:
+            raise ValueError(f"SS2D: orders scan {idx.scan_length} and {P} positions; they must be equal")
+        visited = idx.inverse < P
+        if bool((scatter[visited] >= 0).any()):
+            raise ValueError(f"SS2D: order {orders[k].name!r} revisits pixels another order scanned")
+        scatter[visited] = k * P + idx.inverse[visited]
+    if bool((scatter < 0).any()):
+        raise ValueError(f"SS2D: orders {key[0]} leave pixels of a {H}x{W} grid unscanned")
+    if len(_LATTICE_CACHE) > 64:
+        _LATTICE_CACHE.clear()
+    _LATTICE_CACHE[key] = hit = (gather.to(device), scatter.to(device))
+    return hit
 
 
 class BiAttn(nn.Module):
