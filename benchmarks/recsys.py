@@ -19,6 +19,7 @@ ml100k    All four models and most-popular on MovieLens-100k under one protocol 
 Usage:
     python benchmarks/recsys.py speed [--lengths 50 200 1000] [--batch 64] [--repeats 5] [--device cpu]
     python benchmarks/recsys.py ml100k [--epochs 5] [--patience 2] [--batch-size 256] [--seeds 0 1 2] [--models ...]
+    python benchmarks/recsys.py merge recsys_ml100k_a recsys_ml100k_b     # seeds run in parallel -> one table
 """
 
 from __future__ import annotations
@@ -217,7 +218,7 @@ def run_one(model: str, seed: int, epochs: int, patience: int, batch_size: int, 
 
 
 def run_ml100k(args) -> dict:
-    path = RESULTS / "recsys_ml100k.json"
+    path = RESULTS / f"{args.out}.json"
     previous = json.loads(path.read_text()) if path.is_file() and not args.fresh else {}
     protocol = {"epochs": args.epochs, "patience": args.patience, "batch_size": args.batch_size, "lr": args.lr,
                 "max_len": 50}
@@ -238,9 +239,22 @@ def run_ml100k(args) -> dict:
             print(f"  test NDCG@10 {m['test/ndcg@10']:.4f} HR@10 {m['test/hit@10']:.4f} "
                   f"({row['wall_time_s']:.0f} s, {row['epochs']} epochs)", flush=True)
             result["load_avg_end"] = os.getloadavg()
-            _write(result, "recsys_ml100k", ml100k_markdown(result))
+            _write(result, args.out, ml100k_markdown(result))
     result["load_avg_end"] = os.getloadavg()
     return result
+
+
+def merge_ml100k(args) -> dict:
+    """Combine the runs of several result files (e.g. seeds run in parallel processes) into one table."""
+    parts = [json.loads((RESULTS / f"{stem}.json").read_text()) for stem in args.parts]
+    protocols = {json.dumps(p["protocol"], sort_keys=True) for p in parts}
+    if len(protocols) != 1:
+        raise SystemExit(f"the parts were run under different protocols: {sorted(protocols)}")
+    runs = {(r["model"], r["seed"]): r for p in parts for r in p["runs"]}
+    first = parts[0]
+    return {"benchmark": "recsys_ml100k", "machine": first["machine"], "protocol": first["protocol"],
+            "merged_from": list(args.parts), "runs": sorted(runs.values(), key=lambda r: (r["seed"], r["model"])),
+            "load_avg_end": next((p["load_avg_end"] for p in reversed(parts) if "load_avg_end" in p), None)}
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -263,7 +277,7 @@ def ml100k_markdown(result: dict) -> str:
         "of the best-validation weights. Mean ± sample std over seeds; wall time per run on "
         f"{m['cores']} cores ({m['cpu']}, {m['torch_threads']} torch threads), load average "
         f"{m['load_avg_start'][0]:.1f} at start"
-        + (f", {result['load_avg_end'][0]:.1f} at end" if "load_avg_end" in result else "") + ".",
+        + (f", {result['load_avg_end'][0]:.1f} at end" if result.get("load_avg_end") else "") + ".",
         "",
         "| model | seeds | " + " | ".join(k.upper().replace("HIT", "HR") for k in keys)
         + " | epochs (best) | wall time per run | load avg after |",
@@ -327,18 +341,25 @@ def main() -> None:
     ml.add_argument("--lr", type=float, default=1e-3)
     ml.add_argument("--out-dir", default=str(ROOT / "runs" / "bench-recsys"))
     ml.add_argument("--fresh", action="store_true", help="ignore finished runs in the JSON")
+    ml.add_argument("--out", default="recsys_ml100k", help="result file stem in benchmarks/results/")
     ml.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: torch's choice; 1 is faster on a crowded machine)")
+    mg = sub.add_parser("merge", help="combine ml100k result files (e.g. seeds run in parallel) into one table")
+    mg.add_argument("parts", nargs="+", help="result file stems in benchmarks/results/")
+    mg.add_argument("--out", default="recsys_ml100k")
     args = parser.parse_args()
     if args.part == "speed":
         result = run_speed(args)
         _write(result, args.out, speed_markdown(result))
+    elif args.part == "merge":
+        result = merge_ml100k(args)
+        _write(result, args.out, ml100k_markdown(result))
     else:
         if args.threads:
             import torch
             torch.set_num_threads(args.threads)
         result = run_ml100k(args)
-        _write(result, "recsys_ml100k", ml100k_markdown(result))
+        _write(result, args.out, ml100k_markdown(result))
     print(f"wrote {RESULTS}")
 
 
