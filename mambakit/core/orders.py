@@ -10,8 +10,9 @@ An order maps a geometry (a length, per-sample lengths, an (H, W) grid or per-sa
     inverse  (L,) or (b, L)   token t's output is at scanned position inverse[t]; the value P reads zero
                               (a token this order does not visit, e.g. the other cells of a 2x2 lattice)
 
-`reorder(x, idx)` applies perm to (b, L, d) and `restore(y, idx)` applies inverse to (b, P, d). Both are
-gathers, so gradients flow. Indices for a fixed geometry are computed once and kept in an LRU cache keyed by
+`reorder(x, idx)` applies perm to (b, L, d) and `restore(y, idx)` applies inverse to (b, P, d); with dim=-1
+they work on channel-major (b, d, L) / (b, d, P) tensors (the mixers' layout), giving contiguous results. Both
+are gathers, so gradients flow. Indices for a fixed geometry are computed once and kept in an LRU cache keyed by
 (order, geometry, device); random and point orders depend on data and are recomputed per call. Cached index
 tensors are shared: never modify them in place.
 
@@ -68,6 +69,7 @@ class OrderIndices:
     pads_input: bool
     pads_output: bool
     is_identity: bool
+    is_flip: bool = False       # perm (and inverse) = (L-1, ..., 0): reorder and restore are a flip
 
     @property
     def scan_length(self) -> int:
@@ -78,37 +80,73 @@ class OrderIndices:
         return self.perm.dim() == 2
 
 
-def _gather_tokens(x: torch.Tensor, index: torch.Tensor, pad: bool, what: str) -> torch.Tensor:
-    if x.dim() != 3:
-        raise ValueError(f"{what}: expected a (batch, length, dim) tensor, got shape {tuple(x.shape)}")
-    b, _, d = x.shape
-    if pad:
-        x = torch.cat([x, x.new_zeros(b, 1, d)], dim=1)
+def _gather_tokens(x: torch.Tensor, index: torch.Tensor, n_src: int, pad: bool, dim: int,
+                   what: str) -> torch.Tensor:
+    """x's token axis `dim` (1 or 2 of a 3D tensor, n_src long) gathered by `index` ((P,) or (b, P)); an index
+    equal to n_src reads a zero token. The result is contiguous whichever axis holds the tokens."""
+    b = x.shape[0]
     if index.device != x.device:
         index = index.to(x.device)
-    if index.dim() == 1:
-        return x.index_select(1, index)
-    if index.shape[0] != b:
+    if index.dim() == 2 and index.shape[0] != b:
         raise ValueError(f"{what}: the order was computed for batch size {index.shape[0]}, the input has {b}")
-    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, d))
+    zero_at = None
+    if pad:
+        if n_src == 0:                                            # nothing to read: every position is a zero token
+            x = torch.cat([x, x.new_zeros(b, 1, x.shape[2]) if dim == 1 else x.new_zeros(b, x.shape[1], 1)], dim)
+        else:                                                      # read any token there, zero it afterwards
+            zero_at = index == n_src
+            index = index.clamp(max=n_src - 1)
+    if index.dim() == 1 and dim == 2:
+        # the last axis of a (b * d, L) view: one pass of row gathers (index_select on the last axis of a 3D
+        # tensor is several times slower on CPU)
+        out = x.reshape(-1, x.shape[2]).index_select(1, index).view(x.shape[0], x.shape[1], index.shape[0])
+    elif index.dim() == 1:
+        out = x.index_select(dim, index)
+    elif dim == 1:
+        out = torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+    else:
+        out = torch.gather(x, 2, index.unsqueeze(1).expand(-1, x.shape[1], -1))
+    if zero_at is not None:
+        # (P,) or (b, P) positions -> broadcast over the channel axis
+        out = out.masked_fill_(zero_at.unsqueeze(-1) if dim == 1 else zero_at.unsqueeze(-2), 0.0)
+    return out
 
 
-def reorder(x: torch.Tensor, idx: OrderIndices) -> torch.Tensor:
-    """(b, L, d) in token order -> (b, P, d) in scan order."""
+def _token_dim(x: torch.Tensor, dim: int, what: str) -> int:
+    """The token axis of a (b, L, d) (dim=1) or (b, d, L) (dim=2 or -1) tensor."""
+    if dim not in (1, 2, -1):
+        raise ValueError(f"{what}: dim must be 1 (tokens on dim 1 of (batch, length, dim)) or -1 "
+                         f"(tokens last, (batch, dim, length)), got {dim}")
+    if x.dim() != 3:
+        layout = "(batch, length, dim)" if dim == 1 else "(batch, dim, length)"
+        raise ValueError(f"{what}: expected a {layout} tensor, got shape {tuple(x.shape)}")
+    return dim % 3
+
+
+def reorder(x: torch.Tensor, idx: OrderIndices, dim: int = 1) -> torch.Tensor:
+    """Token order -> scan order along `dim`: (b, L, d) -> (b, P, d) (dim=1), or (b, d, L) -> (b, d, P)
+    (dim=-1, channel-major)."""
     if idx.is_identity:
         return x
-    if x.dim() == 3 and x.shape[1] != idx.n_tokens:
-        raise ValueError(f"reorder: the input has {x.shape[1]} tokens, the order was computed for {idx.n_tokens}")
-    return _gather_tokens(x, idx.perm, idx.pads_input, "reorder")
+    d = _token_dim(x, dim, "reorder")
+    if x.shape[d] != idx.n_tokens:
+        raise ValueError(f"reorder: the input has {x.shape[d]} tokens, the order was computed for {idx.n_tokens}")
+    if idx.is_flip:
+        return x.flip(d)
+    return _gather_tokens(x, idx.perm, idx.n_tokens, idx.pads_input, d, "reorder")
 
 
-def restore(y: torch.Tensor, idx: OrderIndices) -> torch.Tensor:
-    """(b, P, d) in scan order -> (b, L, d) in token order (zeros for tokens the order does not visit)."""
+def restore(y: torch.Tensor, idx: OrderIndices, dim: int = 1) -> torch.Tensor:
+    """Scan order -> token order along `dim`: (b, P, d) -> (b, L, d) (dim=1), or (b, d, P) -> (b, d, L)
+    (dim=-1); zeros for tokens the order does not visit."""
     if idx.is_identity:
         return y
-    if y.dim() == 3 and y.shape[1] != idx.scan_length:
-        raise ValueError(f"restore: the input has {y.shape[1]} positions, the order scans {idx.scan_length}")
-    return _gather_tokens(y, idx.inverse, idx.pads_output, "restore")
+    d = _token_dim(y, dim, "restore")
+    if y.shape[d] != idx.scan_length:
+        raise ValueError(f"restore: the input has {y.shape[d]} positions, the order scans {idx.scan_length}")
+    if idx.is_flip:
+        return y.flip(d)
+    return _gather_tokens(y, idx.inverse, idx.scan_length, idx.pads_output, d, "restore")
 
 
 def _assemble(rows: torch.Tensor | list[torch.Tensor], n_tokens: int, device) -> OrderIndices:
@@ -126,9 +164,11 @@ def _assemble(rows: torch.Tensor | list[torch.Tensor], n_tokens: int, device) ->
     pads_input = bool((perm == n_tokens).any())
     pads_output = bool((inverse == P).any())
     is_identity = P == n_tokens and bool((perm == torch.arange(P)).all())
+    is_flip = single and P == n_tokens and not is_identity and bool((perm == torch.arange(P - 1, -1, -1)).all())
     if single:
         perm, inverse = perm[0], inverse[0]
-    return OrderIndices(perm.to(device), inverse.to(device), n_tokens, pads_input, pads_output, is_identity)
+    return OrderIndices(perm.to(device), inverse.to(device), n_tokens, pads_input, pads_output, is_identity,
+                        is_flip)
 
 
 _CACHE: "OrderedDict[tuple, OrderIndices]" = OrderedDict()

@@ -46,6 +46,56 @@ def test_grid_orders_invert(H, W):
     assert torch.all(covered == 1), "the four lattice cells cover every token exactly once"
 
 
+def explicit_reorder(x, perm, n_tokens):
+    """Token-major (b, L, d) -> (b, P, d) by a Python loop over the indices (n_tokens reads a zero token)."""
+    b, _, d = x.shape
+    rows = perm if perm.dim() == 2 else perm.expand(b, -1)
+    return torch.stack([torch.stack([x[i, j] if j < n_tokens else x.new_zeros(d) for j in row.tolist()])
+                        for i, row in enumerate(rows)])
+
+
+@pytest.mark.parametrize("name,n,lengths", [("flip", 9, None), ("flip", 9, [9, 4, 1]), ("stride_4", 10, None),
+                                            ("stride_4", 10, [10, 7, 3]), ("stride_3_nopad", 10, [5, 10, 2]),
+                                            ("atrous_1", 15, None), ("shuffle", 8, None)])
+def test_channel_major_reorder_restore_equal_token_major_ones_with_gradients(name, n, lengths):
+    """dim=-1 on (b, d, L) gives the token-major results transposed, contiguous, with the same gradients; zero
+    tokens (stride padding, unvisited lattice cells) are zeros and pass no gradient."""
+    hw = (3, 5) if name.startswith("atrous") else None
+    idx = scan_order(name).indices(n, lengths=lengths, hw=hw)
+    x = torch.randn(3, n, 4, dtype=torch.float64, requires_grad=True)
+    xs = reorder(x, idx)
+    torch.testing.assert_close(xs, explicit_reorder(x, idx.perm, n), rtol=0, atol=0)
+    xs_cm = reorder(x.transpose(1, 2).contiguous(), idx, dim=-1)
+    assert xs_cm.is_contiguous() and xs_cm.shape == (3, 4, idx.scan_length)
+    torch.testing.assert_close(xs_cm, xs.transpose(1, 2), rtol=0, atol=0)
+    y = torch.randn(3, idx.scan_length, 4, dtype=torch.float64, requires_grad=True)
+    yr_cm = restore(y.transpose(1, 2).contiguous(), idx, dim=-1)
+    assert yr_cm.is_contiguous()
+    torch.testing.assert_close(yr_cm, restore(y, idx).transpose(1, 2), rtol=0, atol=0)
+    torch.testing.assert_close(restore(y, idx), explicit_reorder(y, idx.inverse, idx.scan_length), rtol=0, atol=0)
+    g1, g2 = torch.randn_like(xs_cm), torch.randn_like(yr_cm)
+    grads_cm = torch.autograd.grad((xs_cm * g1).sum() + (yr_cm * g2).sum(), [x, y])
+    grads_tm = torch.autograd.grad((reorder(x, idx) * g1.transpose(1, 2)).sum()
+                                   + (restore(y, idx) * g2.transpose(1, 2)).sum(), [x, y])
+    for a, r in zip(grads_cm, grads_tm):
+        torch.testing.assert_close(a, r, rtol=0, atol=0)
+    if idx.pads_input:
+        perm = idx.perm if idx.batched else idx.perm.expand(3, -1)
+        assert torch.all(xs_cm.transpose(1, 2)[perm == n] == 0)
+    with pytest.raises(ValueError, match="dim must be 1"):
+        reorder(x, idx, dim=0)
+    with pytest.raises(ValueError, match=r"expected a \(batch, dim, length\) tensor"):
+        restore(y[0], idx, dim=-1)
+
+
+def test_flip_is_marked_and_uses_flip():
+    idx = scan_order("flip").indices(6)
+    assert idx.is_flip and not idx.is_identity and not scan_order("flip").indices(1).is_flip
+    assert not scan_order("flip").indices(6, lengths=[6, 3]).is_flip and not StrideOrder(2).indices(6).is_flip
+    x = torch.randn(2, 5, 6)
+    assert torch.equal(reorder(x, idx, dim=-1), x.flip(-1)) and torch.equal(restore(x, idx, dim=-1), x.flip(-1))
+
+
 def test_stride_order_sequence_and_padding():
     # MambaMIL: pad 10 tokens to 12 with rate 4, rearrange "(k w) -> (w k)": [0, 4, 8, 1, 5, 9, 2, 6, pad, 3, 7, pad]
     idx = StrideOrder(4).indices(10)
