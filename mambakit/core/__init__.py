@@ -1,6 +1,7 @@
 """The model core: scans, mixers, scan orders, blocks and backbones that every app assembles.
 
-Shapes are (batch, length, d_model) for every module; (batch, d, length) appears only at the scan boundary.
+Shapes are (batch, length, d_model) at every module's boundary; inside the Mamba-1 mixers activations are
+channel-major (batch, d, length), as the scan wants them (see `mambakit.core.layout`).
 """
 
 from mambakit.core.block import Block, DropPath, GatedMLP, MixerModel, create_block, drop_path_schedule, init_weights

@@ -1,14 +1,15 @@
 """`Mamba` (Mamba-1): `mamba_ssm.modules.mamba_simple.Mamba`'s arguments, defaults, initialisation and
 parameter names, in pure PyTorch on top of `selective_scan`, with variable lengths and recurrent decoding.
 
-Data flow for hidden_states (b, L, d_model), d_inner = expand * d_model:
+Data flow for hidden_states (b, L, d_model), d_inner = expand * d_model. Everything between in_proj and
+out_proj is channel-major (b, channels, L) and contiguous, as in mamba_ssm, so that no layout copy is made:
 
-    xz = in_proj(h)                  (b, L, 2 d_inner)      x | z
+    x, z = in_proj(h)                (b, d_inner, L) each    one GEMM each, reading h transposed
     x  = silu(causal depthwise conv(x))                      conv1d: (d_inner, 1, d_conv)
-    dt | B | C = x_proj(x)           dt_rank | d_state | d_state
-    dt = dt_proj.weight @ dt          (its bias is the scan's delta_bias, with softplus)
-    y  = selective_scan(x, dt, A=-exp(A_log), B, C, D, z)    (b, d_inner, L) at the scan boundary only
-    out = out_proj(y)
+    dt | B | C = x_proj.weight @ x   (b, dt_rank | d_state | d_state, L)
+    dt = dt_proj.weight @ dt         (b, d_inner, L)         (its bias is the scan's delta_bias, with softplus)
+    y  = selective_scan(x, dt, A=-exp(A_log), B, C, D, z)    (b, d_inner, L)
+    out = out_proj(y)                (b, L, d_model)         one GEMM reading y transposed
 
 The pieces shared with the multi-order mixers live in `SelectiveSSM`: the per-order parameter sets
 (`conv1d{s}`, `x_proj{s}`, `dt_proj{s}`, `A{s}_log`, `D{s}` for a name suffix s) and the branch computation.
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mambakit.core.cache import InferenceParams, states_from_cache
+from mambakit.core.layout import channel_major_linear, token_major_linear
 from mambakit.core.scan import selective_scan, selective_state_update
 
 __all__ = ["Mamba", "SelectiveSSM", "init_dt_proj", "check_hidden", "check_lengths", "length_mask", "compute_dtype",
@@ -166,25 +168,35 @@ class SelectiveSSM(nn.Module):
                 getattr(self, f"A{suffix}_log"), getattr(self, f"D{suffix}"))
 
     # -- computation ------------------------------------------------------------------------------------
-    def _branch(self, xz: torch.Tensor, suffix: str = "", *, conv_state: torch.Tensor | None = None,
+    def _in_proj(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden_states (b, L, d_model) -> x, z: contiguous (b, d_inner, L) each (in_proj's two halves)."""
+        w, bias, di = self.in_proj.weight, self.in_proj.bias, self.d_inner
+        h = hidden_states.transpose(1, 2)
+        return (channel_major_linear(h, w[:di], None if bias is None else bias[:di]),
+                channel_major_linear(h, w[di:], None if bias is None else bias[di:]))
+
+    def _out_proj(self, y: torch.Tensor) -> torch.Tensor:
+        """y (b, d_inner, L) -> out_proj(y) token-major (b, L, d_model)."""
+        return token_major_linear(y, self.out_proj.weight, self.out_proj.bias)
+
+    def _branch(self, x: torch.Tensor, z: torch.Tensor, suffix: str = "", *, conv_state: torch.Tensor | None = None,
                 ssm_state: torch.Tensor | None = None, lengths: torch.Tensor | None = None,
                 return_states: bool = False):
-        """One order's SSM on xz (b, L, 2 d_inner) in scan order -> gated y (b, L, d_inner).
+        """One order's SSM on x, z (b, d_inner, L) in scan order -> gated y (b, d_inner, L), all channel-major.
 
         conv_state / ssm_state: continue from cached states (None: start from zeros). With return_states,
         also return the new (conv_state (b, d_inner, d_conv), ssm_state (b, d_inner, N)), taken at each
         sample's own last valid token when lengths are given.
         """
         conv, x_proj, dt_proj, A_log, D = self._params(suffix)
-        di, L = self.d_inner, xz.shape[1]
-        x, z = xz[..., :di].transpose(1, 2), xz[..., di:].transpose(1, 2)             # (b, d_inner, L)
+        L = x.shape[-1]
         new_conv_state = last_conv_window(x, conv_state, lengths, self.d_conv) if return_states else None
         prefix = conv_state[..., 1:] if conv_state is not None else None
         x = F.silu(causal_conv(x, conv, prefix))
-        dt, B, C = torch.split(F.linear(x.transpose(1, 2), x_proj.weight),
-                               [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = torch.matmul(dt_proj.weight, dt.transpose(1, 2))      # (b, d_inner, L), contiguous as the scan wants
-        B, C = B.transpose(1, 2), C.transpose(1, 2)                                     # (b, N, L)
+        # (b, dt_rank + 2 N, L); B and C are views (contiguous for b = 1; the scan kernels take them as they are)
+        dt, B, C = torch.split(channel_major_linear(x, x_proj.weight), [self.dt_rank, self.d_state, self.d_state],
+                               dim=1)
+        dt = channel_major_linear(dt, dt_proj.weight)                                   # (b, d_inner, L)
         ct = compute_dtype(A_log)
         A = -torch.exp(A_log.to(ct))
         delta_bias, softplus = dt_proj.bias.to(ct), True
@@ -196,8 +208,8 @@ class SelectiveSSM(nn.Module):
                              return_last_state=return_states, initial_state=ssm_state, backend=self.scan_backend)
         if return_states:
             y, last = out
-            return y.transpose(1, 2), (new_conv_state, last)
-        return out.transpose(1, 2)
+            return y, (new_conv_state, last)
+        return out
 
     def _branch_step(self, x: torch.Tensor, z: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor,
                      suffix: str = "") -> torch.Tensor:
@@ -251,18 +263,18 @@ class Mamba(SelectiveSSM):
         b, L = check_hidden("Mamba", hidden_states, self.d_model)
         lengths = check_lengths("Mamba", lengths, b, L, hidden_states.device)
         if inference_params is None:
-            y = self._branch(self.in_proj(hidden_states), lengths=lengths)
+            y = self._branch(*self._in_proj(hidden_states), lengths=lengths)
         else:
             conv_state, ssm_state = states_from_cache(self, inference_params, b, self._allocate)
             continuing = inference_params.seqlen_offset > 0
             if continuing and L == 1 and lengths is None:
                 return self.step(hidden_states, conv_state, ssm_state)[0]
             y, (new_conv, new_ssm) = self._branch(
-                self.in_proj(hidden_states), conv_state=conv_state if continuing else None,
+                *self._in_proj(hidden_states), conv_state=conv_state if continuing else None,
                 ssm_state=ssm_state if continuing else None, lengths=lengths, return_states=True)
             conv_state.copy_(new_conv)
             ssm_state.copy_(new_ssm)
-        out = self.out_proj(y)
+        out = self._out_proj(y)
         if lengths is not None:
             out = out.masked_fill(~length_mask(lengths, L)[..., None], 0.0)
         return out

@@ -4,9 +4,14 @@
 dt_proj, A_log and D (Vim's bimamba v2, MambaMIL's SR-Mamba and BiMamba, PCM's and ShuffleMamba's
 bidirectional mixers, the hierarchical scans of Motion Mamba):
 
-    xz = in_proj(h)                                      (b, L, 2 d_inner), shared
-    y_k = restore(branch_k(reorder(xz, order_k)))        each branch a causal Mamba SSM with z gating
+    x, z = in_proj(h)                                    (b, d_inner, L) each, shared
+    y_k = restore(branch_k(reorder(x, order_k), reorder(z, order_k)))
+                                                         each branch a causal Mamba SSM with z gating
     out = out_proj(merge(y_1..y_K))
+
+Between in_proj and out_proj everything is channel-major (b, d_inner, L) and contiguous: orders gather along the
+last axis and the merges work in that layout (see `mambakit.core.layout`). A zero token of a padded order
+(stride-R) is zero in x and z, as upstream pads xz.
 
 Parameter names: order 0 keeps the plain names (`conv1d`, `x_proj`, `dt_proj`, `A_log`, `D`). With K=2 the
 second set is Vim's / MambaMIL's `conv1d_b`, `x_proj_b`, `dt_proj_b`, `A_b_log`, `D_b`. With K>2, order k
@@ -31,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mambakit.core.layout import channel_major_linear
 from mambakit.core.mamba import Mamba, SelectiveSSM, check_hidden, check_lengths, length_mask
 from mambakit.core.orders import OrderIndices, ScanOrder, StrideOrder, orders_from, reorder, restore
 
@@ -140,9 +146,10 @@ class MultiOrderMamba(SelectiveSSM):
         lengths = check_lengths("MultiOrderMamba", lengths, b, L, hidden_states.device)
         idxs = _order_indices("MultiOrderMamba", self.orders, L, lengths, hw, coords, hidden_states.device,
                               order_indices)
-        xz = self.in_proj(hidden_states)
-        ys = [restore(self._branch(reorder(xz, idx), s), idx) for s, idx in zip(self.suffixes, idxs)]
-        out = self.out_proj(self._merge(ys))
+        x, z = self._in_proj(hidden_states)
+        ys = [restore(self._branch(reorder(x, idx, dim=-1), reorder(z, idx, dim=-1), s), idx, dim=-1)
+              for s, idx in zip(self.suffixes, idxs)]
+        out = self._out_proj(self._merge(ys))
         if self.init_layer_scale is not None:
             out = out * self.gamma
         if lengths is not None:
@@ -150,18 +157,22 @@ class MultiOrderMamba(SelectiveSSM):
         return out
 
     def _merge(self, ys: list[torch.Tensor]) -> torch.Tensor:
+        """K outputs (b, d_inner, L) -> (b, d_inner, L)."""
         if len(ys) == 1:
             return ys[0]
         if self.merge in ("sum", "mean"):
-            y = ys[0]
-            for other in ys[1:]:
-                y = y + other
-            return y / len(ys) if self.merge == "mean" else y
-        cat = torch.cat(ys, dim=-1)
+            y = ys[0] + ys[1]
+            for other in ys[2:]:
+                y += other
+            return y.div_(len(ys)) if self.merge == "mean" else y
+        cat = torch.cat(ys, dim=1)                                                      # (b, K d_inner, L)
         if self.merge == "concat":
-            return self.merge_proj(cat)
-        weights = torch.softmax(self.merge_gate(cat), dim=-1)                           # (b, L, K)
-        return (torch.stack(ys, dim=-1) * weights.unsqueeze(-2)).sum(-1)
+            return channel_major_linear(cat, self.merge_proj.weight, self.merge_proj.bias)
+        weights = torch.softmax(channel_major_linear(cat, self.merge_gate.weight, self.merge_gate.bias), dim=1)
+        y = ys[0] * weights[:, :1]                                                      # weights (b, K, L)
+        for k in range(1, len(ys)):
+            y += ys[k] * weights[:, k:k + 1]
+        return y
 
     def step(self, *args, **kwargs):
         raise _not_causal("MultiOrderMamba", self.orders)

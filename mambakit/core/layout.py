@@ -1,0 +1,98 @@
+"""Linear layers across the two layouts of a sequence, without layout copies.
+
+The Mamba-1 mixers keep their activations channel-major, (b, channels, L) contiguous, as mamba_ssm does and as
+the scan and conv1d want them, while the model around them is token-major, (b, L, d_model). A Linear between
+the two is one GEMM per sample whichever way round, since BLAS reads either operand transposed in place:
+
+    channel_major_linear(x, W, bias)   x[i] (in, L), any of the two layouts  ->  (b, out, L) contiguous
+    token_major_linear(y, W, bias)     y[i] (in, L)                          ->  (b, L, out) contiguous
+
+`F.linear` / `torch.matmul` fold the batch into the rows and so copy whenever the input is a transposed view,
+and autograd's own backward of a batched GEMM hands gradients back in the transposed layout, which the next
+kernel then copies. The autograd Function here gives every gradient in the layout of its input: the gradient
+of a channel-major tensor is contiguous channel-major, that of a transposed token-major view is contiguous
+token-major memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["channel_major_linear", "token_major_linear"]
+
+
+def _bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Batched a @ b (+ bias), a 2D operand shared by every sample (expanded, not copied)."""
+    n = a.shape[0] if a.dim() == 3 else b.shape[0]
+    a = a.expand(n, *a.shape) if a.dim() == 2 else a
+    b = b.expand(n, *b.shape) if b.dim() == 2 else b
+    return torch.bmm(a, b) if bias is None else torch.baddbmm(bias, a, b)
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    kind = device.type
+    try:
+        if torch.is_autocast_enabled(kind):
+            return torch.get_autocast_dtype(kind)
+    except (RuntimeError, TypeError):        # a device type without autocast support
+        return None
+    return None
+
+
+class _Linear(torch.autograd.Function):
+    """out[i] = W @ x[i] (+ bias) for x (b, in, L); written channel-major (b, out, L) or token-major (b, L, out)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, token_major_out):
+        cast = _autocast_dtype(x.device)
+        if cast is not None:                 # as autocast would run the GEMM; backward then runs in that dtype
+            x, weight = x.to(cast), weight.to(cast)
+            bias = bias.to(cast) if bias is not None else None
+        if token_major_out:
+            out = _bmm(x.transpose(1, 2), weight.t(), bias)
+        else:
+            out = _bmm(weight, x, None if bias is None else bias.unsqueeze(-1))
+        ctx.save_for_backward(x, weight)
+        ctx.token_major_out = token_major_out
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        g = grad.transpose(1, 2) if ctx.token_major_out else grad                    # (b, out, L)
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            if x.transpose(1, 2).is_contiguous() and not x.is_contiguous():          # token-major memory
+                dx = _bmm(g.transpose(1, 2), weight).transpose(1, 2)
+            else:
+                dx = _bmm(weight.t(), g)
+        if ctx.needs_input_grad[1]:
+            dw = g[0] @ x[0].t() if x.shape[0] == 1 else torch.bmm(g, x.transpose(1, 2)).sum(0)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = g.sum((0, 2))
+        return dx, dw, db, None
+
+
+def _check(what: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if x.dim() != 3 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"{what}: x has shape {tuple(x.shape)}, expected (batch, {weight.shape[-1]}, length) "
+                         f"for a weight of shape {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{what}: bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
+
+
+def channel_major_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (b, in, L) -> contiguous (b, out, L), out[i] = weight @ x[i] (+ bias[:, None]).
+
+    x may be contiguous or the transposed view `h.transpose(1, 2)` of a token-major h (b, L, in): either is
+    read in place, and its gradient comes back in the same memory layout."""
+    _check("channel_major_linear", x, weight, bias)
+    return _Linear.apply(x, weight, bias, False)
+
+
+def token_major_linear(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y (b, in, L) channel-major -> contiguous token-major (b, L, out): `F.linear(y.transpose(1, 2), weight,
+    bias)` without materialising the transpose (and y's gradient is channel-major)."""
+    _check("token_major_linear", y, weight, bias)
+    return _Linear.apply(y, weight, bias, True)
