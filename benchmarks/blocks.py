@@ -10,9 +10,16 @@
    /proc/self/clear_refs; ru_maxrss where that is unavailable) minus its RSS just before the measured call, so
    it counts everything the call allocated, whichever allocator. Subprocesses run under an address
    space limit (default 8 GiB, kind to a shared machine) so that a peer that needs more fails alone and is reported as such.
+4. `--parts mixers`: mambakit's mixers alone at the shapes where layout costs show (no peer; run it on two
+   checkouts with PYTHONPATH=<checkout> from outside the repository to compare versions): a Vim-Ti mixer at
+   1024 px (`MultiOrderMamba.vim(192)`, b=1, L=4097), MambaMIL's SR-Mamba (`MultiOrderMamba.sr(512, rate=10)`,
+   b=1, L=10000) and `Mamba(192)` at b=8, L=197; forward (no grad) and forward+backward (a fixed random output
+   gradient), wall and process CPU time (the steadier one on a shared machine at one thread), plus the top
+   operators of one forward and one forward+backward under torch.profiler.
 
 Timings: median over repeats after a warm-up, torch.get_num_threads() threads, float32. Writes
-benchmarks/results/blocks.json and blocks.md. Usage: python benchmarks/blocks.py [--quick] [--parts ...].
+benchmarks/results/blocks.json and blocks.md (blocks_<parts>.* for a subset of the parts, so that a partial run
+leaves the full run's files alone). Usage: python benchmarks/blocks.py [--quick] [--parts ...].
 """
 
 from __future__ import annotations
@@ -69,6 +76,20 @@ def timeit(fn, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def timeit_wall_and_cpu(fn, repeats: int, warmup: int = 1) -> tuple[float, float]:
+    """Median wall and median process CPU seconds per call (CPU time is the steadier figure on a shared machine
+    when torch runs one thread)."""
+    for _ in range(warmup):
+        fn()
+    wall, cpu = [], []
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(wall), statistics.median(cpu)
+
+
 def make_pair(d_model: int, seed: int = 0):
     """mambakit Mamba and mambapy MambaBlock with identical weights (mambapy keeps mamba_ssm's names)."""
     from mambapy.mamba import MambaBlock, MambaConfig
@@ -113,6 +134,56 @@ def bench_block(shapes, repeats: int) -> list[dict]:
         row["fwd_speedup"] = row["fwd_mambapy_s"] / row["fwd_ours_s"]
         rows.append(row)
         print(json.dumps(row), flush=True)
+    return rows
+
+
+ALL_PARTS = ("block", "decode", "memory", "mixers")
+MIXER_CASES = [("Vim-Ti mixer, 1024 px", "vim", 1, 4097, 192), ("SR-Mamba (MambaMIL)", "sr", 1, 10000, 512),
+               ("Mamba, Vim-Ti width", "mamba", 8, 197, 192)]
+QUICK_MIXER_CASES = [("Vim-Ti mixer (quick)", "vim", 1, 257, 192), ("SR-Mamba (quick)", "sr", 1, 503, 64),
+                     ("Mamba (quick)", "mamba", 2, 33, 192)]
+
+
+def make_mixer(kind: str, d_model: int, seed: int = 0):
+    from mambakit.core import Mamba, MultiOrderMamba
+    torch.manual_seed(seed)
+    if kind == "vim":                       # Vim's settings: bimamba v2, if_divide_out=True, d_state 16, expand 2
+        return MultiOrderMamba.vim(d_model, d_state=16, d_conv=4, expand=2)
+    if kind == "sr":                        # MambaMIL's SRMamba layer
+        return MultiOrderMamba.sr(d_model, rate=10, d_state=16, d_conv=4, expand=2)
+    return Mamba(d_model, d_state=16, d_conv=4, expand=2)
+
+
+def bench_mixers(cases, repeats: int, profile_top: int = 12) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile
+    rows = []
+    for name, kind, b, L, d in cases:
+        m = make_mixer(kind, d)
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(b, L, d, generator=gen)
+        g = torch.randn(b, L, d, generator=gen)
+
+        def fwd():
+            with torch.no_grad():
+                m(x)
+
+        def fwd_bwd():
+            xx = x.clone().requires_grad_(True)
+            m(xx).backward(g)
+
+        row = {"case": name, "mixer": kind, "batch": b, "length": L, "d_model": d}
+        for key, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+            row[f"{key}_s"], row[f"{key}_cpu_s"] = timeit_wall_and_cpu(fn, repeats)
+        for key, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                fn()
+            events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+            total = sum(e.self_cpu_time_total for e in events) or 1.0
+            row[f"profile_{key}_top"] = [{"op": e.key, "self_s": e.self_cpu_time_total / 1e6,
+                                          "share": e.self_cpu_time_total / total, "calls": e.count}
+                                         for e in events[:profile_top]]
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if not k.startswith("profile_")}), flush=True)
     return rows
 
 
@@ -219,14 +290,17 @@ def bench_memory(b: int, lengths: list[int], d: int, limit_gib: float, timeout: 
 
 def markdown(result: dict) -> str:
     m = result["machine"]
+    with_peer = any(result.get(part) for part in ("block", "decode", "memory"))
+    parts = result.get("parts", list(ALL_PARTS))
+    command_parts = "" if set(parts) == set(ALL_PARTS) else " --parts " + ",".join(parts)
     lines = [
-        "## Mamba block (CPU): mambakit vs mambapy 1.2.0",
+        "## Mamba block (CPU): mambakit vs mambapy 1.2.0" if with_peer else "## mambakit mixers (CPU)",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, torch {m['torch']}; "
         f"load average {m['load_avg_start'][0]:.2f} at start, {result['load_avg_end'][0]:.2f} at end. "
-        f"mambakit's selective-scan backend: `{result['scan_backend']}`. float32, d_state=16, expand=2, d_conv=4; "
-        "mambapy `MambaBlock` with its parallel scan (pscan=True) and the same weights. "
-        "Generated by `python benchmarks/blocks.py`.",
+        f"mambakit's selective-scan backend: `{result['scan_backend']}`. float32, d_state=16, expand=2, d_conv=4"
+        + ("; mambapy `MambaBlock` with its parallel scan (pscan=True) and the same weights. " if with_peer else ". ")
+        + f"Generated by `python benchmarks/blocks.py{command_parts}`.",
         "",
     ]
     if result.get("block"):
@@ -269,13 +343,28 @@ def markdown(result: dict) -> str:
                 ratio = f"{peer['peak_mib'] / ours['peak_mib']:.1f}x" if ok else "-"
                 lines.append(f"| {L} | {mode} | {fmt(ours)} | {fmt(peer)} | {ratio} |")
         lines.append("")
+    if result.get("mixers"):
+        lines += ["### mambakit mixers alone (median seconds, wall / process CPU; float32, no peer)", "",
+                  "| case | b | L | d_model | fwd wall | fwd CPU | fwd+bwd wall | fwd+bwd CPU |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in result["mixers"]:
+            lines.append(f"| {r['case']} | {r['batch']} | {r['length']} | {r['d_model']} | {r['fwd_s']:.4f} "
+                         f"| {r['fwd_cpu_s']:.4f} | {r['fwd_bwd_s']:.4f} | {r['fwd_bwd_cpu_s']:.4f} |")
+        for r in result["mixers"]:
+            for key, what in (("fwd", "forward (no grad)"), ("fwd_bwd", "forward+backward")):
+                lines += ["", f"Top operators of one {what}, {r['case']} (torch.profiler, self CPU time):", "",
+                          "| op | self s | share | calls |", "|---|---|---|---|"]
+                lines += [f"| `{e['op']}` | {e['self_s']:.4f} | {100 * e['share']:.1f}% | {e['calls']} |"
+                          for e in r[f"profile_{key}_top"]]
+        lines.append("")
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes, to check that the script runs")
-    ap.add_argument("--parts", default="block,decode,memory", help="comma-separated subset of block,decode,memory")
+    ap.add_argument("--parts", default=",".join(ALL_PARTS),
+                    help="comma-separated subset of block,decode,memory,mixers")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--memory-limit-gib", type=float, default=8.0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -284,7 +373,8 @@ def main() -> None:
     parts = set(args.parts.split(","))
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = {"machine": machine(), "scan_backend": scan_backend_in_use(), "quick": args.quick}
+    result = {"machine": machine(), "scan_backend": scan_backend_in_use(), "quick": args.quick,
+              "parts": [p for p in ALL_PARTS if p in parts]}
     if args.quick:
         shapes = [("Vim-Ti (quick)", 2, 33, 192)]
         decode = (64, 2, 16)
@@ -297,6 +387,8 @@ def main() -> None:
         result["block"] = bench_block(shapes, args.repeats)
     if "decode" in parts:
         result["decode"] = bench_decode(*decode, repeats=max(1, args.repeats // 2))
+    if "mixers" in parts:
+        result["mixers"] = bench_mixers(QUICK_MIXER_CASES if args.quick else MIXER_CASES, args.repeats)
     if "memory" in parts:
         b, lengths, d, timeout = mem
         result["memory_limit_gib"] = args.memory_limit_gib
@@ -304,6 +396,8 @@ def main() -> None:
     result["load_avg_end"] = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "blocks_quick" if args.quick else "blocks"
+    if parts != set(ALL_PARTS):                   # a partial run does not overwrite the full run's results
+        stem += "_" + "_".join(sorted(parts))
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     (args.out / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))
