@@ -36,18 +36,17 @@ TITLES = {"smamba": "S-Mamba", "itransformer": "iTransformer", "dlinear": "DLine
 HORIZONS = (96, 192, 336, 720)
 SEEDS = (2023, 2024, 2025)
 
-# Published numbers we could verify, with their sources. The S-Mamba paper's per-horizon ETTh1 row could not
-# be read here (see mambakit/apps/timeseries/README.md); only its 4-horizon average is quoted by third parties.
+# Published numbers with their sources.
 _OLINEAR = ("the iTransformer paper's ETTh1 values for this model as reprinted in OLinear (2025) Table 15, read from "
             "a third-party transcription of that table; not checked against the PDF")
+_SMAMBA_PAPER = ("the S-Mamba paper (Wang et al., arXiv 2403.11144 v3 / Neurocomputing 2024), table "
+                 "'Full results of S-Mamba and baselines on ETT datasets' (tab:results_ETT), ETTh1 rows, read from "
+                 "the paper's LaTeX source; its iTransformer and DLinear rows equal the values below")
 REFERENCE = {
     "smamba": {
-        "avg": {"mse": 0.457, "mae": 0.452,
-                "source": "S-Mamba 4-horizon average as quoted in the T-DXVN/PaDuM README (third-party table); "
-                          "the paper's own per-horizon table was not readable here"},
-        96: {"mse": 0.38989, "mae": 0.4076,
-             "source": "a user's run of the upstream S_Mamba_ETTh1.sh (wzhwzhwzh0921/S-D-Mamba issue #26); "
-                       "not a paper value"},
+        96: {"mse": 0.386, "mae": 0.405, "source": _SMAMBA_PAPER}, 192: {"mse": 0.443, "mae": 0.437, "source": _SMAMBA_PAPER},
+        336: {"mse": 0.489, "mae": 0.468, "source": _SMAMBA_PAPER}, 720: {"mse": 0.502, "mae": 0.489, "source": _SMAMBA_PAPER},
+        "avg": {"mse": 0.455, "mae": 0.450, "source": _SMAMBA_PAPER},
     },
     "itransformer": {
         96: {"mse": 0.386, "mae": 0.405, "source": _OLINEAR}, 192: {"mse": 0.441, "mae": 0.436, "source": _OLINEAR},
