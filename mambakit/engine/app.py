@@ -7,13 +7,24 @@ Each app's `app.py` builds one `App` and names it in pyproject's `mambakit.apps`
 
 `mambakit --help` lists every registered app with its one-line description; `mambakit <app> <verb>`
 runs a verb. Keep `app.py` cheap to import: heavy imports go inside the verb functions.
+
+`rebuild_model` lets `mambakit.zoo.load_pretrained("runs/<x>")` turn the app's training checkpoints (format
+"mambakit-checkpoint-v1", whose "app" names the app) back into models:
+
+    def _rebuild_model(config: dict, weights: Mapping[str, Tensor], source: str) -> nn.Module:
+        recipe = from_dict(MyRecipe, config, source)          # the checkpoint's saved recipe
+        return build_net(recipe.model, n_classes=weights["head.weight"].shape[0])
+
+It returns the network the task's `build_model()` would build for that recipe, with fresh weights (the caller
+loads `weights` strictly). It must not need the training data: sizes that come from the data (classes, items,
+variates) are read from the shapes in `weights`, which are the checkpoint's model (or EMA) state dict.
 """
 
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 
 @dataclass
@@ -46,6 +57,8 @@ class App:
     quickstart: Callable[[], QuickstartResult] | None = None    # trains the quick recipe (2-3 min on 2 cores)
     datasets: Sequence[Any] = field(default_factory=tuple)      # mambakit.data.DatasetEntry
     weights: Sequence[Any] = field(default_factory=tuple)       # mambakit.zoo.WeightEntry
+    # rebuild_model(saved recipe as a dict, state dict, source for messages) -> nn.Module; see the docstring
+    rebuild_model: Callable[[dict, Mapping[str, Any], str], Any] | None = None
 
     def verb(self, name: str) -> Verb:
         for v in self.verbs:

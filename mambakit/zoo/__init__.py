@@ -3,6 +3,7 @@ converters and `load_pretrained(NAME or PATH)`.
 
     from mambakit.zoo import load_pretrained
     model = load_pretrained("vim_tiny_patch16_224.in1k")
+    model = load_pretrained("runs/my")          # a run folder of `mambakit <app> train ... --run-dir runs/my`
 
 Weights live in `mambakit_home()/weights/<name>/<filename>`; `MAMBAKIT_OFFLINE=1` uses that cache only.
 """

@@ -2,6 +2,8 @@
 
     model = load_pretrained("vim_tiny_patch16_224.in1k")            # a registered name
     model = load_pretrained("runs/x/model.pt")                      # a file written by save_pretrained
+    model = load_pretrained("runs/x")                               # a run folder of `mambakit <app> train`
+    model = load_pretrained("runs/x/checkpoints/step-00000120.pt", use_ema=True)   # one training checkpoint
     model = load_pretrained("sd.pt", builder="pkg.mod:fn", dim=64)  # a bare state dict for a named builder
 
 Files are read with `torch.load(weights_only=True)` (or safetensors), which cannot run code. A registered
@@ -150,28 +152,46 @@ def _build_and_load(builder: str, config: dict, state: Mapping, source: str):
 
 
 def load_pretrained(name_or_path: str | os.PathLike, *, builder: str | None = None, converter: str | None = None,
-                    trust_pickle: bool = False, **builder_overrides):
+                    trust_pickle: bool = False, use_ema: bool = False, **builder_overrides):
     """Build a model and load pretrained weights into it (strictly: every key must match). Returns it in
     eval mode.
 
     - a registered name: `builder(**config, **builder_overrides)`, weights downloaded and verified, converted
       by the entry's converter;
     - a path written by `save_pretrained`: the builder and config stored in the file (overrides apply);
-    - a training checkpoint that stores "builder" and "builder_config" beside its "model" state dict
-      (verified against its `.sha256` sidecar when there is one);
+    - a training checkpoint of `mambakit <app> train` (format "mambakit-checkpoint-v1"), or a run folder
+      (`runs/<x>/` or its `checkpoints/`: the checkpoint best.json names, else latest.json's, else the newest):
+      the app the checkpoint names rebuilds the network from the saved recipe (`App.rebuild_model`, which reads
+      data-dependent sizes such as the number of classes or items from the weights' shapes, so the training
+      data need not be present); `use_ema=True` takes the EMA weights. A checkpoint that stores "builder" and
+      "builder_config" is built with those instead;
     - a path to a bare state dict (or one under "model" / "state_dict"): give `builder` (and its config as
       keyword arguments), and `converter` when the file is in an upstream layout.
+
+    A file with a `.sha256` sidecar (every training checkpoint has one) is verified against it before it is
+    read; a mismatch is a ValueError.
     """
-    if not isinstance(name_or_path, os.PathLike) and not Path(name_or_path).is_file() and is_registered(name_or_path):
+    if not isinstance(name_or_path, os.PathLike) and not Path(name_or_path).exists() and is_registered(name_or_path):
         entry = get_weights(name_or_path)
+        if use_ema:
+            raise ValueError(f"use_ema=True: registered weights {entry.name!r} have no EMA copy (use_ema applies "
+                             f"to training checkpoints)")
         path = download_weights(entry.name)
         obj = load_weights_file(path, pickle_reason=entry.pickle_reason)
         state = import_object(entry.converter, "converter")(obj) if entry.converter else _state_dict_of(obj, str(path))
         return _build_and_load(builder or entry.builder, {**entry.config, **builder_overrides}, state,
                                f"weights {entry.name!r} ({path})")
-    path = resolve_weights(name_or_path)
+    from mambakit.engine.checkpoint import CHECKPOINT_FORMAT, resolve_checkpoint
+
+    if Path(name_or_path).is_dir():
+        path = resolve_checkpoint(name_or_path, prefer="best")
+    else:
+        path = resolve_weights(name_or_path)
     _check_sidecar(path)
     obj = load_weights_file(path, pickle_reason="trust_pickle=True" if trust_pickle else None)
+    training = isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT
+    if use_ema and not training:
+        raise ValueError(f"use_ema=True: {path} is not a mambakit training checkpoint, so it holds no EMA weights")
     if isinstance(obj, Mapping) and obj.get("format") == PRETRAINED_FORMAT:
         config = {**obj["config"], **builder_overrides}
         state = import_object(converter, "converter")(obj["state_dict"]) if converter else obj["state_dict"]
@@ -179,13 +199,71 @@ def load_pretrained(name_or_path: str | os.PathLike, *, builder: str | None = No
     if builder is None and isinstance(obj, Mapping) and isinstance(obj.get("builder"), str):
         # A training checkpoint that records how its model is built (keys "builder" and "builder_config").
         builder, builder_overrides = obj["builder"], {**(obj.get("builder_config") or {}), **builder_overrides}
+    if builder is None and training:
+        if converter is not None or builder_overrides:
+            given = ["converter"] * (converter is not None) + sorted(builder_overrides)
+            raise ValueError(f"{path}: a training checkpoint is rebuilt from its saved recipe; {', '.join(given)} "
+                             f"apply only together with builder='module:function'")
+        return _rebuild_training_checkpoint(obj, path, use_ema)
     if builder is None:
         kind = "a training checkpoint" if isinstance(obj, Mapping) and "format" in obj else "a bare state dict"
         raise ValueError(f"{path}: {kind} that does not say how to build its model; pass "
                          f"builder='module:function' (and its config as keyword arguments), or write the file with "
                          f"mambakit.zoo.save_pretrained")
-    state = import_object(converter, "converter")(obj) if converter else _state_dict_of(obj, str(path))
+    if training:
+        state = _checkpoint_weights(obj, path, use_ema)
+    else:
+        state = import_object(converter, "converter")(obj) if converter else _state_dict_of(obj, str(path))
     return _build_and_load(builder, builder_overrides, state, str(path))
+
+
+def _checkpoint_weights(obj: Mapping, path: Path, use_ema: bool) -> dict:
+    key = "ema" if use_ema else "model"
+    state = obj.get(key)
+    if state is None and use_ema:
+        raise ValueError(f"{path} holds no EMA weights (the run had train.ema_decay unset); load it without "
+                         f"use_ema=True")
+    if not _tensor_mapping(state):
+        raise ValueError(f"{path}: the training checkpoint's {key!r} entry is not a state dict")
+    return dict(state)
+
+
+def _rebuild_training_checkpoint(obj: Mapping, path: Path, use_ema: bool):
+    """The model of a training checkpoint, rebuilt by the app its "app" entry names (`App.rebuild_model`)."""
+    from torch import nn
+
+    from mambakit.apps import broken_apps, discover
+
+    name = obj.get("app")
+    apps = discover()
+    installed = ", ".join(apps) or "none"
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{path}: the training checkpoint names no app (its 'app' entry is {name!r}), so it does "
+                         f"not say how to build its model; pass builder='module:function'. Installed apps: "
+                         f"{installed}")
+    if name not in apps:
+        broken = broken_apps().get(name)
+        why = f"it is installed but failed to load ({broken})" if broken else "it is not installed"
+        raise ValueError(f"{path}: a training checkpoint of app {name!r}, and {why}; installed apps: {installed}")
+    app = apps[name]
+    if app.rebuild_model is None:
+        raise ValueError(f"{path}: app {name!r} cannot rebuild its models from a training checkpoint (its App "
+                         f"sets no rebuild_model); pass builder='module:function'")
+    config = obj.get("config")
+    if not isinstance(config, Mapping):
+        raise ValueError(f"{path}: the training checkpoint holds no saved recipe ('config'), so app {name!r} "
+                         f"cannot rebuild its model")
+    state = _checkpoint_weights(obj, path, use_ema)
+    source = f"{path} (saved config)"
+    model = app.rebuild_model(dict(config), state, source)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"app {name!r}: rebuild_model returned {type(model).__name__}, not an nn.Module")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: the {'EMA ' if use_ema else ''}weights do not fit the model app {name!r} "
+                         f"rebuilt from the saved recipe: {' '.join(str(e).split())}") from None
+    return model.eval()
 
 
 def _check_sidecar(path: Path) -> None:
