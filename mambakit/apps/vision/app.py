@@ -199,6 +199,31 @@ def quickstart(recipe_path: str | Path = QUICK_RECIPE, overrides=(), run_dir: st
         baseline_value=base, wall_time_s=time.time() - started, run_dir=str(result.run_dir))
 
 
+# --------------------------------------------------------------------------------------------------
+# mambakit.zoo.load_pretrained(RUN_DIR)
+
+def _rebuild_model(config: dict, weights, source: str):
+    """The classifier of a training checkpoint, without the images: the number of classes is the row count
+    of the head's weight (the head named by the timm model's pretrained cfg, else `head`)."""
+    import timm
+
+    from mambakit.engine.config import from_dict
+
+    from . import register_timm_models
+    from .models import create_model
+
+    recipe = from_dict(VisionRecipe, config, source)
+    register_timm_models()
+    cfg = timm.models.get_pretrained_cfg(recipe.model.name) if timm.is_model(recipe.model.name) else None
+    head = (cfg.classifier if cfg is not None else None) or "head"
+    head = head[0] if isinstance(head, (tuple, list)) else head
+    weight = weights.get(f"{head}.weight")
+    if weight is None or weight.ndim != 2:
+        raise ValueError(f"{source}: cannot tell the number of classes: no 2-d {head}.weight in the weights of "
+                         f"{recipe.model.name}")
+    return create_model(recipe.model, recipe.data, int(weight.shape[0]), load_pretrained=False)
+
+
 APP = App(
     name="vision",
     description="image classification: Vim and EfficientVMamba as timm models with the published weights, "
@@ -213,4 +238,5 @@ APP = App(
     quickstart=quickstart,
     datasets=DATASETS,
     weights=WEIGHTS,
+    rebuild_model=_rebuild_model,
 )
