@@ -140,6 +140,25 @@ def quickstart(recipe_path: str | Path = QUICK_RECIPE, overrides=(), run_dir: st
         wall_time_s=time.time() - started, run_dir=str(result.run_dir))
 
 
+# --------------------------------------------------------------------------------------------------
+# mambakit.zoo.load_pretrained(RUN_DIR)
+
+def _rebuild_model(config: dict, weights, source: str):
+    """The recommender of a training checkpoint, without the interaction data: the item count (padding
+    included) is the row count of `item_embedding.weight`, which every model here has. (To map item tokens
+    to ids, `recsys recommend` / `recommend.load_recommender` still rebuild the vocabulary from the data.)"""
+    from mambakit.engine.config import from_dict
+
+    from .models import build_model
+
+    recipe = from_dict(RecsysRecipe, config, source)
+    embedding = weights.get("item_embedding.weight")
+    if embedding is None or embedding.ndim != 2:
+        raise ValueError(f"{source}: cannot tell the number of items: no 2-d item_embedding.weight in the weights "
+                         f"(model {recipe.model.name})")
+    return build_model(recipe.model, int(embedding.shape[0]), recipe.data.max_len)
+
+
 APP = App(
     name="recsys",
     description="sequential recommendation: Mamba4Rec, TiM4Rec, SASRec, GRU4Rec on RecBole atomic data "
@@ -148,4 +167,5 @@ APP = App(
            RECOMMEND_VERB],
     quickstart=quickstart,
     datasets=DATASETS,
+    rebuild_model=_rebuild_model,
 )
