@@ -7,7 +7,7 @@ channel-major (batch, d, length), as the scan wants them (see `mambakit.core.lay
 from mambakit.core.block import Block, DropPath, GatedMLP, MixerModel, create_block, drop_path_schedule, init_weights
 from mambakit.core.cache import InferenceParams
 from mambakit.core.lm import MambaConfig, MambaLMHeadModel
-from mambakit.core.mamba import Mamba
+from mambakit.core.mamba import Mamba, set_memory_efficient
 from mambakit.core.mamba2 import Mamba2
 from mambakit.core.multi_order import MultiOrderMamba, PerOrderMamba
 from mambakit.core.norm import RMSNorm, RMSNormGated
@@ -19,7 +19,7 @@ from mambakit.core.ssd import ssd_scan
 
 __all__ = [
     "selective_scan", "selective_state_update", "ssd_scan",
-    "Mamba", "Mamba2", "MultiOrderMamba", "PerOrderMamba", "InferenceParams",
+    "Mamba", "Mamba2", "MultiOrderMamba", "PerOrderMamba", "InferenceParams", "set_memory_efficient",
     "RMSNorm", "RMSNormGated", "Block", "MixerModel", "GatedMLP", "DropPath", "create_block", "init_weights",
     "drop_path_schedule", "MambaConfig", "MambaLMHeadModel",
     "ScanOrder", "OrderIndices", "Identity", "Flip", "StrideOrder", "RandomShuffle", "GridOrder", "AtrousLattice",

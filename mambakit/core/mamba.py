@@ -25,9 +25,17 @@ from torch import nn
 
 from mambakit.core.cache import InferenceParams, states_from_cache
 from mambakit.core.layout import channel_major_linear, token_major_linear
+from mambakit.core.orders import OrderIndices, reorder, restore
+from mambakit.core.recompute import SavedActivations
 from mambakit.core.scan import selective_scan, selective_state_update
 
-__all__ = ["Mamba", "SelectiveSSM", "init_dt_proj", "check_hidden", "check_lengths", "length_mask", "compute_dtype",
+#: The default of `memory_efficient` (Mamba, MultiOrderMamba): recompute the branch's cheap intermediates in
+#: the backward instead of keeping them (see `SelectiveSSM._branch_lean`). Off by default: on CPU the
+#: recomputation costs about 8% of a training step of SR-Mamba(512) at L=10000 (benchmarks: issue 7 notes).
+MEMORY_EFFICIENT = False
+
+__all__ = ["Mamba", "SelectiveSSM", "MEMORY_EFFICIENT", "set_memory_efficient", "init_dt_proj",
+           "check_hidden", "check_lengths", "length_mask", "compute_dtype",
            "causal_conv", "conv_step", "last_conv_window"]
 
 
@@ -121,7 +129,8 @@ class SelectiveSSM(nn.Module):
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: float = 2, dt_rank="auto",
                  dt_min: float = 0.001, dt_max: float = 0.1, dt_init: str = "random", dt_scale: float = 1.0,
                  dt_init_floor: float = 1e-4, conv_bias: bool = True, bias: bool = False,
-                 layer_idx: int | None = None, scan_backend: str = "auto", device=None, dtype=None):
+                 layer_idx: int | None = None, scan_backend: str = "auto",
+                 memory_efficient: bool = MEMORY_EFFICIENT, device=None, dtype=None):
         super().__init__()
         for name, v in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv)):
             if not isinstance(v, int) or v < 1:
@@ -138,6 +147,10 @@ class SelectiveSSM(nn.Module):
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
         self.layer_idx = layer_idx
         self.scan_backend = scan_backend
+        if not isinstance(memory_efficient, bool):
+            raise TypeError(f"{type(self).__name__}: memory_efficient must be True or False, "
+                            f"got {memory_efficient!r}")
+        self.memory_efficient = memory_efficient
         self._dt_cfg = dict(dt_min=dt_min, dt_max=dt_max, dt_init=dt_init, dt_scale=dt_scale,
                             dt_init_floor=dt_init_floor)
         self._conv_bias = conv_bias
@@ -188,28 +201,81 @@ class SelectiveSSM(nn.Module):
         also return the new (conv_state (b, d_inner, d_conv), ssm_state (b, d_inner, N)), taken at each
         sample's own last valid token when lengths are given.
         """
-        conv, x_proj, dt_proj, A_log, D = self._params(suffix)
         L = x.shape[-1]
         new_conv_state = last_conv_window(x, conv_state, lengths, self.d_conv) if return_states else None
         prefix = conv_state[..., 1:] if conv_state is not None else None
-        x = F.silu(causal_conv(x, conv, prefix))
-        # (b, dt_rank + 2 N, L); B and C are views (contiguous for b = 1; the scan kernels take them as they are)
-        dt, B, C = torch.split(channel_major_linear(x, x_proj.weight), [self.dt_rank, self.d_state, self.d_state],
-                               dim=1)
-        dt = channel_major_linear(dt, dt_proj.weight)                                   # (b, d_inner, L)
-        ct = compute_dtype(A_log)
-        A = -torch.exp(A_log.to(ct))
-        delta_bias, softplus = dt_proj.bias.to(ct), True
+        _, u = self._conv_silu(x, suffix, prefix)
+        x_dbl = self._x_dbl(u, suffix)
+        dt = self._dt(x_dbl, suffix)
+        delta_bias, softplus = None, True
         if return_states and lengths is not None:
             # dt = 0 past a sample's end leaves its state untouched, so the last state is its own.
-            dt = F.softplus(dt.to(ct) + delta_bias[:, None]) * length_mask(lengths, L)[:, None, :]
-            delta_bias, softplus = None, False
-        out = selective_scan(x, dt, A, B, C, D.to(ct), z=z, delta_bias=delta_bias, delta_softplus=softplus,
-                             return_last_state=return_states, initial_state=ssm_state, backend=self.scan_backend)
+            _, _, dt_proj, A_log, _ = self._params(suffix)
+            dt = F.softplus(dt.to(compute_dtype(A_log)) + dt_proj.bias.to(compute_dtype(A_log))[:, None])
+            dt = dt * length_mask(lengths, L)[:, None, :]
+            softplus = False
+        out = self._scan(u, dt, x_dbl, z, suffix, delta_softplus=softplus, with_bias=softplus,
+                         return_last_state=return_states, initial_state=ssm_state)
         if return_states:
             y, last = out
             return y, (new_conv_state, last)
         return out
+
+    # The branch in steps, shared by the plain and the memory-efficient path (which must repeat them exactly).
+    def _conv_silu(self, x: torch.Tensor, suffix: str, prefix: torch.Tensor | None = None):
+        """x (b, d_inner, L) -> (conv output (a view of conv1d's padded output), silu of it)."""
+        c = causal_conv(x, getattr(self, f"conv1d{suffix}"), prefix)
+        return c, F.silu(c)
+
+    def _x_dbl(self, u: torch.Tensor, suffix: str) -> torch.Tensor:
+        """(b, dt_rank + 2 N, L): dt | B | C"""
+        return channel_major_linear(u, getattr(self, f"x_proj{suffix}").weight)
+
+    def _dt(self, x_dbl: torch.Tensor, suffix: str) -> torch.Tensor:
+        """dt_proj.weight @ dt (b, d_inner, L), without the bias (the scan's delta_bias)."""
+        return channel_major_linear(x_dbl[:, : self.dt_rank], getattr(self, f"dt_proj{suffix}").weight)
+
+    def _scan(self, u, dt, x_dbl, z, suffix: str, delta_softplus: bool = True, with_bias: bool = True,
+              return_last_state: bool = False, initial_state=None):
+        _, _, dt_proj, A_log, D = self._params(suffix)
+        # B and C are views of x_dbl (contiguous for b = 1; the scan kernels take them as they are)
+        _, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
+        ct = compute_dtype(A_log)
+        return selective_scan(u, dt, -torch.exp(A_log.to(ct)), B, C, D.to(ct), z=z,
+                              delta_bias=dt_proj.bias.to(ct) if with_bias else None, delta_softplus=delta_softplus,
+                              return_last_state=return_last_state, initial_state=initial_state,
+                              backend=self.scan_backend)
+
+    def _lean(self, x: torch.Tensor) -> bool:
+        """Whether to take the memory-efficient path: asked for, and a backward can follow."""
+        return self.memory_efficient and torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.parameters()))
+
+    def _branch_lean(self, x: torch.Tensor, z: torch.Tensor, suffix: str = "", idx: OrderIndices | None = None):
+        """`restore(_branch(reorder(x), reorder(z)))` from token-order x, z (b, d_inner, L), keeping between
+        forward and backward only x, z, x_dbl and what the scan keeps besides its inputs (its state
+        checkpoints); the reordered x and z, the conv output, its silu and delta are recomputed in the
+        backward (see `mambakit.core.recompute`)."""
+        acts = SavedActivations()
+        with torch.autograd.graph.saved_tensors_hooks(acts.pack, acts.unpack):
+            xr, zr = (t if idx is None else reorder(t, idx, dim=-1) for t in (x, z))
+            c, u = self._conv_silu(xr, suffix)
+            x_dbl = self._x_dbl(u, suffix)
+            dt = self._dt(x_dbl, suffix)
+            y = self._scan(u, dt, x_dbl, zr, suffix)
+            if idx is not None:
+                y = restore(y, idx, dim=-1)
+
+        conv, _, dt_proj, _, _ = self._params(suffix)
+
+        def recompute() -> dict[str, torch.Tensor]:
+            xr, zr = (t if idx is None else reorder(t, idx, dim=-1) for t in (x, z))
+            c, u = self._conv_silu(xr, suffix)
+            return {"xr": xr, "zr": zr, "c": c, "u": u, "dt": self._dt(x_dbl, suffix)}
+
+        inputs = (x, z, x_dbl, conv.weight, dt_proj.weight) + ((conv.bias,) if conv.bias is not None else ())
+        acts.release({"xr": xr, "zr": zr, "c": c, "u": u, "dt": dt}, recompute, inputs=inputs)
+        return y
 
     def _branch_step(self, x: torch.Tensor, z: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor,
                      suffix: str = "") -> torch.Tensor:
@@ -233,6 +299,20 @@ class SelectiveSSM(nn.Module):
         return conv_state, ssm_state
 
 
+def set_memory_efficient(model: nn.Module, enabled: bool = True) -> int:
+    """Set `memory_efficient` on every Mamba-1 mixer (Mamba, MultiOrderMamba) inside `model`; returns how many.
+
+    For models whose builders do not pass the argument through (e.g. an app's MambaMIL or Vim)."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_memory_efficient: enabled must be True or False, got {enabled!r}")
+    count = 0
+    for module in model.modules():
+        if isinstance(module, SelectiveSSM):
+            module.memory_efficient = enabled
+            count += 1
+    return count
+
+
 class Mamba(SelectiveSSM):
     """The Mamba-1 mixer (causal). hidden_states (b, L, d_model) -> (b, L, d_model).
 
@@ -240,6 +320,11 @@ class Mamba(SelectiveSSM):
     dt_min=0.001, dt_max=0.1, dt_init="random", dt_scale=1.0, dt_init_floor=1e-4, conv_bias=True,
     bias=False); `use_fast_path` is accepted for config compatibility and has no effect. `scan_backend`
     goes to `selective_scan` ("auto", "reference", "cpu", "triton").
+
+    memory_efficient: in training, keep between forward and backward only the branch input x, z, the small
+    x_dbl and the scan's state checkpoints, and recompute conv1d + silu and delta in the backward (as
+    mamba_ssm's `mamba_inner_fn`): about 12 bytes x d_inner less per token (float32), the same values, a few
+    elementwise passes more. `set_memory_efficient(model)` switches every such mixer of a built model.
 
     forward(hidden_states, inference_params=None, lengths=None):
       lengths (b,): right-padded batches; outputs past a sample's length are zero and valid outputs equal
@@ -251,9 +336,10 @@ class Mamba(SelectiveSSM):
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: float = 2, dt_rank="auto",
                  dt_min: float = 0.001, dt_max: float = 0.1, dt_init: str = "random", dt_scale: float = 1.0,
                  dt_init_floor: float = 1e-4, conv_bias: bool = True, bias: bool = False, use_fast_path: bool = True,
-                 layer_idx: int | None = None, scan_backend: str = "auto", device=None, dtype=None):
+                 layer_idx: int | None = None, scan_backend: str = "auto",
+                 memory_efficient: bool = MEMORY_EFFICIENT, device=None, dtype=None):
         super().__init__(d_model, d_state, d_conv, expand, dt_rank, dt_min, dt_max, dt_init, dt_scale,
-                         dt_init_floor, conv_bias, bias, layer_idx, scan_backend, device, dtype)
+                         dt_init_floor, conv_bias, bias, layer_idx, scan_backend, memory_efficient, device, dtype)
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, device=device, dtype=dtype)
         self._add_ssm_params("")
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, device=device, dtype=dtype)
@@ -263,7 +349,8 @@ class Mamba(SelectiveSSM):
         b, L = check_hidden("Mamba", hidden_states, self.d_model)
         lengths = check_lengths("Mamba", lengths, b, L, hidden_states.device)
         if inference_params is None:
-            y = self._branch(*self._in_proj(hidden_states), lengths=lengths)
+            x, z = self._in_proj(hidden_states)
+            y = self._branch_lean(x, z) if self._lean(x) else self._branch(x, z)
         else:
             conv_state, ssm_state = states_from_cache(self, inference_params, b, self._allocate)
             continuing = inference_params.seqlen_offset > 0

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mambakit.core.layout import channel_major_linear
-from mambakit.core.mamba import Mamba, SelectiveSSM, check_hidden, check_lengths, length_mask
+from mambakit.core.mamba import (MEMORY_EFFICIENT, Mamba, SelectiveSSM, check_hidden, check_lengths,
+                                 length_mask)
 from mambakit.core.orders import OrderIndices, ScanOrder, StrideOrder, orders_from, reorder, restore
 
 __all__ = ["MultiOrderMamba", "PerOrderMamba", "default_suffixes", "MERGES"]
@@ -82,7 +83,9 @@ class MultiOrderMamba(SelectiveSSM):
 
     orders: names or ScanOrder objects (see mambakit.core.orders); merge: "sum" | "mean" | "concat" | "gate".
     init_layer_scale: Vim's optional layer scale (a parameter `gamma` (d_model,) multiplying the output).
-    Other arguments as `Mamba`. Every order's dt_proj gets mamba_ssm's dt initialisation (as MambaMIL does;
+    Other arguments as `Mamba` (memory_efficient: each order's branch keeps only the shared token-order x, z,
+    its x_dbl and the scan's checkpoints; its reordered x / z, conv output, silu and delta are recomputed in
+    the backward). Every order's dt_proj gets mamba_ssm's dt initialisation (as MambaMIL does;
     Vim's code leaves `dt_proj_b` at PyTorch's default Linear init, with its bias later zeroed by
     `_init_weights`).
 
@@ -96,9 +99,10 @@ class MultiOrderMamba(SelectiveSSM):
                  dt_max: float = 0.1, dt_init: str = "random", dt_scale: float = 1.0, dt_init_floor: float = 1e-4,
                  conv_bias: bool = True, bias: bool = False, layer_idx: int | None = None,
                  scan_backend: str = "auto", param_suffixes: Sequence[str] | None = None,
-                 init_layer_scale: float | None = None, device=None, dtype=None):
+                 init_layer_scale: float | None = None, memory_efficient: bool = MEMORY_EFFICIENT, device=None,
+                 dtype=None):
         super().__init__(d_model, d_state, d_conv, expand, dt_rank, dt_min, dt_max, dt_init, dt_scale,
-                         dt_init_floor, conv_bias, bias, layer_idx, scan_backend, device, dtype)
+                         dt_init_floor, conv_bias, bias, layer_idx, scan_backend, memory_efficient, device, dtype)
         self.orders = orders_from(orders)
         _merge_check("MultiOrderMamba", merge)
         self.merge = merge
@@ -147,8 +151,11 @@ class MultiOrderMamba(SelectiveSSM):
         idxs = _order_indices("MultiOrderMamba", self.orders, L, lengths, hw, coords, hidden_states.device,
                               order_indices)
         x, z = self._in_proj(hidden_states)
-        ys = [restore(self._branch(reorder(x, idx, dim=-1), reorder(z, idx, dim=-1), s), idx, dim=-1)
-              for s, idx in zip(self.suffixes, idxs)]
+        if self._lean(x):
+            ys = [self._branch_lean(x, z, s, idx) for s, idx in zip(self.suffixes, idxs)]
+        else:
+            ys = [restore(self._branch(reorder(x, idx, dim=-1), reorder(z, idx, dim=-1), s), idx, dim=-1)
+                  for s, idx in zip(self.suffixes, idxs)]
         out = self._out_proj(self._merge(ys))
         if self.init_layer_scale is not None:
             out = out * self.gamma

@@ -1,0 +1,167 @@
+"""Memory-lean training of a Mamba-1 branch: keep what is cheap, recompute the rest in the backward pass.
+
+mamba_ssm's `mamba_inner_fn` keeps, between forward and backward, only the branch input xz, the small x_dbl
+(dt_rank + 2 d_state rows) and the scan's state checkpoints, and recomputes conv1d + silu and the delta
+projection in its backward before the scan's backward runs. The (b, d_inner, L) intermediates (the reordered
+x and z, the conv output, its silu, delta) are therefore never held between the passes; each of them costs
+4 bytes x d_inner per token and per order in float32.
+
+`SavedActivations` does the same for any scan backend, without duplicating kernel code: the branch's forward
+runs under `torch.autograd.graph.saved_tensors_hooks`, so every tensor an op saves for its backward (the
+conv's input, silu's input, the x_proj GEMM's input, the scan Function's u / delta / z, ...) is first wrapped.
+When the forward is done, `release(recomputable)` drops the wrapped tensors that live in the memory of one of
+the named intermediates, keeping only where in that memory they sit. In the backward, the first wrapper
+that is unpacked calls `recompute()`, which redoes the branch's cheap part (reorder, conv1d, silu, dt_proj)
+from the kept token-order x, z and x_dbl, in the forward's autocast state, and every dropped wrapper is
+served a view of the recomputed memory at the same offset, sizes and strides. The scan's own autograd
+Function therefore runs its own backward unchanged (the fused CPU kernel and the Triton kernel from their
+state checkpoints, the reference through autograd); its forward is not run again.
+
+Values are those of the plain path: the recomputation repeats the same operations on the same inputs, so
+the saved tensors are reproduced exactly (the same kernels in the same order), and the gradients equal
+those of the plain path.
+
+Tensors kept: whatever the ops save that is not one of the named intermediates (weights, x_dbl and its views,
+the scan's checkpoints, the gather indices, a dtype-converted copy a backend makes for itself, ...) plus
+the recomputation's inputs. An input of the recomputation modified in place between forward and backward is
+an error, as autograd's own version check makes it for saved tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+__all__ = ["SavedActivations"]
+
+
+def _storage_key(t: torch.Tensor):
+    storage = t.untyped_storage()
+    if storage.nbytes() == 0:
+        return None
+    return t.device, storage.data_ptr()
+
+
+def _autocast_state(device: torch.device):
+    kind = device.type
+    if kind not in ("cpu", "cuda"):
+        return None
+    try:
+        return kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind)
+    except (RuntimeError, TypeError):
+        return None
+
+
+class _Saved:
+    """One tensor an op saved for its backward: held, or (after `release`) a place in a recomputed tensor."""
+
+    __slots__ = ("tensor", "version", "name", "view")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+        self.version = tensor._version
+        self.name = None
+        self.view = None
+
+
+class SavedActivations:
+    """Saved-tensor hooks that drop chosen intermediates after the forward and recompute them in the backward.
+
+        acts = SavedActivations()
+        with torch.autograd.graph.saved_tensors_hooks(acts.pack, acts.unpack):
+            ...forward ops...
+        acts.release({"u": u, "delta": delta}, recompute, inputs=(x, z, weight))
+
+    `recompute()` must return a dict with the same names, computed by the same operations from `inputs`
+    (and anything else it closes over that is not modified in place); it runs in the forward's autocast state
+    and in the grad mode of the backward that asks (create_graph=True recomputes with history).
+    """
+
+    def __init__(self):
+        self._packed: list[_Saved] = []
+        self._released = False
+        self._recompute: Callable[[], dict[str, torch.Tensor]] | None = None
+        self._autocast = None
+        self._inputs: tuple[tuple[torch.Tensor, int], ...] = ()
+        self._cache: dict[str, torch.Tensor] | None = None
+        self._dropped = 0
+        self._served = 0
+
+    # -- hooks --------------------------------------------------------------------------------------------
+    def pack(self, tensor: torch.Tensor) -> _Saved:
+        saved = _Saved(tensor)
+        if not self._released:
+            self._packed.append(saved)
+        return saved
+
+    def unpack(self, saved: _Saved) -> torch.Tensor:
+        if saved.tensor is not None:
+            # autograd does not check the version of a tensor saved through hooks; as it does without them:
+            if saved.tensor._version != saved.version:
+                raise RuntimeError(
+                    f"one of the variables needed for gradient computation has been modified by an inplace "
+                    f"operation: a tensor of shape {tuple(saved.tensor.shape)} saved by the memory-efficient "
+                    f"Mamba branch is at version {saved.tensor._version}, expected {saved.version}")
+            return saved.tensor
+        if self._cache is None:
+            self._cache = self._run_recompute()
+            self._served = 0
+        base = self._cache[saved.name]
+        size, stride, offset = saved.view
+        out = base if (tuple(base.shape) == size and base.stride() == stride
+                       and base.storage_offset() == offset) else base.as_strided(size, stride, offset)
+        self._served += 1
+        if self._served >= self._dropped:          # every dropped tensor served: free the recomputed ones
+            self._cache = None
+        return out
+
+    # -- after the forward ----------------------------------------------------------------------------------
+    def release(self, recomputable: dict[str, torch.Tensor], recompute: Callable[[], dict[str, torch.Tensor]],
+                inputs: tuple[torch.Tensor, ...] = ()) -> None:
+        """Drop every saved tensor that lives in the memory of one of `recomputable` (same dtype)."""
+        by_storage = {}
+        for name, t in recomputable.items():
+            key = _storage_key(t)
+            if key is not None:
+                by_storage[key] = (name, t.dtype, t.untyped_storage().nbytes())
+        if self._released:
+            raise RuntimeError("SavedActivations.release: called twice")
+        for saved in self._packed:
+            t = saved.tensor
+            hit = by_storage.get(_storage_key(t)) if isinstance(t, torch.Tensor) else None
+            if hit is None or hit[1] != t.dtype or t.untyped_storage().nbytes() != hit[2]:
+                continue
+            saved.name, saved.view = hit[0], (tuple(t.shape), t.stride(), t.storage_offset())
+            saved.tensor = None
+            self._dropped += 1
+        self._packed = [saved for saved in self._packed if saved.tensor is not None]   # what stays held
+        self._released = True
+        self._recompute = recompute
+        self._inputs = tuple((t, t._version) for t in inputs)
+        first = next(iter(recomputable.values()), None)
+        self._autocast = _autocast_state(first.device) if first is not None else None
+
+    def held(self) -> list[torch.Tensor]:
+        """The tensors this object holds for the backward: before `release` every saved tensor, after it the kept
+        ones and the recomputation's inputs."""
+        return [saved.tensor for saved in self._packed] + [t for t, _ in self._inputs]
+
+    @property
+    def dropped(self) -> int:
+        """How many saved tensors `release` dropped (each is recomputed when the backward asks for it)."""
+        return self._dropped
+
+    def _run_recompute(self) -> dict[str, torch.Tensor]:
+        for t, version in self._inputs:
+            if t._version != version:
+                raise RuntimeError(
+                    "memory-efficient Mamba branch: a tensor it recomputes its activations from (the branch's "
+                    f"input x / z, x_dbl or a parameter, shape {tuple(t.shape)}) was modified in place between "
+                    f"the forward and the backward (version {version} -> {t._version}); modify it after the "
+                    "backward, or use memory_efficient=False")
+        if self._autocast is None:
+            return self._recompute()
+        kind, enabled, dtype = self._autocast
+        with torch.autocast(kind, dtype=dtype, enabled=enabled):
+            return self._recompute()

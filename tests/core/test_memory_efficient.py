@@ -1,0 +1,184 @@
+"""The memory-efficient training path of the Mamba-1 mixers (`memory_efficient=True`): the same forward values
+and gradients as the plain path (Mamba, Vim's bimamba v2, SR-Mamba with padding, concat and gate merges,
+lengths; float64 and float32; the fused CPU kernel and the reference scan), and, between forward and backward,
+none of the branch's (b, d_inner, L) intermediates held: only the token-order x, z and out_proj's input."""
+
+import pytest
+import torch
+
+from mambakit.core import Mamba, MultiOrderMamba, set_memory_efficient
+from mambakit.core import recompute
+
+F64, F32 = torch.float64, torch.float32
+D_MODEL, D_INNER = 16, 32
+
+
+def randomize(m):
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "A" in name and name.endswith("log"):
+                p.copy_(torch.log(torch.rand_like(p) * 3 + 0.2))
+            elif name.startswith("D"):
+                p.copy_(torch.randn_like(p))
+            else:
+                p.add_(0.2 * torch.randn_like(p))
+    return m
+
+
+BUILDERS = {
+    "mamba": lambda **kw: Mamba(D_MODEL, **kw),
+    "vim_mean": lambda **kw: MultiOrderMamba.vim(D_MODEL, **kw),
+    "sr_pad_sum": lambda **kw: MultiOrderMamba.sr(D_MODEL, rate=3, **kw),
+    "concat": lambda **kw: MultiOrderMamba(D_MODEL, orders=("identity", "flip", "stride_3"), merge="concat", **kw),
+    "gate": lambda **kw: MultiOrderMamba(D_MODEL, orders=("identity", "stride_4"), merge="gate", **kw),
+}
+
+
+def pair(kind, dtype, backend="auto", seed=0):
+    """A plain and a memory-efficient mixer with the same parameters."""
+    torch.manual_seed(seed)
+    plain = randomize(BUILDERS[kind](d_state=4, dtype=dtype, scan_backend=backend))
+    lean = BUILDERS[kind](d_state=4, dtype=dtype, scan_backend=backend, memory_efficient=True)
+    lean.load_state_dict(plain.state_dict())
+    assert not plain.memory_efficient and lean.memory_efficient
+    return plain, lean
+
+
+def run(m, h, lengths=None):
+    h = h.detach().clone().requires_grad_(True)
+    out = m(h) if lengths is None else m(h, lengths=lengths)
+    g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))
+    (out * g).sum().backward()
+    return out.detach(), h.grad, {n: p.grad for n, p in m.named_parameters()}
+
+
+def assert_same(plain, lean, h, lengths=None, rtol=None, atol=None):
+    out_p, dh_p, grads_p = run(plain, h, lengths)
+    out_l, dh_l, grads_l = run(lean, h, lengths)
+    assert torch.equal(out_p, out_l)                            # the same operations on the same inputs
+    torch.testing.assert_close(dh_l, dh_p, rtol=rtol, atol=atol)
+    assert grads_p.keys() == grads_l.keys()
+    for name in grads_p:
+        assert grads_p[name] is not None and grads_l[name] is not None, name
+        torch.testing.assert_close(grads_l[name], grads_p[name], rtol=rtol, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_same_values_and_gradients_float64(kind, backend):
+    plain, lean = pair(kind, F64, backend)
+    h = torch.randn(2, 23, D_MODEL, dtype=F64)
+    assert_same(plain, lean, h, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_same_values_and_gradients_float32(kind):
+    plain, lean = pair(kind, F32)
+    h = torch.randn(2, 37, D_MODEL)
+    assert_same(plain, lean, h, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("kind", ["mamba", "sr_pad_sum", "gate"])
+def test_lengths(kind, backend):
+    plain, lean = pair(kind, F64, backend)
+    h = torch.randn(3, 17, D_MODEL, dtype=F64)
+    assert_same(plain, lean, h, lengths=torch.tensor([17, 9, 4]), rtol=1e-10, atol=1e-12)
+
+
+class _Recorder:
+    """Every tensor saved for the backward, by the mixer outside its branches and by each branch."""
+
+    def __init__(self, monkeypatch):
+        self.outer = recompute.SavedActivations()
+        self.branches = []
+        real_init = recompute.SavedActivations.__init__
+        branches = self.branches
+
+        def init(acts):
+            real_init(acts)
+            branches.append(acts)
+
+        monkeypatch.setattr(recompute.SavedActivations, "__init__", init)
+
+    def forward(self, m, h):
+        with torch.autograd.graph.saved_tensors_hooks(self.outer.pack, self.outer.unpack):
+            return m(h)
+
+    def big_storages(self, numel: int) -> set:
+        held = self.outer.held() + [t for acts in self.branches for t in acts.held()]
+        return {t.untyped_storage().data_ptr() for t in held
+                if t.untyped_storage().nbytes() >= numel * t.element_size()}
+
+
+@pytest.mark.parametrize("kind", ["mamba", "vim_mean", "sr_pad_sum"])
+def test_only_token_order_x_z_and_out_proj_input_are_held(kind, monkeypatch):
+    """Between forward and backward, the lean path holds three (b, d_inner, L) tensors whatever the number of
+    orders: x, z and the merged y (out_proj's input); the plain path holds every branch's intermediates."""
+    plain, lean = pair(kind, F32)
+    b, L = 2, 40
+    h = torch.randn(b, L, D_MODEL, requires_grad=True)
+    rec = _Recorder(monkeypatch)
+    out = rec.forward(lean, h)
+    K = len(getattr(lean, "orders", [None]))
+    assert len(rec.branches) == K and all(acts.dropped >= 5 for acts in rec.branches)
+    assert len(rec.big_storages(b * D_INNER * L)) == 3
+    out.sum().backward()                                        # the dropped tensors come back for the backward
+
+    rec_plain = _Recorder(monkeypatch)
+    rec_plain.forward(plain, h)
+    assert len(rec_plain.big_storages(b * D_INNER * L)) >= 3 + 3 * K
+
+
+def test_retain_graph_backward_twice_and_no_grad():
+    plain, lean = pair("sr_pad_sum", F64)
+    h = torch.randn(2, 19, D_MODEL, dtype=F64, requires_grad=True)
+    out = lean(h)
+    out.sum().backward(retain_graph=True)
+    first = h.grad.clone()
+    out.sum().backward()
+    torch.testing.assert_close(h.grad, 2 * first, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        assert torch.equal(lean(h), plain(h))
+
+
+def test_under_activation_checkpointing():
+    plain, lean = pair("sr_pad_sum", F64)
+    h = torch.randn(2, 19, D_MODEL, dtype=F64, requires_grad=True)
+    out_p = plain(h)
+    g_p = torch.autograd.grad(out_p.sum(), [h, *plain.parameters()])
+    out_l = torch.utils.checkpoint.checkpoint(lean, h, use_reentrant=False)
+    g_l = torch.autograd.grad(out_l.sum(), [h, *lean.parameters()])
+    assert torch.equal(out_p, out_l)
+    for a, b in zip(g_l, g_p):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_parameter_changed_before_backward_is_an_error():
+    _, lean = pair("vim_mean", F64)
+    out = lean(torch.randn(1, 9, D_MODEL, dtype=F64))
+    with torch.no_grad():
+        lean.conv1d_b.weight.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation|modified in place"):
+        out.sum().backward()
+
+
+def test_set_memory_efficient_and_bad_flag():
+    model = torch.nn.Sequential(Mamba(8), torch.nn.Linear(8, 8), MultiOrderMamba.sr(8))
+    assert set_memory_efficient(model) == 2
+    assert model[0].memory_efficient and model[2].memory_efficient
+    assert set_memory_efficient(model, False) == 2 and not model[2].memory_efficient
+    with pytest.raises(TypeError, match="memory_efficient must be True or False"):
+        Mamba(8, memory_efficient="yes")
+    with pytest.raises(TypeError, match="enabled must be True or False"):
+        set_memory_efficient(model, 1)
+
+
+@pytest.mark.parametrize("name", ["x_proj_b.weight", "D_b", "out_proj.weight"])
+def test_any_saved_tensor_changed_before_backward_is_an_error(name):
+    _, lean = pair("vim_mean", F64)
+    out = lean(torch.randn(1, 9, D_MODEL, dtype=F64))
+    with torch.no_grad():
+        lean.get_parameter(name).add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
