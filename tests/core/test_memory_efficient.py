@@ -182,3 +182,42 @@ def test_any_saved_tensor_changed_before_backward_is_an_error(name):
         lean.get_parameter(name).add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
+
+
+def _interpreted_triton_scan():
+    """A copy of mambakit.kernels.triton_scan loaded with TRITON_INTERPRET=1 (runs on CPU tensors), as in
+    tests/kernels/test_triton_scan.py."""
+    import importlib.util
+    import os
+    import sys
+    pytest.importorskip("triton")
+    name = "_mambakit_triton_scan_interpreted_core"
+    if name in sys.modules:
+        return name
+    spec = importlib.util.find_spec("mambakit.kernels.triton_scan")
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(name, spec.origin))
+        module.__spec__.loader.exec_module(module)
+    finally:
+        if previous is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+    assert module.is_interpreted()
+    sys.modules[name] = module
+    return name
+
+
+@pytest.mark.parametrize("kind", ["mamba", "sr_pad_sum"])
+def test_triton_scan_function_interpreted(kind, monkeypatch):
+    """The Triton backend's autograd Function (interpreted on CPU) under the memory-efficient path."""
+    from mambakit.core import scan
+    monkeypatch.setitem(scan._BACKENDS, "triton_interpreted", _interpreted_triton_scan() + ":selective_scan_triton")
+    plain, lean = pair(kind, F64, backend="triton_interpreted")
+    h = torch.randn(1, 10, D_MODEL, dtype=F64)
+    assert_same(plain, lean, h, rtol=1e-10, atol=1e-12)
+    rec = _Recorder(monkeypatch)
+    rec.forward(lean, h.requires_grad_(True))
+    assert rec.branches and all(acts.dropped >= 5 for acts in rec.branches)   # its u, delta, z are not held
