@@ -13,9 +13,9 @@
 4. `--parts mixers`: mambakit's mixers alone at the shapes where layout costs show (no peer; run it on two
    checkouts with PYTHONPATH=<checkout> from outside the repository to compare versions): a Vim-Ti mixer at
    1024 px (`MultiOrderMamba.vim(192)`, b=1, L=4097), MambaMIL's SR-Mamba (`MultiOrderMamba.sr(512, rate=10)`,
-   b=1, L=10000) and `Mamba(192)` at b=8, L=197; forward (no grad) and forward+backward (a fixed random output
-   gradient), wall and process CPU time (the steadier one on a shared machine at one thread), plus the top
-   operators of one forward and one forward+backward under torch.profiler.
+   b=1, L=10000; also with memory_efficient=True) and `Mamba(192)` at b=8, L=197; forward (no grad) and
+   forward+backward (a fixed random output gradient), wall and process CPU time (the steadier one on a shared
+   machine at one thread), plus the top operators of one forward and one forward+backward under torch.profiler.
 
 Timings: median over repeats after a warm-up, torch.get_num_threads() threads, float32. Writes
 benchmarks/results/blocks.json and blocks.md (blocks_<parts>.* for a subset of the parts, so that a partial run
@@ -139,8 +139,10 @@ def bench_block(shapes, repeats: int) -> list[dict]:
 
 ALL_PARTS = ("block", "decode", "memory", "mixers")
 MIXER_CASES = [("Vim-Ti mixer, 1024 px", "vim", 1, 4097, 192), ("SR-Mamba (MambaMIL)", "sr", 1, 10000, 512),
+               ("SR-Mamba (MambaMIL), memory_efficient", "sr_lean", 1, 10000, 512),
                ("Mamba, Vim-Ti width", "mamba", 8, 197, 192)]
 QUICK_MIXER_CASES = [("Vim-Ti mixer (quick)", "vim", 1, 257, 192), ("SR-Mamba (quick)", "sr", 1, 503, 64),
+                     ("SR-Mamba, memory_efficient (quick)", "sr_lean", 1, 503, 64),
                      ("Mamba (quick)", "mamba", 2, 33, 192)]
 
 
@@ -149,8 +151,9 @@ def make_mixer(kind: str, d_model: int, seed: int = 0):
     torch.manual_seed(seed)
     if kind == "vim":                       # Vim's settings: bimamba v2, if_divide_out=True, d_state 16, expand 2
         return MultiOrderMamba.vim(d_model, d_state=16, d_conv=4, expand=2)
-    if kind == "sr":                        # MambaMIL's SRMamba layer
-        return MultiOrderMamba.sr(d_model, rate=10, d_state=16, d_conv=4, expand=2)
+    if kind in ("sr", "sr_lean"):           # MambaMIL's SRMamba layer (sr_lean: recompute in the backward)
+        return MultiOrderMamba.sr(d_model, rate=10, d_state=16, d_conv=4, expand=2,
+                                  memory_efficient=kind == "sr_lean")
     return Mamba(d_model, d_state=16, d_conv=4, expand=2)
 
 
