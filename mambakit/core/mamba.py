@@ -268,10 +268,15 @@ class SelectiveSSM(nn.Module):
 
         conv, _, dt_proj, _, _ = self._params(suffix)
 
-        def recompute() -> dict[str, torch.Tensor]:
-            xr, zr = (t if idx is None else reorder(t, idx, dim=-1) for t in (x, z))
-            c, u = self._conv_silu(xr, suffix)
-            return {"xr": xr, "zr": zr, "c": c, "u": u, "dt": self._dt(x_dbl, suffix)}
+        def recompute(name: str) -> dict[str, torch.Tensor]:
+            # each piece when the backward first needs it: the scan's u, delta, z, then the conv's input
+            if name in ("xr", "zr"):
+                t = x if name == "xr" else z
+                return {name: t if idx is None else reorder(t, idx, dim=-1)}
+            if name == "dt":
+                return {"dt": self._dt(x_dbl, suffix)}
+            c, u = self._conv_silu(x if idx is None else reorder(x, idx, dim=-1), suffix)
+            return {"c": c, "u": u}
 
         inputs = (x, z, x_dbl, conv.weight, dt_proj.weight) + ((conv.bias,) if conv.bias is not None else ())
         acts.release({"xr": xr, "zr": zr, "c": c, "u": u, "dt": dt}, recompute, inputs=inputs)

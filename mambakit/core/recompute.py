@@ -10,10 +10,13 @@ x and z, the conv output, its silu, delta) are therefore never held between the 
 runs under `torch.autograd.graph.saved_tensors_hooks`, so every tensor an op saves for its backward (the
 conv's input, silu's input, the x_proj GEMM's input, the scan Function's u / delta / z, ...) is first wrapped.
 When the forward is done, `release(recomputable)` drops the wrapped tensors that live in the memory of one of
-the named intermediates, keeping only where in that memory they sit. In the backward, the first wrapper
-that is unpacked calls `recompute()`, which redoes the branch's cheap part (reorder, conv1d, silu, dt_proj)
-from the kept token-order x, z and x_dbl, in the forward's autocast state, and every dropped wrapper is
-served a view of the recomputed memory at the same offset, sizes and strides. The scan's own autograd
+the named intermediates, keeping only where in that memory they sit. In the backward, a dropped wrapper
+that is unpacked calls `recompute(name)`, which redoes that part of the branch's cheap work (reorder,
+conv1d + silu, dt_proj) from the kept token-order x, z and x_dbl, in the forward's autocast state, and is
+served a view of the recomputed memory at the same offset, sizes and strides. A recomputed tensor is kept
+until its last use in this backward and no longer: the scan's backward sees u, delta, z and the conv output
+(computed with u), while the conv's input is recomputed only when the conv's backward asks for it, so the
+backward's peak holds no more of them than it needs at a time. The scan's own autograd
 Function therefore runs its own backward unchanged (the fused CPU kernel and the Triton kernel from their
 state checkpoints, the reference through autograd); its forward is not run again.
 
@@ -71,11 +74,12 @@ class SavedActivations:
         acts = SavedActivations()
         with torch.autograd.graph.saved_tensors_hooks(acts.pack, acts.unpack):
             ...forward ops...
-        acts.release({"u": u, "delta": delta}, recompute, inputs=(x, z, weight))
+        acts.release({"u": u, "delta": delta}, recompute, inputs=(x, weight))
 
-    `recompute()` must return a dict with the same names, computed by the same operations from `inputs`
-    (and anything else it closes over that is not modified in place); it runs in the forward's autocast state
-    and in the grad mode of the backward that asks (create_graph=True recomputes with history).
+    `recompute(name)` must return a dict holding `name` (and, optionally, other names it computed on the way),
+    computed by the same operations from `inputs` (and anything else it closes over that is not modified in
+    place); it runs in the forward's autocast state and in the grad mode of the backward that asks
+    (create_graph=True recomputes with history).
     """
 
     def __init__(self):
@@ -84,9 +88,10 @@ class SavedActivations:
         self._recompute: Callable[[], dict[str, torch.Tensor]] | None = None
         self._autocast = None
         self._inputs: tuple[tuple[torch.Tensor, int], ...] = ()
-        self._cache: dict[str, torch.Tensor] | None = None
+        self._cache: dict[str, torch.Tensor] = {}
+        self._uses: dict[str, int] = {}          # name -> how many dropped saves live in it
+        self._pending: dict[str, int] = {}       # name -> uses left in the current backward
         self._dropped = 0
-        self._served = 0
 
     # -- hooks --------------------------------------------------------------------------------------------
     def pack(self, tensor: torch.Tensor) -> _Saved:
@@ -104,20 +109,25 @@ class SavedActivations:
                     f"operation: a tensor of shape {tuple(saved.tensor.shape)} saved by the memory-efficient "
                     f"Mamba branch is at version {saved.tensor._version}, expected {saved.version}")
             return saved.tensor
-        if self._cache is None:
-            self._cache = self._run_recompute()
-            self._served = 0
-        base = self._cache[saved.name]
+        name = saved.name
+        if name not in self._cache:
+            for other, t in self._run_recompute(name).items():  # also what it computed on the way, if still needed
+                if other == name or (self._pending.get(other, 0) > 0 and other not in self._cache):
+                    self._cache[other] = t
+        base = self._cache[name]
         size, stride, offset = saved.view
         out = base if (tuple(base.shape) == size and base.stride() == stride
                        and base.storage_offset() == offset) else base.as_strided(size, stride, offset)
-        self._served += 1
-        if self._served >= self._dropped:          # every dropped tensor served: free the recomputed ones
-            self._cache = None
+        self._pending[name] = self._pending.get(name, 0) - 1
+        if self._pending[name] <= 0:               # its last use in this backward: free it
+            self._cache.pop(name, None)
+        if all(n <= 0 for n in self._pending.values()):
+            self._cache.clear()
+            self._pending = dict(self._uses)       # a further backward (retain_graph) starts over
         return out
 
     # -- after the forward ----------------------------------------------------------------------------------
-    def release(self, recomputable: dict[str, torch.Tensor], recompute: Callable[[], dict[str, torch.Tensor]],
+    def release(self, recomputable: dict[str, torch.Tensor], recompute: Callable[[str], dict[str, torch.Tensor]],
                 inputs: tuple[torch.Tensor, ...] = ()) -> None:
         """Drop every saved tensor that lives in the memory of one of `recomputable` (same dtype)."""
         by_storage = {}
@@ -135,6 +145,8 @@ class SavedActivations:
             saved.name, saved.view = hit[0], (tuple(t.shape), t.stride(), t.storage_offset())
             saved.tensor = None
             self._dropped += 1
+            self._uses[hit[0]] = self._uses.get(hit[0], 0) + 1
+        self._pending = dict(self._uses)
         self._packed = [saved for saved in self._packed if saved.tensor is not None]   # what stays held
         self._released = True
         self._recompute = recompute
@@ -152,7 +164,7 @@ class SavedActivations:
         """How many saved tensors `release` dropped (each is recomputed when the backward asks for it)."""
         return self._dropped
 
-    def _run_recompute(self) -> dict[str, torch.Tensor]:
+    def _run_recompute(self, name: str) -> dict[str, torch.Tensor]:
         for t, version in self._inputs:
             if t._version != version:
                 raise RuntimeError(
@@ -161,7 +173,7 @@ class SavedActivations:
                     f"the forward and the backward (version {version} -> {t._version}); modify it after the "
                     "backward, or use memory_efficient=False")
         if self._autocast is None:
-            return self._recompute()
+            return self._recompute(name)
         kind, enabled, dtype = self._autocast
         with torch.autocast(kind, dtype=dtype, enabled=enabled):
-            return self._recompute()
+            return self._recompute(name)
