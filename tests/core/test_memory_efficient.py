@@ -124,6 +124,7 @@ def test_only_token_order_x_z_and_out_proj_input_are_held(kind, monkeypatch):
     assert len(rec.branches) == K and all(acts.dropped >= 5 for acts in rec.branches)
     assert len(rec.big_storages(b * D_INNER * L)) == 3
     out.sum().backward()                                        # the dropped tensors come back for the backward
+    assert all(not acts._cache for acts in rec.branches)        # and none is kept after its last use
 
     rec_plain = _Recorder(monkeypatch)
     rec_plain.forward(plain, h)
