@@ -222,3 +222,22 @@ def test_triton_scan_function_interpreted(kind, monkeypatch):
     rec = _Recorder(monkeypatch)
     rec.forward(lean, h.requires_grad_(True))
     assert rec.branches and all(acts.dropped >= 5 for acts in rec.branches)   # its u, delta, z are not held
+
+
+def test_autocast_forward_backward_outside_it():
+    """Trained under CPU autocast (bfloat16 GEMMs), the backward run outside the autocast context: the
+    recomputation replays the forward's autocast state, so it gives the plain path's gradients."""
+    plain, lean = pair("sr_pad_sum", F32)
+    h = torch.randn(2, 21, D_MODEL)
+    results = []
+    for m in (plain, lean):
+        x = h.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(x)
+        out.float().sum().backward()
+        results.append((out.detach(), x.grad, [p.grad for p in m.parameters()]))
+    (out_p, dx_p, g_p), (out_l, dx_l, g_l) = results
+    assert torch.equal(out_p, out_l)
+    torch.testing.assert_close(dx_l, dx_p, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_l, g_p):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
