@@ -30,8 +30,10 @@ from mambakit.core.recompute import SavedActivations
 from mambakit.core.scan import selective_scan, selective_state_update
 
 #: The default of `memory_efficient` (Mamba, MultiOrderMamba): recompute the branch's cheap intermediates in
-#: the backward instead of keeping them (see `SelectiveSSM._branch_lean`). Off by default: on CPU the
-#: recomputation costs about 8% of a training step of SR-Mamba(512) at L=10000 (benchmarks: issue 7 notes).
+#: the backward instead of keeping them (see `SelectiveSSM._branch_lean`). Off by default because it is slower
+#: on CPU: SR-Mamba(512, rate=10) forward+backward, b=1, one thread, float32: L=10000 +6% (recomputation 0.37 s
+#: of 4.3 s, mostly page faults of fresh 40 MB buffers), L=20000 +11% (7.85 s vs 7.04 s, best of 3) for a peak
+#: 48.7 instead of 65.0 KiB/token and 16.5 instead of 48.8 KiB/token held between forward and backward.
 MEMORY_EFFICIENT = False
 
 __all__ = ["Mamba", "SelectiveSSM", "MEMORY_EFFICIENT", "set_memory_efficient", "init_dt_proj",
@@ -328,8 +330,9 @@ class Mamba(SelectiveSSM):
 
     memory_efficient: in training, keep between forward and backward only the branch input x, z, the small
     x_dbl and the scan's state checkpoints, and recompute conv1d + silu and delta in the backward (as
-    mamba_ssm's `mamba_inner_fn`): about 12 bytes x d_inner less per token (float32), the same values, a few
-    elementwise passes more. `set_memory_efficient(model)` switches every such mixer of a built model.
+    mamba_ssm's `mamba_inner_fn`): 12 bytes x d_inner per token and order less held (float32; 20 for a
+    reordered order), the same values, a few elementwise passes more in the backward. Default off
+    (`MEMORY_EFFICIENT`); `set_memory_efficient(model)` switches every such mixer of a built model.
 
     forward(hidden_states, inference_params=None, lengths=None):
       lengths (b,): right-padded batches; outputs past a sample's length are zero and valid outputs equal
