@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import core_refs
+from core_refs import randomize
 from mambakit.core import Mamba, MultiOrderMamba, StrideOrder
 from mambakit.core import scan as scan_module
 from mambakit.core.layout import channel_major_linear, token_major_linear
@@ -92,18 +93,6 @@ def test_layout_linears_under_cpu_autocast_and_bad_shapes():
 
 # ---------------------------------------------------------------------------------------------------------
 # 2. The mixers against the token-major upstream computation
-
-
-def randomize(m):
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if name.startswith("A") and name.endswith("log"):
-                p.copy_(torch.log(torch.rand_like(p) * 3 + 0.2))
-            elif name.startswith("D"):
-                p.copy_(torch.randn_like(p))
-            else:
-                p.add_(0.2 * torch.randn_like(p))
-    return m
 
 
 def stride_perm(L, R):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import core_refs
+from core_refs import randomize
 from mambakit.core import InferenceParams, Mamba
 
 F64 = torch.float64
@@ -14,19 +15,6 @@ F64 = torch.float64
 
 def make(d_model=16, **kw):
     return Mamba(d_model, d_state=4, layer_idx=0, dtype=F64, **kw)
-
-
-def randomize(m):
-    """Move every parameter off its structured init so that tests see generic values."""
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if name.endswith("A_log") or name.startswith("A"):
-                p.copy_(torch.log(torch.rand_like(p) * 3 + 0.2))
-            elif name.startswith("D"):
-                p.copy_(torch.randn_like(p))
-            else:
-                p.add_(0.2 * torch.randn_like(p))
-    return m
 
 
 @pytest.mark.parametrize("bias,conv_bias", [(True, True), (False, False)])

@@ -6,23 +6,12 @@ none of the branch's (b, d_inner, L) intermediates held: only the token-order x,
 import pytest
 import torch
 
+from core_refs import randomize
 from mambakit.core import Mamba, MultiOrderMamba, set_memory_efficient
 from mambakit.core import recompute
 
 F64, F32 = torch.float64, torch.float32
 D_MODEL, D_INNER = 16, 32
-
-
-def randomize(m):
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "A" in name and name.endswith("log"):
-                p.copy_(torch.log(torch.rand_like(p) * 3 + 0.2))
-            elif name.startswith("D"):
-                p.copy_(torch.randn_like(p))
-            else:
-                p.add_(0.2 * torch.randn_like(p))
-    return m
 
 
 BUILDERS = {

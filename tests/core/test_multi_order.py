@@ -6,21 +6,10 @@ import torch
 import torch.nn.functional as F
 
 import core_refs
+from core_refs import randomize
 from mambakit.core import Mamba, MultiOrderMamba, PerOrderMamba, PointOrder, StrideOrder
 
 F64 = torch.float64
-
-
-def randomize(m):
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "A" in name and name.endswith("log"):
-                p.copy_(torch.log(torch.rand_like(p) * 3 + 0.2))
-            elif name.startswith("D"):
-                p.copy_(torch.randn_like(p))
-            else:
-                p.add_(0.2 * torch.randn_like(p))
-    return m
 
 
 def make(orders, merge="sum", d_model=16, **kw):
