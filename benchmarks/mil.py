@@ -1,7 +1,7 @@
 """MIL at whole-slide scale on the CPU: forward+backward time and peak memory for one bag, MambaMIL
-(SR-Mamba, R=5, 2 layers; also with activation checkpointing per block) against TransMIL (Nystrom attention)
-and ABMIL (gated attention), at 1k, 10k, 50k and 100k instances of 1024-d features, with the ratios from one
-run.
+(SR-Mamba, R=5, 2 layers; also with activation checkpointing per block, and with core's memory-efficient
+mixers) against TransMIL (Nystrom attention) and ABMIL (gated attention), at 1k, 10k, 50k and 100k instances
+of 1024-d features, with the ratios from one run.
 
     .venv/bin/python benchmarks/mil.py            # writes benchmarks/results/mil.{json,md}, prints the table
     .venv/bin/python benchmarks/mil.py --quick    # small bags: checks the script in a minute
@@ -40,6 +40,7 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"mambamil": "MambaMIL (SR-Mamba)", "mambamil_ckpt": "MambaMIL, checkpointed blocks",
+          "mambamil_lean": "MambaMIL, memory-efficient mixers",
           "transmil": "TransMIL (Nystrom)", "abmil": "ABMIL (gated)"}
 SIZES = [1000, 10000, 50000, 100000]
 QUICK_SIZES = [500, 2000]
@@ -65,9 +66,14 @@ def _reset_peak() -> None:
 def _build(name: str):
     from mambakit.apps.pathology.models import ABMIL, MambaMIL, TransMIL
 
-    if name in ("mambamil", "mambamil_ckpt"):
-        return MambaMIL(in_dim=IN_DIM, n_classes=2, dropout=0.0, act="gelu", layer=2, rate=5,
-                        checkpoint_layers=name == "mambamil_ckpt")
+    if name in ("mambamil", "mambamil_ckpt", "mambamil_lean"):
+        from mambakit.core import set_memory_efficient
+
+        model = MambaMIL(in_dim=IN_DIM, n_classes=2, dropout=0.0, act="gelu", layer=2, rate=5,
+                         checkpoint_layers=name == "mambamil_ckpt")
+        if name == "mambamil_lean":      # core's recompute-in-backward path: same values, less memory held
+            set_memory_efficient(model)
+        return model
     if name == "transmil":
         return TransMIL(in_dim=IN_DIM, n_classes=2, dropout=0.0, act="relu")
     if name == "abmil":
