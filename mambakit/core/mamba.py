@@ -53,6 +53,9 @@ def check_hidden(owner: str, hidden_states, d_model: int) -> tuple[int, int]:
     if hidden_states.dim() != 3 or hidden_states.shape[-1] != d_model:
         raise ValueError(f"{owner}: hidden_states has shape {tuple(hidden_states.shape)}, "
                          f"expected (batch, length, d_model={d_model})")
+    if hidden_states.shape[1] == 0:          # conv1d and the scan have nothing to run on; say so here
+        raise ValueError(f"{owner}: hidden_states has length 0 (shape {tuple(hidden_states.shape)}); "
+                         f"expected at least one token per sequence")
     return hidden_states.shape[0], hidden_states.shape[1]
 
 

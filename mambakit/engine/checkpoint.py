@@ -36,7 +36,7 @@ import torch
 
 __all__ = ["CheckpointError", "CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint", "verify_checkpoint",
            "checkpoint_name", "list_checkpoints", "find_resume_checkpoint", "resolve_checkpoint",
-           "prune_checkpoints", "write_pointer", "read_pointer", "sha256_of"]
+           "prune_checkpoints", "write_pointer", "read_pointer", "sha256_of", "missing_sidecar_error"]
 
 CHECKPOINT_FORMAT = "mambakit-checkpoint-v1"
 _NAME = re.compile(r"^step-(\d+)\.pt$")
@@ -121,15 +121,19 @@ def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def verify_checkpoint(path: str | Path) -> str:
-    """Check that `path` exists and hashes to its sidecar; returns the sha256 or raises CheckpointError."""
+def verify_checkpoint(path: str | Path, require_sidecar: bool = True) -> str | None:
+    """Check that `path` exists and hashes to its sidecar; returns the sha256 or raises CheckpointError.
+
+    `require_sidecar=False` (the zoo reading a file that may be any state dict) lets a file without a sidecar
+    through unverified and returns None; a sidecar that is there must still match."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     sidecar = _sidecar(path)
     if not sidecar.is_file():
-        raise CheckpointError(f"checkpoint {path} has no checksum file {sidecar.name}; it may be incomplete "
-                              "(refusing to load it)")
+        if not require_sidecar:
+            return None
+        raise missing_sidecar_error(path)
     fields = sidecar.read_text().split()
     if not fields or not re.fullmatch(r"[0-9a-f]{64}", fields[0]):
         raise CheckpointError(f"checkpoint {path}: checksum file {sidecar.name} is malformed")
@@ -140,6 +144,13 @@ def verify_checkpoint(path: str | Path) -> str:
                               f"{expected} recorded in {sidecar.name} ({path.stat().st_size} bytes); refusing "
                               "to load it")
     return actual
+
+
+def missing_sidecar_error(path: Path) -> CheckpointError:
+    return CheckpointError(f"checkpoint {path} has no checksum file {_sidecar(path).name}; it may be incomplete "
+                           f"(refusing to load it). If it was copied, copy the .sha256 file with it; if you trust "
+                           f"the file as it is, write one with `sha256sum {path.name} > {_sidecar(path).name}` "
+                           f"in its folder")
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

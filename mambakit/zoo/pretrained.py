@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mambakit.data.cache import is_offline, mambakit_home, sha256_file
+from mambakit.data.cache import is_offline, mambakit_home
 from mambakit.data.download import ChecksumError, DownloadError, OfflineError, download_url
 from mambakit.data.registry import UnknownEntryError
 from mambakit.zoo.registry import WeightEntry, get_weights, is_registered
@@ -168,8 +168,8 @@ def load_pretrained(name_or_path: str | os.PathLike, *, builder: str | None = No
     - a path to a bare state dict (or one under "model" / "state_dict"): give `builder` (and its config as
       keyword arguments), and `converter` when the file is in an upstream layout.
 
-    A file with a `.sha256` sidecar (every training checkpoint has one) is verified against it before it is
-    read; a mismatch is a ValueError.
+    A file with a `.sha256` sidecar is verified against it before it is read (a mismatch is a CheckpointError,
+    a ValueError); a training checkpoint must have its sidecar, as when the engine resumes from it.
     """
     if not isinstance(name_or_path, os.PathLike) and not Path(name_or_path).exists() and is_registered(name_or_path):
         entry = get_weights(name_or_path)
@@ -181,15 +181,20 @@ def load_pretrained(name_or_path: str | os.PathLike, *, builder: str | None = No
         state = import_object(entry.converter, "converter")(obj) if entry.converter else _state_dict_of(obj, str(path))
         return _build_and_load(builder or entry.builder, {**entry.config, **builder_overrides}, state,
                                f"weights {entry.name!r} ({path})")
-    from mambakit.engine.checkpoint import CHECKPOINT_FORMAT, resolve_checkpoint
+    from mambakit.engine.checkpoint import (CHECKPOINT_FORMAT, missing_sidecar_error, resolve_checkpoint,
+                                            verify_checkpoint)
 
     if Path(name_or_path).is_dir():
         path = resolve_checkpoint(name_or_path, prefer="best")
     else:
         path = resolve_weights(name_or_path)
-    _check_sidecar(path)
+    # Checked before anything is unpickled. Any file may lack a sidecar, but a training checkpoint without
+    # one is refused, as the engine refuses it when resuming: it may be a half-written file.
+    verified = verify_checkpoint(path, require_sidecar=False)
     obj = load_weights_file(path, pickle_reason="trust_pickle=True" if trust_pickle else None)
     training = isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT
+    if training and verified is None:
+        raise missing_sidecar_error(path)
     if use_ema and not training:
         raise ValueError(f"use_ema=True: {path} is not a mambakit training checkpoint, so it holds no EMA weights")
     if isinstance(obj, Mapping) and obj.get("format") == PRETRAINED_FORMAT:
@@ -264,19 +269,6 @@ def _rebuild_training_checkpoint(obj: Mapping, path: Path, use_ema: bool):
         raise ValueError(f"{path}: the {'EMA ' if use_ema else ''}weights do not fit the model app {name!r} "
                          f"rebuilt from the saved recipe: {' '.join(str(e).split())}") from None
     return model.eval()
-
-
-def _check_sidecar(path: Path) -> None:
-    """Training checkpoints come with `<file>.sha256` (sha256sum format); a file that does not match it is
-    refused before anything is unpickled."""
-    sidecar = path.with_name(path.name + ".sha256")
-    if not sidecar.is_file():
-        return
-    expected = sidecar.read_text().split()[0].lower() if sidecar.read_text().strip() else ""
-    actual = sha256_file(path)
-    if actual != expected:
-        raise ValueError(f"{path}: sha256 {actual} does not match its sidecar {sidecar} ({expected or 'empty'}); "
-                         f"the file is truncated or corrupt")
 
 
 def save_pretrained(model, path: str | Path, *, builder: str, config: dict, **metadata) -> Path:

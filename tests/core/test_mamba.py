@@ -170,6 +170,8 @@ def test_bad_inputs_raise_clear_errors():
         m(torch.randn(2, 5, 8, dtype=F64))
     with pytest.raises(ValueError, match="hidden_states has shape"):
         m(torch.randn(5, 16, dtype=F64))
+    with pytest.raises(ValueError, match="has length 0"):
+        m(torch.randn(2, 0, 16, dtype=F64))
     with pytest.raises(ValueError, match=r"lengths must lie in \[0, 5\]"):
         m(torch.randn(2, 5, 16, dtype=F64), lengths=torch.tensor([6, 1]))
     with pytest.raises(ValueError, match="integer tensor of shape"):

@@ -129,6 +129,8 @@ def test_bad_arguments_raise_clear_errors():
     m = make()
     with pytest.raises(ValueError, match=r"d_model=16"):
         m(torch.randn(1, 3, 12, dtype=F64))
+    with pytest.raises(ValueError, match="has length 0"):
+        m(torch.randn(1, 0, 16, dtype=F64))
     with pytest.raises(ValueError, match="dt_multiplier has shape"):
         m(torch.randn(1, 3, 16, dtype=F64), dt_multiplier=torch.ones(1, 3, 7, dtype=F64))
     conv, ssm = m.allocate_inference_cache(1, 3)

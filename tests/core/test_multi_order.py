@@ -195,5 +195,7 @@ def test_bad_arguments_raise():
         MultiOrderMamba(16, param_suffixes=("", ""))
     with pytest.raises(ValueError, match="d_model=16"):
         MultiOrderMamba(16)(torch.randn(1, 4, 8))
+    with pytest.raises(ValueError, match="has length 0"):
+        MultiOrderMamba(16)(torch.randn(1, 0, 16))
     with pytest.raises(ValueError, match="unknown merge 'gate'"):
         PerOrderMamba(16, merge="gate")

@@ -14,6 +14,7 @@ from mambakit.data import ChecksumError, OfflineError, UnknownEntryError
 from mambakit.data import download as download_module
 from mambakit.data.testing import FileServer
 from mambakit.engine.app import App
+from mambakit.engine.checkpoint import load_checkpoint
 from mambakit.zoo import (WeightEntry, download_weights, get_weights, list_weights, load_pretrained, register_weights,
                           resolve_weights, save_pretrained, weights_path)
 
@@ -163,8 +164,21 @@ def test_training_checkpoint_with_builder_and_sidecar(tmp_path):
     (tmp_path / "step-00000010.pt.sha256").write_text(f"{sha(path.read_bytes())}  step-00000010.pt\n")
     _assert_loaded(load_pretrained(path))
     path.write_bytes(path.read_bytes()[:-10])                         # truncated: refused before unpickling
-    with pytest.raises(ValueError, match="does not match its sidecar"):
+    with pytest.raises(ValueError, match="is corrupt or truncated"):
         load_pretrained(path)
+
+
+def test_training_checkpoint_without_sidecar_is_refused_as_the_engine_refuses_it(tmp_path):
+    path = tmp_path / "step-00000010.pt"
+    torch.save({"format": "mambakit-checkpoint-v1", "model": STATE, "step": 10,
+                "builder": "torch.nn:Linear", "builder_config": CONFIG}, path)
+    with pytest.raises(ValueError, match="has no checksum file step-00000010.pt.sha256.*sha256sum"):
+        load_pretrained(path)
+    with pytest.raises(ValueError, match="has no checksum file"):
+        load_checkpoint(path)
+    bare = tmp_path / "weights.pt"                                     # any other file needs no sidecar
+    torch.save(STATE, bare)
+    _assert_loaded(load_pretrained(bare, builder="torch.nn:Linear", **CONFIG))
 
 
 def test_safetensors_file(tmp_path):
