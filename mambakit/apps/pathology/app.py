@@ -347,21 +347,9 @@ def quickstart(out_dir: str | Path | None = None) -> QuickstartResult:
 # mambakit.zoo.load_pretrained(RUN_DIR)
 
 def _rebuild_model(config: dict, weights, source: str):
-    """The MIL model of a training checkpoint, without the features or the label CSV: the number of outputs
-    (classes, or survival bins) is the row count of the classifier's weight (as `pathology heatmap`)."""
-    from mambakit.engine.config import from_dict
+    from .pipeline import rebuild_mil_model         # imported here: app.py stays cheap to import
 
-    from .models import build_mil_model
-    from .pipeline import _n_outputs
-
-    recipe = from_dict(MILRecipe, config, source)
-    params = dict(vars(recipe.model))
-    name, in_dim = params.pop("name"), params.pop("in_dim")
-    try:
-        n_outputs = _n_outputs(weights)
-    except ValueError as e:
-        raise ValueError(f"{source}: {e}") from None
-    return build_mil_model(name, in_dim, n_outputs, **params)
+    return rebuild_mil_model(config, weights, source)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -38,6 +38,25 @@ def _n_outputs(state: dict) -> int:
     raise ValueError("cannot find the classifier in the checkpoint (classifier.weight / head.N.weight)")
 
 
+def rebuild_mil_model(config: dict, weights, source: str):
+    """The MIL model of a training checkpoint's saved recipe, with fresh weights, without the features or the
+    label CSV: the number of outputs (classes, or survival bins) is the row count of the classifier's weight.
+    (The app's `rebuild_model` hook, behind `zoo.load_pretrained("runs/<x>")`, and `model_from_checkpoint`.)"""
+    from mambakit.engine.config import from_dict
+
+    from .config import MILRecipe
+    from .models import build_mil_model
+
+    recipe = from_dict(MILRecipe, config, source)
+    params = dict(vars(recipe.model))
+    name, in_dim = params.pop("name"), params.pop("in_dim")
+    try:
+        n_outputs = _n_outputs(weights)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+    return build_mil_model(name, in_dim, n_outputs, **params)
+
+
 def model_from_checkpoint(checkpoint: str | Path, use_ema: bool = False):
     """(model in eval mode, recipe, class names) from a training checkpoint or run folder."""
     from mambakit.engine.checkpoint import load_checkpoint, resolve_checkpoint
@@ -45,19 +64,17 @@ def model_from_checkpoint(checkpoint: str | Path, use_ema: bool = False):
     from mambakit.engine.trainer import load_model_state
 
     from .config import MILRecipe
-    from .models import build_mil_model
 
     path = resolve_checkpoint(checkpoint, prefer="best")
     state = load_checkpoint(path)
     if not isinstance(state.get("config"), dict):
         raise ValueError(f"{path} holds no saved recipe; it is not a mambakit pathology checkpoint")
-    recipe = from_dict(MILRecipe, state["config"], f"{path} (saved config)")
+    source = f"{path} (saved config)"
+    recipe = from_dict(MILRecipe, state["config"], source)
     weights = state["ema" if use_ema else "model"]
     if weights is None:
         raise ValueError(f"{path} has no {'EMA ' if use_ema else ''}weights")
-    params = dict(vars(recipe.model))
-    name, in_dim = params.pop("name"), params.pop("in_dim")
-    model = build_mil_model(name, in_dim, _n_outputs(weights), **params)
+    model = rebuild_mil_model(state["config"], weights, source)
     load_model_state(model, weights, str(path))
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
     classes_file = run_dir / "classes.json"

@@ -125,20 +125,9 @@ PREDICT_VERB = Verb("predict", "the same as forecast", _forecast_arguments, _for
 # mambakit.zoo.load_pretrained(RUN_DIR)
 
 def _rebuild_model(config: dict, weights, source: str):
-    """The Forecaster of a training checkpoint, without the CSV: the number of variates, the window lengths
-    and the data description come from the `meta` buffer in the weights (as `mambakit timeseries forecast`)."""
-    from mambakit.engine.config import from_dict
+    from .forecast import rebuild_forecaster        # imported here: app.py stays cheap to import
 
-    from .models import build_model
-    from .task import Forecaster
-
-    recipe = from_dict(ForecastRecipe, config, source)
-    if "meta" not in weights:
-        raise ValueError(f"{source}: no data description ('meta' buffer) in the weights; not a timeseries "
-                         f"training checkpoint")
-    meta = Forecaster.decode_meta(weights["meta"])
-    net = build_model(recipe.model, meta["seq_len"], meta["pred_len"], len(meta["columns"]))
-    return Forecaster(net, None, meta)
+    return rebuild_forecaster(config, weights, source)
 
 
 # --------------------------------------------------------------------------------------------------

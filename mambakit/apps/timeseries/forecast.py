@@ -48,15 +48,26 @@ def load_forecaster(checkpoint: str | Path, device: str | torch.device = "cpu") 
     state = load_checkpoint(path)
     if state.get("app") not in (None, "timeseries"):
         raise ValueError(f"{path}: a checkpoint of app {state.get('app')!r}, not a timeseries model")
-    weights = state["model"]
+    source = f"{path} (config)"
+    recipe = from_dict(ForecastRecipe, state["config"], source=source)
+    model = rebuild_forecaster(state["config"], state["model"], source)
+    load_model_state(model, state["model"], str(path))
+    return model.to(device).eval(), recipe
+
+
+def rebuild_forecaster(config: dict, weights, source: str) -> Forecaster:
+    """The Forecaster of a training checkpoint's saved recipe, with fresh weights, without the CSV: the number
+    of variates, the window lengths and the data description come from the `meta` buffer in the weights.
+    (The app's `rebuild_model` hook, behind `zoo.load_pretrained("runs/<x>")`, and `load_forecaster`.)"""
+    from mambakit.engine.config import from_dict
+
+    recipe = from_dict(ForecastRecipe, config, source)
     if "meta" not in weights:
-        raise ValueError(f"{path}: no data description in the weights (is it a timeseries training checkpoint?)")
-    recipe = from_dict(ForecastRecipe, state["config"], source=f"{path} (config)")
+        raise ValueError(f"{source}: no data description ('meta' buffer) in the weights; not a timeseries "
+                         f"training checkpoint")
     meta = Forecaster.decode_meta(weights["meta"])
     net = build_model(recipe.model, meta["seq_len"], meta["pred_len"], len(meta["columns"]))
-    model = Forecaster(net, None, meta)
-    load_model_state(model, weights, str(path))
-    return model.to(device).eval(), recipe
+    return Forecaster(net, None, meta)
 
 
 def _same_frequency(a: str, b: str) -> bool:
