@@ -97,6 +97,14 @@ class NonFiniteLossError(FloatingPointError, ValueError):
     """The training loss became NaN or infinite (a ValueError too, so the CLI prints one line)."""
 
 
+def _set_memory_efficient(module: nn.Module) -> None:
+    from mambakit.core.mamba import set_memory_efficient
+
+    if set_memory_efficient(module) == 0:
+        raise ValueError(f"train.memory_efficient=true, but the model ({type(module).__name__}) has no Mamba-1 "
+                         f"mixers to make memory-efficient; set it to false for this model")
+
+
 def _check_batch_divisible(batch_size: int, world: int) -> None:
     if batch_size % world:
         raise ValueError(f"train.batch_size={batch_size} is the global batch per micro-step and must be "
@@ -286,6 +294,8 @@ class Trainer:
         if not isinstance(module, nn.Module):
             raise TypeError(f"{type(self.task).__name__}.build_model() must return an nn.Module, got "
                             f"{type(module).__name__}")
+        if cfg.memory_efficient:
+            _set_memory_efficient(module)
         self.datasets = self._check_datasets(self.task.build_datasets())
         if self.pretrained is not None and not resume:
             self._load_pretrained(module)

@@ -373,3 +373,36 @@ def test_task_sample_order_drives_the_epochs(tmp_path):
 
     with pytest.raises(ValueError, match=r"train_order\(1\) returned 32 indices, epoch 0 had 40"):
         fit(tmp_path / "bad", "train.epochs=2", task_cls=Shrinking)
+
+
+class _TwoTokenMamba(torch.nn.Module):
+    """A regression net with one core Mamba mixer over the two tokens (x, flip(x))."""
+
+    def __init__(self, features: int):
+        super().__init__()
+        from mambakit.core.mamba import Mamba
+
+        self.mixer = Mamba(features, d_state=4, d_conv=2, expand=1)
+        self.out = torch.nn.Linear(features, 1)
+
+    def forward(self, x):
+        h = self.mixer(torch.stack([x, x.flip(-1)], dim=1))
+        return self.out(h[:, -1]).squeeze(-1)
+
+
+class _MambaToy(ToyTask):
+    def build_model(self):
+        return _TwoTokenMamba(self.config.data.features)
+
+    def training_step(self, model, batch):
+        self.flags = getattr(self, "flags", set()) | {model.mixer.memory_efficient}
+        return super().training_step(model, batch)
+
+
+def test_memory_efficient_option_switches_the_mixers_and_trains_to_the_same_weights(tmp_path):
+    lean, lean_task = fit(tmp_path / "lean", "train.epochs=2", "train.memory_efficient=true", task_cls=_MambaToy)
+    plain, plain_task = fit(tmp_path / "plain", "train.epochs=2", task_cls=_MambaToy)
+    assert lean_task.flags == {True} and plain_task.flags == {False}
+    assert_same_params(final_model(lean), final_model(plain), atol=1e-5)
+    with pytest.raises(ValueError, match=r"train.memory_efficient=true, but the model \(MLP\) has no Mamba-1"):
+        fit(tmp_path / "mlp", "train.epochs=1", "train.memory_efficient=true")
