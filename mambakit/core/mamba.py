@@ -28,6 +28,7 @@ from mambakit.core.layout import channel_major_linear, token_major_linear
 from mambakit.core.orders import OrderIndices, reorder, restore
 from mambakit.core.recompute import SavedActivations
 from mambakit.core.scan import selective_scan, selective_state_update
+from mambakit.kernels.cpu_conv import causal_conv1d
 
 #: The default of `memory_efficient` (Mamba, MultiOrderMamba): recompute the branch's cheap intermediates in
 #: the backward instead of keeping them (see `SelectiveSSM._branch_lean`). Off by default because it is slower
@@ -228,8 +229,12 @@ class SelectiveSSM(nn.Module):
 
     # The branch in steps, shared by the plain and the memory-efficient path (which must repeat them exactly).
     def _conv_silu(self, x: torch.Tensor, suffix: str, prefix: torch.Tensor | None = None):
-        """x (b, d_inner, L) -> (conv output (a view of conv1d's padded output), silu of it)."""
-        c = causal_conv(x, getattr(self, f"conv1d{suffix}"), prefix)
+        """x (b, d_inner, L) -> (conv output or None, silu of it). From the start of a sequence, the fused
+        conv + silu (kernels.cpu_conv on CPU) gives only the silu and keeps just x for its backward."""
+        conv = getattr(self, f"conv1d{suffix}")
+        if prefix is None:
+            return None, causal_conv1d(x, conv.weight, conv.bias, activation="silu")
+        c = causal_conv(x, conv, prefix)
         return c, F.silu(c)
 
     def _x_dbl(self, u: torch.Tensor, suffix: str) -> torch.Tensor:
@@ -281,10 +286,11 @@ class SelectiveSSM(nn.Module):
             if name == "dt":
                 return {"dt": self._dt(x_dbl, suffix)}
             c, u = self._conv_silu(x if idx is None else reorder(x, idx, dim=-1), suffix)
-            return {"c": c, "u": u}
+            return {"u": u} if c is None else {"c": c, "u": u}
 
         inputs = (x, z, x_dbl, conv.weight, dt_proj.weight) + ((conv.bias,) if conv.bias is not None else ())
-        acts.release({"xr": xr, "zr": zr, "c": c, "u": u, "dt": dt}, recompute, inputs=inputs)
+        named = {"xr": xr, "zr": zr, "c": c, "u": u, "dt": dt}
+        acts.release({k: v for k, v in named.items() if v is not None}, recompute, inputs=inputs)
         return y
 
     def _branch_step(self, x: torch.Tensor, z: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor,

@@ -22,6 +22,7 @@ from mambakit.core.mamba import (causal_conv, check_hidden, check_lengths, compu
                                  last_conv_window, length_mask)
 from mambakit.core.norm import RMSNormGated
 from mambakit.core.ssd import ssd_scan
+from mambakit.kernels.cpu_conv import causal_conv1d
 
 __all__ = ["Mamba2"]
 
@@ -172,7 +173,10 @@ class Mamba2(nn.Module):
         xBC_t = xBC.transpose(1, 2)
         new_conv = last_conv_window(xBC_t, conv_state, lengths, self.d_conv) if want_states else None
         prefix = conv_state[..., 1:] if conv_state is not None else None
-        xBC = F.silu(causal_conv(xBC_t, self.conv1d, prefix)).transpose(1, 2)
+        if prefix is None:                                  # fused conv + silu (kernels.cpu_conv on CPU)
+            xBC = causal_conv1d(xBC_t, self.conv1d.weight, self.conv1d.bias, activation="silu").transpose(1, 2)
+        else:
+            xBC = F.silu(causal_conv(xBC_t, self.conv1d, prefix)).transpose(1, 2)
         x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         ct = compute_dtype(self.A_log)
         A = -torch.exp(self.A_log.to(ct))

@@ -110,14 +110,16 @@ def test_only_token_order_x_z_and_out_proj_input_are_held(kind, monkeypatch):
     rec = _Recorder(monkeypatch)
     out = rec.forward(lean, h)
     K = len(getattr(lean, "orders", [None]))
-    assert len(rec.branches) == K and all(acts.dropped >= 5 for acts in rec.branches)
+    # dropped per branch: at least silu's output u (saved by x_proj and the scan) twice and delta (the fused
+    # conv + silu saves only its input, which is x itself or the dropped reordered x)
+    assert len(rec.branches) == K and all(acts.dropped >= 3 for acts in rec.branches)
     assert len(rec.big_storages(b * D_INNER * L)) == 3
     out.sum().backward()                                        # the dropped tensors come back for the backward
     assert all(not acts._cache for acts in rec.branches)        # and none is kept after its last use
 
     rec_plain = _Recorder(monkeypatch)
     rec_plain.forward(plain, h)
-    assert len(rec_plain.big_storages(b * D_INNER * L)) >= 3 + 3 * K
+    assert len(rec_plain.big_storages(b * D_INNER * L)) >= 3 + 2 * K           # + u and delta per order
 
 
 def test_retain_graph_backward_twice_and_no_grad():

@@ -768,3 +768,171 @@ void mk_vexp_bench(const real *x, real *y, int64_t n, int64_t reps) {
 void mk_vexp(const real *x, real *y, int64_t n) { MK_MAP(vexp, x, y, n); }
 void mk_vexp_decay(const real *x, real *y, int64_t n) { MK_MAP(scan_decay_exp, x, y, n); }
 void mk_vsoftplus(const real *x, real *y, int64_t n) { MK_MAP(vsoftplus, x, y, n); }
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* Causal depthwise conv1d with an optional SiLU: the conv of a Mamba branch (mamba_ssm's               */
+/* causal_conv1d_fn), per batch b and channel c:                                                         */
+/*     pre_t = bias + sum_k w_k x_{t-(K-1)+k}   (x_s = 0 for s < 0),     out_t = silu(pre_t) or pre_t    */
+/* Forward and backward each read their inputs once: the backward recomputes pre_t rather than keeping  */
+/* it, so autograd holds x alone between the passes. A thread takes blocks of channels and walks the    */
+/* batch inside, so a channel's weight and bias gradients are summed by one thread in batch order (the  */
+/* result does not depend on the threads). Time runs W steps per vector; windows that cross the start  */
+/* or the end of the row are read through a zero-padded copy.                                           */
+
+typedef struct {
+    const real *x, *w, *bias;        /* x (batch, dim, len); w (dim, K); bias (dim) or NULL */
+    real *out;                       /* forward output (batch, dim, len) */
+    const real *dout;                /* backward input (batch, dim, len) */
+    real *dx, *dw, *dbias;           /* (batch, dim, len), (dim, K), (dim) or NULL */
+    int64_t batch, dim, len, K;
+    int32_t silu, nthreads;
+} mk_conv_args;
+
+/* x[s0 .. s0+W) with zeros outside [0, L). */
+static inline vec conv_window(const real *x, int64_t s0, int64_t L) {
+    if (s0 >= 0 && s0 + W <= L) return vload(x + s0);
+    real buf[W];
+    for (int i = 0; i < W; i++) buf[i] = (s0 + i >= 0 && s0 + i < L) ? x[s0 + i] : (real)0;
+    return vload(buf);
+}
+
+static inline void store_part(real *dst, vec v, int64_t n) {
+    if (n >= W) { vstore(dst, v); return; }
+    real buf[W];
+    vstore(buf, v);
+    memcpy(dst, buf, (size_t)n * sizeof(real));
+}
+
+static void conv_channel_fwd(const mk_conv_args *a, int64_t c) {
+    const int64_t L = a->len, K = a->K;
+    const real *w = a->w + c * K;
+    const real bias = a->bias ? a->bias[c] : (real)0;
+    for (int64_t b = 0; b < a->batch; b++) {
+        const real *x = a->x + (b * a->dim + c) * L;
+        real *out = a->out + (b * a->dim + c) * L;
+        for (int64_t t = 0; t < L; t += W) {
+            vec pre = vsplat(bias);
+            for (int64_t k = 0; k < K; k++) pre += w[k] * conv_window(x, t - (K - 1) + k, L);
+            store_part(out + t, a->silu ? pre * vsigmoid(pre) : pre, L - t);
+        }
+    }
+}
+
+#define CONV_SUM_BLOCK (64 * W)
+
+/* g: this thread's buffer of len + K + 2 W reals (dL/dpre of one row, zero past len). */
+static void conv_channel_bwd(const mk_conv_args *a, int64_t c, real *g) {
+    const int64_t L = a->len, K = a->K;
+    const real *w = a->w + c * K;
+    const real bias = a->bias ? a->bias[c] : (real)0;
+    vec dw_acc[K], db_acc = vsplat(0);
+    for (int64_t k = 0; k < K; k++) dw_acc[k] = vsplat(0);
+    for (int64_t b = 0; b < a->batch; b++) {
+        const real *x = a->x + (b * a->dim + c) * L;
+        const real *dout = a->dout + (b * a->dim + c) * L;
+        real *dx = a->dx + (b * a->dim + c) * L;
+        /* Weight and bias gradients: summed per block of CONV_SUM_BLOCK steps, then the blocks summed, so
+         * float32 rounding grows with the block count rather than with the length. */
+        vec dw_blk[K], db_blk = vsplat(0);
+        for (int64_t k = 0; k < K; k++) dw_blk[k] = vsplat(0);
+        for (int64_t t = 0; t < L; t += W) {     /* dL/dpre, and the weight and bias gradients */
+            if (t % CONV_SUM_BLOCK == 0 && t) {
+                db_acc += db_blk;
+                db_blk = vsplat(0);
+                for (int64_t k = 0; k < K; k++) { dw_acc[k] += dw_blk[k]; dw_blk[k] = vsplat(0); }
+            }
+            vec xs[K];
+            vec pre = vsplat(bias);
+            for (int64_t k = 0; k < K; k++) {
+                xs[k] = conv_window(x, t - (K - 1) + k, L);
+                pre += w[k] * xs[k];
+            }
+            vec gv = conv_window(dout, t, L);     /* zero past the end: those lanes add nothing */
+            if (a->silu) {
+                vec s = vsigmoid(pre);
+                gv *= s * (1 + pre * (1 - s));
+            }
+            store_part(g + t, gv, W);             /* g has room past len; rewritten to zero below */
+            db_blk += gv;
+            for (int64_t k = 0; k < K; k++) dw_blk[k] += gv * xs[k];
+        }
+        db_acc += db_blk;
+        for (int64_t k = 0; k < K; k++) dw_acc[k] += dw_blk[k];
+        memset(g + L, 0, (size_t)(K + W) * sizeof(real));
+        for (int64_t s = 0; s < L; s += W) {     /* dx_s = sum_k w_k g_{s+(K-1)-k} */
+            vec acc = vsplat(0);
+            for (int64_t k = 0; k < K; k++) acc += w[k] * vload(g + s + (K - 1) - k);
+            store_part(dx + s, acc, L - s);
+        }
+    }
+    for (int64_t k = 0; k < K; k++) {
+        real s = 0, lanes[W];
+        vstore(lanes, dw_acc[k]);
+        for (int i = 0; i < W; i++) s += lanes[i];
+        a->dw[c * K + k] = s;
+    }
+    if (a->dbias) {
+        real s = 0, lanes[W];
+        vstore(lanes, db_acc);
+        for (int i = 0; i < W; i++) s += lanes[i];
+        a->dbias[c] = s;
+    }
+}
+
+typedef struct {
+    const mk_conv_args *a;
+    int backward;
+    int64_t per, nitems, next;
+} conv_job;
+
+static void conv_work(conv_job *j) {
+    real *g = NULL;
+    if (j->backward && !(g = calloc((size_t)(j->a->len + j->a->K + 2 * W), sizeof(real)))) return;
+    for (;;) {
+        int64_t item = __atomic_fetch_add(&j->next, 1, __ATOMIC_RELAXED);
+        if (item >= j->nitems) break;
+        const int64_t c1 = (item + 1) * j->per < j->a->dim ? (item + 1) * j->per : j->a->dim;
+        for (int64_t c = item * j->per; c < c1; c++) {
+            if (j->backward) conv_channel_bwd(j->a, c, g);
+            else conv_channel_fwd(j->a, c);
+        }
+    }
+    free(g);
+}
+
+static void conv_openmp_body(void *p) { conv_work((conv_job *)p); }
+static void *conv_pthread_body(void *p) { conv_work((conv_job *)p); return NULL; }
+
+/* At least MIN_WORK multiply-adds per item, so that small calls stay on one thread. */
+static int run_conv(const mk_conv_args *a, int backward) {
+    if (a->batch < 0 || a->dim < 0 || a->len < 0 || a->K < 1 || a->nthreads < 1) return 2;
+    if (a->batch == 0 || a->len == 0 || a->dim == 0) {   /* nothing to convolve (empty tensors have NULL data) */
+        if (backward && a->dw) memset(a->dw, 0, (size_t)(a->dim * a->K) * sizeof(real));
+        if (backward && a->dbias) memset(a->dbias, 0, (size_t)a->dim * sizeof(real));
+        return 0;
+    }
+    if (backward && (!a->dout || !a->dx || !a->dw)) return 3;
+    if (!backward && !a->out) return 3;
+    const int64_t row_work = a->batch * a->len * a->K;
+    int64_t per = MIN_WORK / row_work + 1;
+    conv_job j = {a, backward, per, (a->dim + per - 1) / per, 0};
+    int64_t nthreads = a->nthreads < j.nitems ? a->nthreads : j.nitems;
+    if (nthreads > 256) nthreads = 256;
+    if (gomp_parallel && nthreads > 1) {
+        gomp_parallel(conv_openmp_body, &j, (unsigned)nthreads, 0);
+    } else {
+        pthread_t threads[256];
+        int started = 0;
+        for (int i = 1; i < nthreads; i++) {
+            if (pthread_create(&threads[i], NULL, conv_pthread_body, &j) != 0) break;
+            started = i;
+        }
+        conv_work(&j);
+        for (int i = 1; i <= started; i++) pthread_join(threads[i], NULL);
+    }
+    return j.next < j.nitems ? 1 : 0;
+}
+
+int64_t mk_conv_args_size(void) { return (int64_t)sizeof(mk_conv_args); }
+int mk_conv_fwd(const mk_conv_args *a) { return run_conv(a, 0); }
+int mk_conv_bwd(const mk_conv_args *a) { return run_conv(a, 1); }

@@ -1,0 +1,144 @@
+"""The fused CPU causal depthwise conv1d (+ SiLU) of a Mamba branch: mamba_ssm's `causal_conv1d_fn` on CPU.
+
+    out[b, c, t] = act(bias[c] + sum_k weight[c, k] x[b, c, t - (K-1) + k]),  x = 0 before the start,
+    act = silu or identity.
+
+It lives in the same C library as the fused scan (csrc/selective_scan_cpu.c, compiled on first use; see
+`mambakit.kernels.cpu_scan`). Against `F.conv1d(padding=K-1)[..., :L]` followed by `F.silu` it reads and writes
+each tensor once per pass instead of three to four times, and its backward recomputes the conv output from x
+instead of keeping it, so autograd holds one (b, d, L) tensor per call instead of two. Where the kernel cannot
+be built, or for other devices and dtypes, `causal_conv1d` runs the torch ops instead (same values).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from mambakit.kernels.cpu_scan import KernelUnavailable, load_library
+
+__all__ = ["causal_conv1d", "causal_conv1d_cpu", "causal_conv1d_torch", "MAX_KERNEL_SIZE"]
+
+#: Widest kernel the fused path takes (mamba_ssm's causal_conv1d takes 2..4); wider ones run the torch ops.
+MAX_KERNEL_SIZE = 16
+
+
+class _ConvArgs(ctypes.Structure):
+    """Mirror of `mk_conv_args` in csrc/selective_scan_cpu.c (field order matters)."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in ("x", "w", "bias", "out", "dout", "dx", "dw", "dbias")]
+    _fields_ += [(name, ctypes.c_int64) for name in ("batch", "dim", "len", "K")]
+    _fields_ += [("silu", ctypes.c_int32), ("nthreads", ctypes.c_int32)]
+
+
+def _library(dtype: torch.dtype) -> ctypes.CDLL:
+    lib = load_library(dtype)
+    if not getattr(lib, "_mk_conv_ready", False):
+        lib.mk_conv_args_size.restype = ctypes.c_int64
+        if lib.mk_conv_args_size() != ctypes.sizeof(_ConvArgs):
+            raise KernelUnavailable(f"{lib._name}: mk_conv_args has {lib.mk_conv_args_size()} bytes, expected "
+                                    f"{ctypes.sizeof(_ConvArgs)}")
+        for fn in (lib.mk_conv_fwd, lib.mk_conv_bwd):
+            fn.argtypes = [ctypes.POINTER(_ConvArgs)]
+            fn.restype = ctypes.c_int
+        lib._mk_conv_ready = True
+    return lib
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _check(rc: int, what: str) -> None:
+    if rc == 1:
+        raise MemoryError(f"causal_conv1d (cpu): the {what} kernel could not allocate its workspace")
+    if rc != 0:
+        raise RuntimeError(f"causal_conv1d (cpu): the {what} kernel rejected its arguments (code {rc})")
+
+
+class _CausalConv1dCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, silu):
+        ct = torch.float64 if any(t is not None and t.dtype == torch.float64 for t in (x, weight, bias)) \
+            else torch.float32
+        lib = _library(ct)
+        b, d, L = x.shape
+        K = weight.shape[-1]
+        x_ = x.detach().to(ct).contiguous()
+        w_ = weight.detach().reshape(d, K).to(ct).contiguous()
+        bias_ = None if bias is None else bias.detach().to(ct).contiguous()
+        out = torch.empty(b, d, L, dtype=ct)
+        args = _ConvArgs(x=_ptr(x_), w=_ptr(w_), bias=_ptr(bias_), out=out.data_ptr(), batch=b, dim=d, len=L,
+                         K=K, silu=int(silu), nthreads=torch.get_num_threads())
+        _check(lib.mk_conv_fwd(ctypes.byref(args)), "forward")
+        if any(ctx.needs_input_grad):
+            ctx.save_for_backward(x_, w_, bias_)
+            ctx.info = (silu, weight.shape, x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return out if x.dtype == ct else out.to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        x_, w_, bias_ = ctx.saved_tensors
+        silu, w_shape, x_dtype, w_dtype, b_dtype = ctx.info
+        ct = x_.dtype
+        lib = _library(ct)
+        b, d, L = x_.shape
+        dout_ = dout.to(ct).contiguous()
+        dx, dw = torch.empty(b, d, L, dtype=ct), torch.empty(d, w_.shape[1], dtype=ct)
+        dbias = None if bias_ is None else torch.empty(d, dtype=ct)
+        args = _ConvArgs(x=_ptr(x_), w=_ptr(w_), bias=_ptr(bias_), dout=_ptr(dout_), dx=_ptr(dx), dw=_ptr(dw),
+                         dbias=_ptr(dbias), batch=b, dim=d, len=L, K=w_.shape[1], silu=int(silu),
+                         nthreads=torch.get_num_threads())
+        _check(lib.mk_conv_bwd(ctypes.byref(args)), "backward")
+        need = ctx.needs_input_grad
+        return (dx.to(x_dtype) if need[0] else None, dw.reshape(w_shape).to(w_dtype) if need[1] else None,
+                dbias.to(b_dtype) if dbias is not None and need[2] else None, None)
+
+
+def causal_conv1d_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                        activation: str | None = None) -> torch.Tensor:
+    """The same with torch ops: x (b, d, L), weight (d, K) or (d, 1, K), bias (d,)."""
+    d, K = weight.shape[0], weight.shape[-1]
+    out = F.conv1d(x, weight.reshape(d, 1, K), bias, padding=K - 1, groups=d)[..., : x.shape[-1]]
+    return F.silu(out) if activation in ("silu", "swish") else out
+
+
+def _check_arguments(x, weight, bias, activation) -> None:
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"causal_conv1d: activation must be None, 'silu' or 'swish', got {activation!r}")
+    if x.dim() != 3:
+        raise ValueError(f"causal_conv1d: x must be (batch, dim, length), got shape {tuple(x.shape)}")
+    d = x.shape[1]
+    if weight.dim() not in (2, 3) or weight.shape[0] != d or (weight.dim() == 3 and weight.shape[1] != 1):
+        raise ValueError(f"causal_conv1d: weight must be ({d}, K) or ({d}, 1, K) for x of shape "
+                         f"{tuple(x.shape)}, got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (d,):
+        raise ValueError(f"causal_conv1d: bias must have shape ({d},), got {tuple(bias.shape)}")
+
+
+def causal_conv1d_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                      activation: str | None = None) -> torch.Tensor:
+    """The fused kernel (raises KernelUnavailable where it cannot be built); CPU tensors only."""
+    _check_arguments(x, weight, bias, activation)
+    _library(torch.float64 if torch.float64 in (x.dtype, weight.dtype) else torch.float32)
+    return _CausalConv1dCPU.apply(x, weight, bias, activation is not None)
+
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  activation: str | None = None) -> torch.Tensor:
+    """Causal depthwise conv1d (+ SiLU) over x (b, d, L): the fused kernel for CPU float32 / float64 tensors
+    with a kernel of at most MAX_KERNEL_SIZE taps, the torch ops otherwise."""
+    _check_arguments(x, weight, bias, activation)
+    tensors = [t for t in (x, weight, bias) if t is not None]
+    fused = (all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) for t in tensors)
+             and weight.shape[-1] <= MAX_KERNEL_SIZE and not torch.is_autocast_enabled("cpu"))
+    if fused:
+        try:
+            return causal_conv1d_cpu(x, weight, bias, activation)
+        except KernelUnavailable:
+            pass                                  # the scan warns about the missing kernel once; same values here
+    return causal_conv1d_torch(x, weight, bias, activation)
