@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from mambakit.kernels.cpu_scan import KernelUnavailable, load_library
+from mambakit.kernels.cpu_scan import KernelUnavailable, _ptr, load_library
 
 __all__ = ["causal_conv1d", "causal_conv1d_cpu", "causal_conv1d_torch", "MAX_KERNEL_SIZE"]
 
@@ -46,10 +46,6 @@ def _library(dtype: torch.dtype) -> ctypes.CDLL:
             fn.restype = ctypes.c_int
         lib._mk_conv_ready = True
     return lib
-
-
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
 
 
 def _check(rc: int, what: str) -> None:
