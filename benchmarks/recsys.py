@@ -250,7 +250,9 @@ def merge_ml100k(args) -> dict:
     protocols = {json.dumps(p["protocol"], sort_keys=True) for p in parts}
     if len(protocols) != 1:
         raise SystemExit(f"the parts were run under different protocols: {sorted(protocols)}")
-    runs = {(r["model"], r["seed"]): r for p in parts for r in p["runs"]}
+    # each run keeps the thread count and machine load of the process that ran it
+    runs = {(r["model"], r["seed"]): {**r, "torch_threads": r.get("torch_threads", p["machine"]["torch_threads"])}
+            for p in parts for r in p["runs"]}
     first = parts[0]
     return {"benchmark": "recsys_ml100k", "machine": first["machine"], "protocol": first["protocol"],
             "merged_from": list(args.parts), "runs": sorted(runs.values(), key=lambda r: (r["seed"], r["model"])),
@@ -274,10 +276,11 @@ def ml100k_markdown(result: dict) -> str:
         f"(configs/recsys/<model>_ml100k.yaml; CE over all items, Adam lr {p['lr']:g}) with a budget that fits "
         f"a 2-core CPU: batch {p['batch_size']}, at most {p['epochs']} epochs, early stopping on validation "
         f"NDCG@10 (patience {p['patience']}); test metrics "
-        "of the best-validation weights. Mean ± sample std over seeds; wall time per run on "
-        f"{m['cores']} cores ({m['cpu']}, {m['torch_threads']} torch threads), load average "
-        f"{m['load_avg_start'][0]:.1f} at start"
-        + (f", {result['load_avg_end'][0]:.1f} at end" if result.get("load_avg_end") else "") + ".",
+        "of the best-validation weights. Mean ± sample std over seeds; wall time of each run on "
+        f"{m['cores']} cores ({m['cpu']}) in seed order, with its torch threads, and the load average "
+        "(1 min) after each run: a load well above the thread count means the run shared the cores"
+        + (f" (runs merged from {', '.join(result['merged_from'])})" if result.get("merged_from") else "")
+        + ".",
         "",
         "| model | seeds | " + " | ".join(k.upper().replace("HIT", "HR") for k in keys)
         + " | epochs (best) | wall time per run | load avg after |",
@@ -297,10 +300,12 @@ def ml100k_markdown(result: dict) -> str:
         else:
             ep = f"{statistics.fmean(r['epochs'] for r in runs):.0f} " \
                  f"({', '.join(str(r['best_epoch']) for r in runs)})"
-        wall, wall_std = _mean_std([r["wall_time_s"] for r in runs])
-        load = statistics.fmean(r.get("load_avg_after", [float("nan")])[0] for r in runs)
+        runs = sorted(runs, key=lambda r: r["seed"])
+        walls = ", ".join(f"{r['wall_time_s'] / 60:.1f}" + f" ({r.get('torch_threads', m['torch_threads'])}t)"
+                          for r in runs)
+        loads = ", ".join(f"{r.get('load_avg_after', [float('nan')])[0]:.1f}" for r in runs)
         lines.append(f"| {TITLES[model]} | {len(runs)} | " + " | ".join(cells) + f" | {ep} | "
-                     f"{wall / 60:.1f} ± {wall_std / 60:.1f} min | {load:.1f} |")
+                     f"{walls} min | {loads} |")
     return "\n".join(lines) + "\n"
 
 
