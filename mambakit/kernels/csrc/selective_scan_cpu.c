@@ -803,16 +803,25 @@ static inline void store_part(real *dst, vec v, int64_t n) {
     memcpy(dst, buf, (size_t)n * sizeof(real));
 }
 
-static void conv_channel_fwd(const mk_conv_args *a, int64_t c) {
+/* A row behind K-1 zeros and before 2W zeros: xp[t + k] = x[t - (K-1) + k] for every block start t < L, so
+ * each tap of a block is one plain vector load, also at the start and the end of short rows. */
+#define CONV_PAD(L, K) ((L) + (K) + 2 * W)
+static inline void pad_row(real *xp, const real *x, int64_t L, int64_t K) {
+    memset(xp, 0, (size_t)(K - 1) * sizeof(real));
+    memcpy(xp + K - 1, x, (size_t)L * sizeof(real));
+    memset(xp + K - 1 + L, 0, (size_t)(2 * W) * sizeof(real));
+}
+
+static void conv_channel_fwd(const mk_conv_args *a, int64_t c, real *xp) {
     const int64_t L = a->len, K = a->K;
     const real *w = a->w + c * K;
     const real bias = a->bias ? a->bias[c] : (real)0;
     for (int64_t b = 0; b < a->batch; b++) {
-        const real *x = a->x + (b * a->dim + c) * L;
+        pad_row(xp, a->x + (b * a->dim + c) * L, L, K);
         real *out = a->out + (b * a->dim + c) * L;
         for (int64_t t = 0; t < L; t += W) {
             vec pre = vsplat(bias);
-            for (int64_t k = 0; k < K; k++) pre += w[k] * conv_window(x, t - (K - 1) + k, L);
+            for (int64_t k = 0; k < K; k++) pre += w[k] * vload(xp + t + k);
             store_part(out + t, a->silu ? pre * vsigmoid(pre) : pre, L - t);
         }
     }
@@ -820,15 +829,15 @@ static void conv_channel_fwd(const mk_conv_args *a, int64_t c) {
 
 #define CONV_SUM_BLOCK (64 * W)
 
-/* g: this thread's buffer of len + K + 2 W reals (dL/dpre of one row, zero past len). */
-static void conv_channel_bwd(const mk_conv_args *a, int64_t c, real *g) {
+/* xp: this thread's padded row; g: its buffer of CONV_PAD(len, K) reals (dL/dpre of one row, zero past len). */
+static void conv_channel_bwd(const mk_conv_args *a, int64_t c, real *xp, real *g) {
     const int64_t L = a->len, K = a->K;
     const real *w = a->w + c * K;
     const real bias = a->bias ? a->bias[c] : (real)0;
     vec dw_acc[K], db_acc = vsplat(0);
     for (int64_t k = 0; k < K; k++) dw_acc[k] = vsplat(0);
     for (int64_t b = 0; b < a->batch; b++) {
-        const real *x = a->x + (b * a->dim + c) * L;
+        pad_row(xp, a->x + (b * a->dim + c) * L, L, K);
         const real *dout = a->dout + (b * a->dim + c) * L;
         real *dx = a->dx + (b * a->dim + c) * L;
         /* Weight and bias gradients: summed per block of CONV_SUM_BLOCK steps, then the blocks summed, so
@@ -844,7 +853,7 @@ static void conv_channel_bwd(const mk_conv_args *a, int64_t c, real *g) {
             vec xs[K];
             vec pre = vsplat(bias);
             for (int64_t k = 0; k < K; k++) {
-                xs[k] = conv_window(x, t - (K - 1) + k, L);
+                xs[k] = vload(xp + t + k);
                 pre += w[k] * xs[k];
             }
             vec gv = conv_window(dout, t, L);     /* zero past the end: those lanes add nothing */
@@ -886,18 +895,20 @@ typedef struct {
 } conv_job;
 
 static void conv_work(conv_job *j) {
-    real *g = NULL;
-    if (j->backward && !(g = calloc((size_t)(j->a->len + j->a->K + 2 * W), sizeof(real)))) return;
+    const size_t row = (size_t)CONV_PAD(j->a->len, j->a->K);
+    real *xp = calloc(row * (j->backward ? 2 : 1), sizeof(real));
+    if (!xp) return;                             /* the other threads take the items; see run_conv */
+    real *g = j->backward ? xp + row : NULL;
     for (;;) {
         int64_t item = __atomic_fetch_add(&j->next, 1, __ATOMIC_RELAXED);
         if (item >= j->nitems) break;
         const int64_t c1 = (item + 1) * j->per < j->a->dim ? (item + 1) * j->per : j->a->dim;
         for (int64_t c = item * j->per; c < c1; c++) {
-            if (j->backward) conv_channel_bwd(j->a, c, g);
-            else conv_channel_fwd(j->a, c);
+            if (j->backward) conv_channel_bwd(j->a, c, xp, g);
+            else conv_channel_fwd(j->a, c, xp);
         }
     }
-    free(g);
+    free(xp);
 }
 
 static void conv_openmp_body(void *p) { conv_work((conv_job *)p); }
