@@ -176,30 +176,12 @@ def test_any_saved_tensor_changed_before_backward_is_an_error(name):
         out.sum().backward()
 
 
-def _interpreted_triton_scan():
-    """A copy of mambakit.kernels.triton_scan loaded with TRITON_INTERPRET=1 (runs on CPU tensors), as in
-    tests/kernels/test_triton_scan.py."""
-    import importlib.util
-    import os
-    import sys
+def _interpreted_triton_scan() -> str:
+    """The module name of the interpreted Triton scan (runs on CPU tensors); see tests/triton_interpreted.py."""
     pytest.importorskip("triton")
-    name = "_mambakit_triton_scan_interpreted_core"
-    if name in sys.modules:
-        return name
-    spec = importlib.util.find_spec("mambakit.kernels.triton_scan")
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(name, spec.origin))
-        module.__spec__.loader.exec_module(module)
-    finally:
-        if previous is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
-    assert module.is_interpreted()
-    sys.modules[name] = module
-    return name
+    from triton_interpreted import MODULE_NAME, load_interpreted_triton_scan
+    load_interpreted_triton_scan()
+    return MODULE_NAME
 
 
 @pytest.mark.parametrize("kind", ["mamba", "sr_pad_sum"])

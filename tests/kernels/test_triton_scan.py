@@ -1,12 +1,10 @@
 """Triton selective scan, backward and state update against the float64 reference, run on CPU under
 TRITON_INTERPRET=1 at tiny sizes (the interpreter is slow), and on CUDA at real sizes when a GPU is present.
 
-The interpreter is chosen when a kernel is decorated, i.e. when its module is imported. Other test files may
-already have imported the module (or triton) without it, so this file loads its own copy of the module with
-TRITON_INTERPRET=1 set just for that import: the shared `mambakit.kernels.triton_scan` is left as it was.
+The interpreted copy of the module comes from tests/triton_interpreted.py (the shared
+`mambakit.kernels.triton_scan` is left compiled).
 """
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -18,26 +16,10 @@ import triton.language as tl
 
 import mambakit.kernels.triton_scan as compiled_module
 from mambakit.kernels.reference import expand_groups, selective_scan_ref, selective_state_update_ref
+from triton_interpreted import load_interpreted_triton_scan
 
 
-def _load_interpreted():
-    spec = importlib.util.find_spec("mambakit.kernels.triton_scan")
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(
-            "_mambakit_triton_scan_interpreted", spec.origin))
-        module.__spec__.loader.exec_module(module)
-    finally:
-        if previous is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
-    assert module.is_interpreted()
-    return module
-
-
-ts = _load_interpreted()
+ts = load_interpreted_triton_scan()
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 
 
