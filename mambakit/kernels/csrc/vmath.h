@@ -174,8 +174,10 @@ static inline vec vexp(vec x) {
 
 /* softplus(x) = max(x, 0) + log1p(exp(-|x|)), and x itself above 20 (torch's threshold). With v = exp(-|x|)
  * in (0, 1], log1p(v) = 2 atanh(s), s = v / (2 + v) in (0, 1/3], and atanh(s) = s (1 + s^2 q(s^2)) with q
- * a degree-3 polynomial fitted for minimax relative error (4.5e-9 truncation). No log, one division. */
-static inline vec vsoftplus(vec x) {
+ * a degree-3 polynomial fitted for minimax relative error (4.5e-9 truncation). No log, one division.
+ * Also its derivative sigmoid(x) = (x > 0 ? 1 : v) / (1 + v) from the same v: the backward needs both, and
+ * a second exp for the sigmoid cost as much as the rest of the softplus. */
+static inline vec vsoftplus_sigmoid(vec x, vec *sigmoid) {
     vec ax = (vec)((uvec)x & 0x7fffffffu);
     vec v = vexp(-ax);
     vec s = v / (2.0f + v);
@@ -186,11 +188,24 @@ static inline vec vsoftplus(vec x) {
     q = q * s2 + 0.3333320915699005f;
     vec two_s = s + s;
     vec pos = vsel(x > 0.0f, x, vsplat(0.0f));
+    *sigmoid = vsel(x > 0.0f, vsplat(1.0f), v) / (1.0f + v);
     return vsel(x > 20.0f, x, pos + (two_s * (q * s2) + two_s));
+}
+
+static inline vec vsoftplus(vec x) {
+    vec unused;
+    return vsoftplus_sigmoid(x, &unused);                /* inlined: the sigmoid's work is dropped */
 }
 
 #endif
 
 static inline vec vsigmoid(vec x) { return 1.0f / (1.0f + vexp(-x)); }
+
+#ifdef MK_DOUBLE
+static inline vec vsoftplus_sigmoid(vec x, vec *sigmoid) {
+    *sigmoid = vsigmoid(x);
+    return vsoftplus(x);
+}
+#endif
 
 #endif
