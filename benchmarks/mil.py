@@ -37,6 +37,10 @@ import sys
 import time
 from pathlib import Path
 
+from mambakit.runtime import use_huge_pages
+
+use_huge_pages()  # before torch is imported, here and in the child processes (mambakit/runtime.py)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"mambamil": "MambaMIL (SR-Mamba)", "mambamil_ckpt": "MambaMIL, checkpointed blocks",
@@ -171,8 +175,9 @@ def machine() -> dict:
     except OSError:
         pass
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    from mambakit.runtime import huge_pages_note
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem, 1), "torch": torch.__version__,
-            "python": platform.python_version(), "commit": commit}
+            "python": platform.python_version(), "commit": commit, "huge_pages": huge_pages_note()}
 
 
 def _fmt(r: dict | None, key: str, digits: int) -> str:
@@ -246,7 +251,7 @@ def main(argv=None) -> int:
     md = table(results, sizes)
     notes = [f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB; torch {info['torch']}; "
              f"commit {info['commit']}; load average {info['load_average_start'][0]:.2f} at the start, "
-             f"{info['load_average_end'][0]:.2f} at the end.",
+             f"{info['load_average_end'][0]:.2f} at the end; {info['huge_pages']}.",
              "One bag, forward + backward, float32, train mode; peak = resident memory above the level before "
              "the step. See benchmarks/mil.py for the method."]
     for r in results:

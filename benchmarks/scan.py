@@ -44,6 +44,10 @@ import sys
 import time
 from pathlib import Path
 
+from mambakit.runtime import use_huge_pages
+
+use_huge_pages()  # before torch is imported, here and in the child processes (mambakit/runtime.py)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -334,6 +338,8 @@ def machine() -> dict:
         pass
     info["compiler"] = _compiler_version(_find_compiler())
     info["kernel_library"] = kernel_status()[1]
+    from mambakit.runtime import huge_pages_note
+    info["huge_pages"] = huge_pages_note()
     return info
 
 
@@ -352,7 +358,7 @@ def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [f"Machine: {m.get('cpu')}, {m.get('cpu_count')} cores ({', '.join(m.get('simd_flags', []))}), "
              f"{m.get('mem_total_gib')} GiB; torch {m.get('torch')} with {m.get('torch_threads')} threads; "
-             f"compiler {m.get('compiler')}. Load average before/after: {report['load_before']} / "
+             f"compiler {m.get('compiler')}; {m.get('huge_pages', 'huge pages not recorded')}. Load average before/after: {report['load_before']} / "
              f"{report['load_after']}. float32; times are medians (ms unless marked s); peak = RSS above the "
              f"RSS before the call (MiB). Ratios: peer time / kernel time (and peer peak / kernel peak), "
              f"measured in the same run.", ""]
