@@ -35,10 +35,6 @@ import sys
 import time
 from pathlib import Path
 
-from mambakit.runtime import use_huge_pages
-
-use_huge_pages()  # before torch is imported, here and in the child processes (mambakit/runtime.py)
-
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"

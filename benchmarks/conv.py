@@ -23,10 +23,6 @@ import statistics
 import time
 from pathlib import Path
 
-from mambakit.runtime import use_huge_pages
-
-use_huge_pages()  # before torch is imported, here and in the child processes (mambakit/runtime.py)
-
 import torch
 
 from mambakit.kernels.cpu_conv import causal_conv1d_cpu, causal_conv1d_torch

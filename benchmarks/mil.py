@@ -22,7 +22,8 @@ Method
   buffers return to the OS between steps. It counts activations, autograd buffers and gradients; the bag
   and the weights are allocated before.
 - Threads: torch's default (all cores). The machine's load average is recorded at the start and the end;
-  compare numbers only within one run.
+  compare numbers only within one run. `--rounds R` repeats every case R times, alternating the model
+  order, and takes each ratio within a round (back-to-back cases), reporting the median and the range.
 """
 
 from __future__ import annotations
@@ -37,9 +38,7 @@ import sys
 import time
 from pathlib import Path
 
-from mambakit.runtime import use_huge_pages
-
-use_huge_pages()  # before torch is imported, here and in the child processes (mambakit/runtime.py)
+import rounds  # benchmarks/rounds.py, next to this script
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,27 +187,29 @@ def _fmt(r: dict | None, key: str, digits: int) -> str:
     return f"{r[key]:.{digits}f}"
 
 
-def _ratio(a: dict | None, b: dict | None, key: str) -> str:
-    if a is None or b is None or a["status"] != "ok" or b["status"] != "ok" or not b[key]:
-        return "-"
-    return f"{a[key] / b[key]:.2f}x"
+def _key(r: dict) -> tuple:
+    return r["model"], r["size"]
 
 
 def table(results: list[dict], sizes: list[int]) -> str:
     """One row per (bag size, model); the ratios compare TransMIL with the row's model (> 1: the row's
-    model is faster / leaner)."""
-    by = {(r["model"], r["size"]): r for r in results}
+    model is faster / leaner). With several rounds: median time and largest peak over the rounds, and the
+    median (range) of the ratios taken within each round."""
+    ok = [r for r in results if r["status"] == "ok"]
+    merged = rounds.merge_rounds(ok, _key, "time_s", "peak_gib")
+    by = {**{_key(r): r for r in results if r["status"] != "ok"}, **merged}
     models = list(dict.fromkeys(r["model"] for r in results))
     lines = ["| instances | model | fwd+bwd s | peak GiB | TransMIL time / this | TransMIL memory / this |",
              "|---|---|---|---|---|---|"]
     for n in sizes:
-        t = by.get(("transmil", n))
         for name in models:
             r = by.get((name, n))
             if r is None:
                 continue
+            ratios = [rounds.format_ratio(rounds.paired_ratio(ok, _key, k, ("transmil", n), (name, n)))
+                      for k in ("time_s", "peak_gib")]
             lines.append(f"| {n:,} | {MODELS[name]} | {_fmt(r, 'time_s', 3 if r.get('time_s', 1) < 1 else 2)} | "
-                         f"{_fmt(r, 'peak_gib', 3)} | {_ratio(t, r, 'time_s')} | {_ratio(t, r, 'peak_gib')} |")
+                         f"{_fmt(r, 'peak_gib', 3)} | {ratios[0]} | {ratios[1]} |")
     return "\n".join(lines)
 
 
@@ -222,6 +223,8 @@ def main(argv=None) -> int:
     parser.add_argument("--limit-gib", type=float, default=20.0, help="stop a case above this resident memory")
     parser.add_argument("--timeout-s", type=float, default=3600.0, help="stop a case after this long")
     parser.add_argument("--out", default=None, help="results stem (default benchmarks/results/mil[_quick])")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat every case, alternating the model order; ratios are taken within a round")
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child[0], int(args.child[1]), args.repeats)))
@@ -233,18 +236,21 @@ def main(argv=None) -> int:
         parser.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
     info = machine() | {"load_average_start": os.getloadavg()}
     results, failed_at = [], {}
-    for n in sizes:
-        for name in models:
-            if name in failed_at:
-                results.append({"model": name, "size": n, "status": "skipped",
-                                "detail": f"{failed_at[name]['status']} at {failed_at[name]['size']:,} instances"})
-                continue
-            r = run_case(name, n, args.limit_gib, args.timeout_s)
-            results.append(r)
-            if r["status"] != "ok":
-                failed_at[name] = r
-            shown = f"{r['time_s']:.2f} s, {r['peak_gib']:.2f} GiB" if r["status"] == "ok" else r.get("detail", r["status"])
-            print(f"{MODELS[name]:<22} {n:>7,} instances: {shown}", flush=True)
+    for rnd in range(args.rounds):
+        for n in sizes:
+            for name in rounds.alternate(models, rnd):
+                if name in failed_at:
+                    results.append({"model": name, "size": n, "status": "skipped", "round": rnd,
+                                    "detail": f"{failed_at[name]['status']} at {failed_at[name]['size']:,} instances"})
+                    continue
+                r = {**run_case(name, n, args.limit_gib, args.timeout_s), "round": rnd}
+                results.append(r)
+                if r["status"] != "ok":
+                    failed_at[name] = r
+                shown = (f"{r['time_s']:.2f} s, {r['peak_gib']:.2f} GiB" if r["status"] == "ok"
+                         else r.get("detail", r["status"]))
+                print(f"{MODELS[name]:<22} {n:>7,} instances{f' round {rnd + 1}' if args.rounds > 1 else ''}: "
+                      f"{shown}", flush=True)
     info["load_average_end"] = os.getloadavg()
     stem = Path(args.out) if args.out else RESULTS / ("mil_quick" if args.quick else "mil")
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -253,7 +259,9 @@ def main(argv=None) -> int:
              f"commit {info['commit']}; load average {info['load_average_start'][0]:.2f} at the start, "
              f"{info['load_average_end'][0]:.2f} at the end; {info['huge_pages']}.",
              "One bag, forward + backward, float32, train mode; peak = resident memory above the level before "
-             "the step. See benchmarks/mil.py for the method."]
+             "the step. See benchmarks/mil.py for the method."
+             + (f" {args.rounds} rounds, the model order alternating: times are medians over the rounds, "
+                f"ratios the median (range) of the ratios within each round." if args.rounds > 1 else "")]
     for r in results:
         if r["status"] != "ok":
             notes.append(f"- {MODELS[r['model']]} at {r['size']:,} instances: {r['status']} ({r.get('detail', '')})")

@@ -34,10 +34,6 @@ import sys
 import time
 from pathlib import Path
 
-from mambakit.runtime import use_huge_pages
-
-use_huge_pages()  # before torch is imported, here and in the child processes (mambakit/runtime.py)
-
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = ROOT / "configs" / "recsys"

@@ -44,10 +44,6 @@ import sys
 import time
 from pathlib import Path
 
-from mambakit.runtime import use_huge_pages
-
-use_huge_pages()  # before torch is imported, here and in the child processes (mambakit/runtime.py)
-
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -26,10 +26,6 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from mambakit.runtime import use_huge_pages
-
-use_huge_pages()  # before torch is imported, here and in the child processes (mambakit/runtime.py)
-
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 VARIATES = (7, 321, 862, 2000, 5000)

@@ -19,6 +19,11 @@ fit in `--min-seconds`; a single timed step where the warm-up takes over `--slow
 `--breakdowns` points are profiled (self CPU time per op, grouped: selective scan, attention, matmul, layout
 copies, convolution, other), which says where the time goes. Writes benchmarks/results/vision.{json,md}.
 
+`--rounds R` runs the whole grid R times, the Mamba model first in odd rounds and its peers first in even
+ones, and reports each time as the median over rounds and each speed-up as the median of the per-round
+speed-ups with their range: on a machine whose speed drifts by tens of percent within minutes, a ratio of
+two points measured back to back is steadier than a ratio of two medians.
+
 On a machine shared with other jobs, run with OMP_WAIT_POLICY=PASSIVE: with more runnable threads than cores,
 OpenMP's default spin-waiting makes every small op of a 2-thread process wait for a descheduled partner,
 which slows Vim (hundreds of small ops per forward) far more than DeiT; the policy is recorded in the output.
@@ -38,9 +43,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from mambakit.runtime import use_huge_pages
-
-use_huge_pages()  # before torch is imported, here and in the child processes (mambakit/runtime.py)
+import rounds  # benchmarks/rounds.py, next to this script
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -179,10 +182,24 @@ def _fmt_mem(p: dict) -> str:
     return f"{p['peak_mib']:.0f}" if p.get("peak_mib") is not None else "-"
 
 
+def _key(p: dict) -> tuple:
+    return p["model"], p["resolution"], p["batch"], p["mode"]
+
+
+def merge_rounds(points: list[dict]) -> dict:
+    """(model, resolution, batch, mode) -> one point: the median time over the rounds, the largest peak."""
+    return rounds.merge_rounds(points, _key, "time_s", "peak_mib")
+
+
+def speedup(points: list[dict], mamba: str, peer: str, r: int, batch: int, mode: str):
+    """Peer time / Mamba time within each round: (median, min, max) over the rounds, or None."""
+    return rounds.paired_ratio(points, _key, "time_s", (peer, r, batch, mode), (mamba, r, batch, mode))
+
+
 def crossovers(points: list[dict], pairs, resolutions, modes=MODES) -> list[dict]:
     """Per pair, peer, mode and batch: the smallest resolution from which the Mamba model is faster at every
-    measured larger resolution (None when it never is)."""
-    by = {(p["model"], p["resolution"], p["batch"], p["mode"]): p for p in points}
+    measured larger resolution (None when it never is), by the median per-round speed-up."""
+    by = merge_rounds(points)
     out = []
     for pair in pairs:
         mamba, peers = PAIRS[pair]
@@ -192,8 +209,9 @@ def crossovers(points: list[dict], pairs, resolutions, modes=MODES) -> list[dict
                     faster = []
                     for r in resolutions:
                         m, q = by.get((mamba, r, batch, mode), {}), by.get((peer, r, batch, mode), {})
-                        if "time_s" in m and "time_s" in q:
-                            faster.append((r, q["time_s"] / m["time_s"]))
+                        sp = speedup(points, mamba, peer, r, batch, mode)
+                        if sp is not None:
+                            faster.append((r, sp[0]))
                         elif "time_s" in m and q.get("over_cap"):
                             faster.append((r, float("inf")))       # the peer does not even fit
                     cross = None
@@ -218,10 +236,13 @@ def markdown(points: list[dict], meta: dict) -> str:
         f"models, 1000 classes. forward: eval mode, no_grad. train: forward + backward of cross-entropy. Time: "
         f"median over >= {a['min_repeats']} steps after a warm-up step. Peak MiB: extra resident memory of one "
         f"step (VmHWM - VmRSS before it), each point in its own process capped at {a['mem_cap_gib']:g} GiB. "
-        f"Speed-up = peer time / Mamba time; memory ratio = Mamba peak / peer peak.",
+        f"Speed-up = peer time / Mamba time; memory ratio = Mamba peak / peer peak."
+        + (f" {a.get('rounds', 1)} rounds, alternating which model runs first: times are medians over the "
+           f"rounds, speed-ups the median of the per-round speed-ups (range in brackets)."
+           if a.get("rounds", 1) > 1 else ""),
         "",
     ]
-    by = {(p["model"], p["resolution"], p["batch"], p["mode"]): p for p in points}
+    by = merge_rounds(points)
     for pair in a["pairs"]:
         mamba, peers = PAIRS[pair]
         for peer in peers:
@@ -236,7 +257,7 @@ def markdown(points: list[dict], meta: dict) -> str:
                         if x is None and y is None:
                             continue
                         x, y = x or {}, y or {}
-                        sp = f"{y['time_s'] / x['time_s']:.2f}x" if "time_s" in x and "time_s" in y else "-"
+                        sp = rounds.format_ratio(speedup(points, mamba, peer, r, batch, mode))
                         mr = f"{x['peak_mib'] / y['peak_mib']:.2f}" if x.get("peak_mib") and y.get("peak_mib") else "-"
                         lines.append(f"| {mode} | {batch} | {r} | {_fmt_time(x)} | {_fmt_time(y)} | {sp} | "
                                      f"{_fmt_mem(x)} | {_fmt_mem(y)} | {mr} |")
@@ -338,6 +359,7 @@ def main(argv=None) -> int:
     p.add_argument("--batches", default=",".join(map(str, BATCHES)))
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=1, help="repeat the grid, alternating which model goes first")
     p.add_argument("--min-repeats", type=int, default=2)
     p.add_argument("--max-repeats", type=int, default=10)
     p.add_argument("--min-seconds", type=float, default=5.0, help="repeat while the total stays under this")
@@ -382,17 +404,20 @@ def main(argv=None) -> int:
             "args": {**{k: v for k, v in vars(args).items() if not k.startswith("_")}, "pairs": pairs,
                      "resolutions": resolutions, "batches": batches, "modes": modes}}
     points = []
-    for pair in pairs:
-        mamba, peers = PAIRS[pair]
-        for mode in modes:
-            for batch in batches:
-                for r in resolutions:
-                    for name in (mamba, *peers):
-                        point = run_point(name, r, batch, mode, args)
-                        points.append(point)
-                        shown = (f"{_fmt_time(point)}, peak {_fmt_mem(point)} MiB" if "time_s" in point
-                                 else point["error"])
-                        print(f"{TITLES.get(name, name):>18} {mode:>7} b{batch} {r:>4}px: {shown}", flush=True)
+    for rnd in range(args.rounds):
+        for pair in pairs:
+            mamba, peers = PAIRS[pair]
+            order = rounds.alternate([mamba, *peers], rnd)
+            for mode in modes:
+                for batch in batches:
+                    for r in resolutions:
+                        for name in order:
+                            point = {**run_point(name, r, batch, mode, args), "round": rnd}
+                            points.append(point)
+                            shown = (f"{_fmt_time(point)}, peak {_fmt_mem(point)} MiB" if "time_s" in point
+                                     else point["error"])
+                            print(f"{TITLES.get(name, name):>18} {mode:>7} b{batch} {r:>4}px"
+                                  f"{f' round {rnd + 1}' if args.rounds > 1 else ''}: {shown}", flush=True)
     meta["breakdowns"] = [run_breakdown(spec, args) for spec in args.breakdowns.split(",") if spec]
     meta["machine"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     meta["crossovers"] = crossovers(points, pairs, resolutions, modes)

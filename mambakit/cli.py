@@ -30,7 +30,6 @@ import mambakit
 from mambakit import apps as app_registry
 from mambakit.data.download import DownloadError
 from mambakit.data.registry import UnknownEntryError
-from mambakit.runtime import use_huge_pages
 
 __all__ = ["main"]
 
@@ -46,7 +45,6 @@ class UsageError(Exception):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    use_huge_pages()                     # before anything imports torch (see mambakit.runtime)
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("MAMBAKIT_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
     try:

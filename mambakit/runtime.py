@@ -1,36 +1,26 @@
-"""Process-wide settings that must be made before torch is imported.
+"""Process-wide settings that change how fast the same code runs, recorded next to benchmark numbers.
 
-`use_huge_pages()` asks torch's CPU allocator to back every buffer of 2 MiB or more with transparent huge
-pages (c10 reads `THP_MEM_ALLOC_ENABLE` once, at torch's first allocation, then aligns such buffers to a
-page and madvises them MADV_HUGEPAGE). A fresh buffer is otherwise faulted in 4 KiB at a time: on a 2-core
-machine whose kernel runs THP in "madvise" mode, writing a new 800 MB activation took 0.33 s that way and
-0.10 s with huge pages, and a whole MambaMIL or TransMIL step on a 100k-patch bag ran 26% faster (see
-benchmarks/README.md). Where the kernel's THP mode is "always" it changes nothing, and with "never" the
-advice is ignored.
+torch's CPU allocator backs buffers of 2 MiB and more with transparent huge pages when the environment has
+THP_MEM_ALLOC_ENABLE=1 at the time torch is imported (c10 reads it once, at its first allocation). Whether
+that helps depends on the workload, measured on this project's 2-core machine (kernel THP mode "madvise"):
 
-The `mambakit` command and the benchmark scripts call it first. A program that imports torch itself can
-get the same by exporting THP_MEM_ALLOC_ENABLE=1 before starting Python, or by calling this before its
-first `import torch`. An explicit THP_MEM_ALLOC_ENABLE=0 in the environment is respected.
+- whole-slide bags (MambaMIL or TransMIL, 100k patches, forward+backward): about 25% faster. Each step
+  writes several fresh tensors of hundreds of MB, which are otherwise faulted in 4 KiB at a time (a fresh
+  800 MB tensor: 0.33 s to write, 0.10 s with huge pages);
+- Vim-Ti at 1024 px: 5-20% slower (many 5-15 MB buffers, freed and reused: no fault cost to save, and the
+  kernel compacts memory to find huge pages).
+
+So it is left to the user (`export THP_MEM_ALLOC_ENABLE=1` before starting Python or `mambakit`); the
+benchmark scripts print the setting with their tables (`huge_pages_note`).
 """
 
 from __future__ import annotations
 
 import os
-import sys
 
-__all__ = ["use_huge_pages", "huge_pages_note", "HUGE_PAGES_ENV"]
+__all__ = ["huge_pages_note", "HUGE_PAGES_ENV"]
 
 HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"
-
-
-def use_huge_pages() -> bool:
-    """Turn torch's huge-page allocations on unless the environment already says otherwise (children
-    started later inherit the setting). Returns False when torch was imported first: then it is too late
-    for this process, and nothing is changed."""
-    if "torch" in sys.modules:
-        return False
-    os.environ.setdefault(HUGE_PAGES_ENV, "1")
-    return os.environ[HUGE_PAGES_ENV] == "1"
 
 
 def huge_pages_note() -> str:
