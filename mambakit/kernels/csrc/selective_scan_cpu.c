@@ -272,8 +272,9 @@ static void load_steps(const mk_scan_args *a, workspace *w, block k, int64_t off
 
 /* The chunk's decays DA[t][n] = 2^(dt_t A_n log2 e). They do not depend on the states, so they get a pass
  * of their own that runs at the exp's throughput, and the recurrence after it keeps its states in
- * registers (recur_group). Against exps interleaved with the recurrence: forward 8-14% and backward 9-18%
- * faster at the Vim-Ti shapes on 2 AVX2 cores; the exps are still about half of the forward's time. */
+ * registers (recur_group). Against exps interleaved with the recurrence: forward 8-27% and forward+backward
+ * 1-17% faster at the Vim-Ti layer and a 20k-token bag on 2 AVX2 cores (benchmarks/README.md); the exps are
+ * still about half of the forward's time. */
 static void chunk_decays(workspace *w, int64_t N, int len) {
     const vec *A2 = w->A2;
     for (int t = 0; t < len; t++) {
