@@ -88,6 +88,7 @@ SHAPES = {
     "groups_of_3": (1, 6, 70, 4, 2, 2),
     "B_plain_C_G3": (2, 12, 70, 5, None, 3),
     "B_G2_C_G4": (1, 8, 33, 3, 2, 4),
+    "N13_d10": (2, 10, 75, 13, None, None),   # a full group of 8 states, then one of 5; a 2-lane block
 }
 
 
