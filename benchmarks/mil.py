@@ -18,9 +18,13 @@ Method
   allocator), then the timed steps: the median of 3 for bags up to 10k instances, one step above.
 - Memory: peak resident set size above the resident size just before the measured step (the kernel's
   high-water mark is reset through /proc/self/clear_refs, then VmHWM - VmRSS is read from
-  /proc/self/status), with glibc's mmap threshold pinned (MALLOC_MMAP_THRESHOLD_=65536) so freed large
-  buffers return to the OS between steps. It counts activations, autograd buffers and gradients; the bag
-  and the weights are allocated before.
+  /proc/self/status). It counts activations, autograd buffers and gradients; the bag and the weights are
+  allocated before.
+- malloc: each child applies what the `mambakit` command does (`mambakit.runtime.configure_malloc`: blocks
+  up to 32 MiB from glibc's heap, kept for reuse; MAMBAKIT_MALLOC=default opts out), the same for every
+  model. Blocks above that (a 100k-instance bag's activations) are mapped fresh when allocated. With
+  MAMBAKIT_MALLOC=default, glibc's mmap threshold is pinned (MALLOC_MMAP_THRESHOLD_=65536) so freed large
+  buffers return to the OS between steps.
 - Threads: torch's default (all cores). The machine's load average is recorded at the start and the end;
   compare numbers only within one run. `--rounds R` repeats every case R times, alternating the model
   order, and takes each ratio within a round (back-to-back cases), reporting the median and the range.
@@ -88,6 +92,9 @@ def child(name: str, size: int, repeats: int) -> dict:
     import torch
     import torch.nn.functional as F
 
+    from mambakit.runtime import configure_malloc
+
+    configure_malloc()
     torch.manual_seed(0)
     model = _build(name).train()
     label = torch.tensor([1])
@@ -174,9 +181,12 @@ def machine() -> dict:
     except OSError:
         pass
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    from mambakit.runtime import huge_pages_note
+    from mambakit.runtime import configure_malloc, huge_pages_note, malloc_note
+
+    configure_malloc()                                   # what the children do, so that the note says it
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem, 1), "torch": torch.__version__,
-            "python": platform.python_version(), "commit": commit, "huge_pages": huge_pages_note()}
+            "python": platform.python_version(), "commit": commit, "huge_pages": huge_pages_note(),
+            "malloc": malloc_note()}
 
 
 def _fmt(r: dict | None, key: str, digits: int) -> str:
@@ -257,7 +267,8 @@ def main(argv=None) -> int:
     md = table(results, sizes)
     notes = [f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB; torch {info['torch']}; "
              f"commit {info['commit']}; load average {info['load_average_start'][0]:.2f} at the start, "
-             f"{info['load_average_end'][0]:.2f} at the end; {info['huge_pages']}.",
+             f"{info['load_average_end'][0]:.2f} at the end; {info['huge_pages']}; "
+             f"{info.get('malloc', 'malloc setting not recorded')}.",
              "One bag, forward + backward, float32, train mode; peak = resident memory above the level before "
              "the step. See benchmarks/mil.py for the method."
              + (f" {args.rounds} rounds, the model order alternating: times are medians over the rounds, "

@@ -1,26 +1,46 @@
 """Process-wide settings that change how fast the same code runs, recorded next to benchmark numbers.
 
-torch's CPU allocator backs buffers of 2 MiB and more with transparent huge pages when the environment has
-THP_MEM_ALLOC_ENABLE=1 at the time torch is imported (c10 reads it once, at its first allocation). Whether
-that helps depends on the workload, measured on this project's 2-core machine (kernel THP mode "madvise"):
+Two of them decide how often a step pays for fresh memory. A tensor that glibc's malloc serves with a new
+mmap() is faulted in 4 KiB at a time when it is first written (a fresh 800 MB tensor: 0.33 s to write, 0.07 s
+into a buffer already mapped), and glibc maps fresh memory for every block above its mmap threshold (128 KiB,
+raised on the fly to the size of the last such block freed) and gives the top of its heap back to the
+kernel as soon as more than twice that is free. A forward of Vim-Ti at 1024 px allocates hundreds of 5-15 MB
+activations and took about 280,000 page faults that way.
 
-- whole-slide bags (MambaMIL or TransMIL, 100k patches, forward+backward): about 25% faster. Each step
-  writes several fresh tensors of hundreds of MB, which are otherwise faulted in 4 KiB at a time (a fresh
-  800 MB tensor: 0.33 s to write, 0.10 s with huge pages);
-- Vim-Ti at 1024 px: 5-20% slower (many 5-15 MB buffers, freed and reused: no fault cost to save, and the
-  kernel compacts memory to find huge pages).
+- malloc (`tune_malloc`, on by default in the `mambakit` command and the benchmark scripts; opt out with
+  MAMBAKIT_MALLOC=default): blocks up to 32 MiB (glibc's ceiling for the threshold) come from the heap and
+  freed memory stays in it (trim threshold 2 GiB), so a training loop reuses the same pages every step.
+  Measured on the 2-core machine: no page faults left in a Vim-Ti forward at 1024 px, which went from about
+  2.4 s to 1.6-1.8 s; the peak resident memory of a step grows where freed blocks cannot be reused for the
+  next sizes (Vim-Ti train at 1024 px: see benchmarks/README.md). Larger blocks are still mapped per use.
+  Only glibc (Linux) has these knobs; elsewhere this is a no-op. Python code that uses mambakit as a library
+  can call `tune_malloc()` itself: it is a property of the process, so importing mambakit does not do it.
+- huge pages: torch's CPU allocator backs buffers of 2 MiB and more with transparent huge pages when the
+  environment has THP_MEM_ALLOC_ENABLE=1 at the time torch is imported (c10 reads it once, at its first
+  allocation). On this machine (kernel THP mode "madvise"): whole-slide bags (MambaMIL or TransMIL, 100k
+  patches, forward+backward) about 25% faster, since each step writes several fresh tensors of hundreds of MB
+  (a fresh 800 MB tensor: 0.10 s to write with huge pages); Vim-Ti at 1024 px 5-20% slower (its buffers are
+  small enough for the heap, and the kernel compacts memory to find huge pages). So it is left to the user
+  (`export THP_MEM_ALLOC_ENABLE=1` before starting Python or `mambakit`).
 
-So it is left to the user (`export THP_MEM_ALLOC_ENABLE=1` before starting Python or `mambakit`); the
-benchmark scripts print the setting with their tables (`huge_pages_note`).
+The benchmark scripts print both settings with their tables (`huge_pages_note`, `malloc_note`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 
-__all__ = ["huge_pages_note", "HUGE_PAGES_ENV"]
+__all__ = ["huge_pages_note", "HUGE_PAGES_ENV", "tune_malloc", "configure_malloc", "malloc_note", "MALLOC_ENV",
+           "MALLOC_MODES"]
 
 HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"
+MALLOC_ENV = "MAMBAKIT_MALLOC"
+MALLOC_MODES = ("tuned", "default")
+MMAP_THRESHOLD = 32 << 20              # glibc refuses more (HEAP_MAX_SIZE / 2 on 64-bit)
+TRIM_THRESHOLD = (1 << 31) - 1         # mallopt takes a C int
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MALLOC_STATE = {"mode": "default"}    # what this process has done: "tuned", "default" or "unavailable"
 
 
 def huge_pages_note() -> str:
@@ -31,3 +51,50 @@ def huge_pages_note() -> str:
     except (OSError, IndexError):
         mode = "unknown"
     return f"{HUGE_PAGES_ENV}={os.environ.get(HUGE_PAGES_ENV, 'unset')} (kernel THP mode: {mode})"
+
+
+def _glibc():
+    """The C library when it is glibc (it has gnu_get_libc_version and mallopt), else None."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version, libc.mallopt        # noqa: B018 - AttributeError where absent
+    except (OSError, AttributeError):
+        return None
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    libc.mallopt.restype = ctypes.c_int
+    return libc
+
+
+def tune_malloc() -> bool:
+    """Make glibc serve blocks up to 32 MiB from its heap and keep freed memory (see the module docstring).
+    Returns False (and changes nothing) where the C library is not glibc or refuses a value."""
+    libc = _glibc()
+    if libc is None:
+        _MALLOC_STATE["mode"] = "unavailable"
+        return False
+    ok = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and libc.mallopt(_M_TRIM_THRESHOLD,
+                                                                               TRIM_THRESHOLD) == 1
+    _MALLOC_STATE["mode"] = "tuned" if ok else "unavailable"
+    return ok
+
+
+def configure_malloc(mode: str | None = None) -> str:
+    """Apply MAMBAKIT_MALLOC (or `mode`): "tuned" (the default) calls `tune_malloc`, "default" leaves
+    glibc's own behaviour. Returns what is in effect: "tuned", "default" or "unavailable"."""
+    mode = (mode or os.environ.get(MALLOC_ENV, "") or "tuned").strip().lower()
+    if mode not in MALLOC_MODES:
+        raise ValueError(f"{MALLOC_ENV}={mode!r}: expected one of {MALLOC_MODES}")
+    if mode == "tuned":
+        tune_malloc()
+    return _MALLOC_STATE["mode"]
+
+
+def malloc_note() -> str:
+    """One line for a benchmark's machine description: what this process did to malloc."""
+    mode = _MALLOC_STATE["mode"]
+    if mode == "tuned":
+        return (f"malloc tuned (glibc mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim threshold 2 GiB; "
+                f"{MALLOC_ENV}=default to opt out)")
+    if mode == "unavailable":
+        return "malloc as the C library does it (not glibc, nothing to tune)"
+    return f"malloc as glibc does it ({MALLOC_ENV}=default)"
