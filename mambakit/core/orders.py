@@ -70,6 +70,10 @@ class OrderIndices:
     pads_output: bool
     is_identity: bool
     is_flip: bool = False       # perm (and inverse) = (L-1, ..., 0): reorder and restore are a flip
+    grid: tuple[int, int] | None = None
+    # (rows, cols) where perm reads the tokens, zero-padded to rows * cols and laid row-major on that grid,
+    # column by column (SR-Mamba's stride order, a column-major grid scan): reorder and restore are then a
+    # transposing copy instead of a gather (several times faster on long sequences)
 
     @property
     def scan_length(self) -> int:
@@ -133,6 +137,12 @@ def reorder(x: torch.Tensor, idx: OrderIndices, dim: int = 1) -> torch.Tensor:
         raise ValueError(f"reorder: the input has {x.shape[d]} tokens, the order was computed for {idx.n_tokens}")
     if idx.is_flip:
         return x.flip(d)
+    if idx.grid is not None:
+        rows, cols = idx.grid
+        if idx.scan_length > idx.n_tokens:
+            x = torch.nn.functional.pad(x, (0, 0, 0, idx.scan_length - idx.n_tokens) if d == 1 else
+                                        (0, idx.scan_length - idx.n_tokens))
+        return _transpose_tokens(x, rows, cols, d)
     return _gather_tokens(x, idx.perm, idx.n_tokens, idx.pads_input, d, "reorder")
 
 
@@ -146,7 +156,33 @@ def restore(y: torch.Tensor, idx: OrderIndices, dim: int = 1) -> torch.Tensor:
         raise ValueError(f"restore: the input has {y.shape[d]} positions, the order scans {idx.scan_length}")
     if idx.is_flip:
         return y.flip(d)
+    if idx.grid is not None:
+        rows, cols = idx.grid
+        out = _transpose_tokens(y, cols, rows, d)
+        return out if idx.n_tokens == idx.scan_length else out.narrow(d, 0, idx.n_tokens).contiguous()
     return _gather_tokens(y, idx.inverse, idx.scan_length, idx.pads_output, d, "restore")
+
+
+def _transpose_tokens(x: torch.Tensor, rows: int, cols: int, d: int) -> torch.Tensor:
+    """Token axis d of a 3D tensor holds rows * cols tokens laid row-major on (rows, cols): the same tokens
+    read column by column, as a contiguous tensor."""
+    shape = list(x.shape)
+    grid = x.reshape(shape[:d] + [rows, cols] + shape[d + 1:]).transpose(d, d + 1)
+    return grid.reshape(shape)
+
+
+def _transpose_grid(perm: torch.Tensor, n_tokens: int) -> tuple[int, int] | None:
+    """(rows, cols) if the (P,) perm reads n_tokens tokens, zero-padded to rows * cols = P and laid
+    row-major on that grid, column by column (see `OrderIndices.grid`); else None."""
+    P = perm.numel()
+    if P < 4 or int(perm[0]) != 0:
+        return None
+    cols = int(perm[1])
+    if cols < 2 or P % cols or P // cols < 2:
+        return None
+    src = torch.arange(P).view(P // cols, cols).t().flatten()
+    expected = torch.where(src < n_tokens, src, n_tokens)
+    return (P // cols, cols) if torch.equal(perm, expected) else None
 
 
 def _assemble(rows: torch.Tensor | list[torch.Tensor], n_tokens: int, device) -> OrderIndices:
@@ -165,10 +201,12 @@ def _assemble(rows: torch.Tensor | list[torch.Tensor], n_tokens: int, device) ->
     pads_output = bool((inverse == P).any())
     is_identity = P == n_tokens and bool((perm == torch.arange(P)).all())
     is_flip = single and P == n_tokens and not is_identity and bool((perm == torch.arange(P - 1, -1, -1)).all())
+    grid = None
     if single:
         perm, inverse = perm[0], inverse[0]
+        grid = None if is_identity or is_flip else _transpose_grid(perm, n_tokens)
     return OrderIndices(perm.to(device), inverse.to(device), n_tokens, pads_input, pads_output, is_identity,
-                        is_flip)
+                        is_flip, grid)
 
 
 _CACHE: "OrderedDict[tuple, OrderIndices]" = OrderedDict()

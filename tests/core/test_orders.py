@@ -56,11 +56,12 @@ def explicit_reorder(x, perm, n_tokens):
 
 @pytest.mark.parametrize("name,n,lengths", [("flip", 9, None), ("flip", 9, [9, 4, 1]), ("stride_4", 10, None),
                                             ("stride_4", 10, [10, 7, 3]), ("stride_3_nopad", 10, [5, 10, 2]),
-                                            ("atrous_1", 15, None), ("shuffle", 8, None)])
+                                            ("stride_4", 12, None), ("stride_4_nopad", 12, None),
+                                            ("col_major", 15, None), ("atrous_1", 15, None), ("shuffle", 8, None)])
 def test_channel_major_reorder_restore_equal_token_major_ones_with_gradients(name, n, lengths):
     """dim=-1 on (b, d, L) gives the token-major results transposed, contiguous, with the same gradients; zero
     tokens (stride padding, unvisited lattice cells) are zeros and pass no gradient."""
-    hw = (3, 5) if name.startswith("atrous") else None
+    hw = (3, 5) if name.startswith(("atrous", "col")) else None
     idx = scan_order(name).indices(n, lengths=lengths, hw=hw)
     x = torch.randn(3, n, 4, dtype=torch.float64, requires_grad=True)
     xs = reorder(x, idx)
@@ -94,6 +95,28 @@ def test_flip_is_marked_and_uses_flip():
     assert not scan_order("flip").indices(6, lengths=[6, 3]).is_flip and not StrideOrder(2).indices(6).is_flip
     x = torch.randn(2, 5, 6)
     assert torch.equal(reorder(x, idx, dim=-1), x.flip(-1)) and torch.equal(restore(x, idx, dim=-1), x.flip(-1))
+
+
+@pytest.mark.parametrize("name,n,hw,grid", [("stride_4", 10, None, (3, 4)), ("stride_4", 12, None, (3, 4)),
+                                            ("stride_5", 20003, None, (4001, 5)), ("stride_4_nopad", 12, None, (3, 4)),
+                                            ("stride_4_nopad", 10, None, None), ("stride_3", 2, None, None),
+                                            ("col_major", 12, (3, 4), (3, 4)), ("col_major_rev", 12, (3, 4), None),
+                                            ("row_major", 12, (3, 4), None), ("flip", 12, None, None),
+                                            ("atrous_1", 16, (4, 4), None)])
+def test_transposing_orders_are_marked_and_copy_like_the_gather(name, n, hw, grid):
+    """Orders that read a zero-padded (rows, cols) grid column by column carry `grid` and reorder / restore
+    by a transposing copy; its results equal the generic gather's, in both layouts."""
+    idx = scan_order(name).indices(n, hw=hw)
+    assert idx.grid == grid
+    assert scan_order(name).indices(n, hw=hw, lengths=[n, n - 1] if hw is None else None).grid == (
+        grid if hw is not None else None)              # per-sample lengths: batched indices, the gather path
+    for dim, x in ((1, torch.randn(2, n, 3)), (2, torch.randn(2, 3, n))):
+        xs = reorder(x, idx, dim=dim)
+        assert xs.is_contiguous()
+        assert torch.equal(xs, O._gather_tokens(x, idx.perm, n, idx.pads_input, dim, "test"))
+        back = restore(xs, idx, dim=dim)
+        assert back.is_contiguous()
+        assert torch.equal(back, O._gather_tokens(xs, idx.inverse, idx.scan_length, idx.pads_output, dim, "test"))
 
 
 def test_stride_order_sequence_and_padding():
