@@ -138,11 +138,7 @@ def reorder(x: torch.Tensor, idx: OrderIndices, dim: int = 1) -> torch.Tensor:
     if idx.is_flip:
         return x.flip(d)
     if idx.grid is not None:
-        rows, cols = idx.grid
-        if idx.scan_length > idx.n_tokens:
-            x = torch.nn.functional.pad(x, (0, 0, 0, idx.scan_length - idx.n_tokens) if d == 1 else
-                                        (0, idx.scan_length - idx.n_tokens))
-        return _transpose_tokens(x, rows, cols, d)
+        return _grid_reorder(x, *idx.grid, d)
     return _gather_tokens(x, idx.perm, idx.n_tokens, idx.pads_input, d, "reorder")
 
 
@@ -157,18 +153,36 @@ def restore(y: torch.Tensor, idx: OrderIndices, dim: int = 1) -> torch.Tensor:
     if idx.is_flip:
         return y.flip(d)
     if idx.grid is not None:
-        rows, cols = idx.grid
-        out = _transpose_tokens(y, cols, rows, d)
-        return out if idx.n_tokens == idx.scan_length else out.narrow(d, 0, idx.n_tokens).contiguous()
+        return _grid_restore(y, *idx.grid, idx.n_tokens, d)
     return _gather_tokens(y, idx.inverse, idx.scan_length, idx.pads_output, d, "restore")
 
 
-def _transpose_tokens(x: torch.Tensor, rows: int, cols: int, d: int) -> torch.Tensor:
-    """Token axis d of a 3D tensor holds rows * cols tokens laid row-major on (rows, cols): the same tokens
-    read column by column, as a contiguous tensor."""
-    shape = list(x.shape)
-    grid = x.reshape(shape[:d] + [rows, cols] + shape[d + 1:]).transpose(d, d + 1)
-    return grid.reshape(shape)
+def _grid_reorder(x: torch.Tensor, rows: int, cols: int, d: int) -> torch.Tensor:
+    """Token axis d of a 3D tensor: its n tokens, zero-padded to rows * cols and laid row-major on (rows, cols),
+    read column by column; contiguous. Written in place of a padded copy: full rows in one transposing copy,
+    the last partial row (and its zero padding) on its own."""
+    n = x.shape[d]
+    full, rem = divmod(n, cols)
+    out = x.new_empty(x.shape[:d] + (rows * cols,) + x.shape[d + 1:])
+    grid = out.unflatten(d, (cols, rows)).transpose(d, d + 1)          # (.., rows, cols, ..), a view of out
+    grid.narrow(d, 0, full).copy_(x.narrow(d, 0, full * cols).unflatten(d, (full, cols)))
+    if full < rows:
+        last = grid.select(d, full)                                    # (.., cols, ..)
+        last.narrow(d, 0, rem).copy_(x.narrow(d, full * cols, rem))
+        last.narrow(d, rem, cols - rem).zero_()
+    return out
+
+
+def _grid_restore(y: torch.Tensor, rows: int, cols: int, n: int, d: int) -> torch.Tensor:
+    """Inverse of `_grid_reorder`: y's axis d in scan order (rows * cols) -> the n tokens, contiguous."""
+    full, rem = divmod(n, cols)
+    grid = y.unflatten(d, (cols, rows)).transpose(d, d + 1)            # (.., rows, cols, ..) in token order
+    if full == rows:
+        return grid.flatten(d, d + 1)                                  # a transposing copy
+    out = y.new_empty(y.shape[:d] + (n,) + y.shape[d + 1:])
+    out.narrow(d, 0, full * cols).unflatten(d, (full, cols)).copy_(grid.narrow(d, 0, full))
+    out.narrow(d, full * cols, rem).copy_(grid.select(d, full).narrow(d, 0, rem))
+    return out
 
 
 def _transpose_grid(perm: torch.Tensor, n_tokens: int) -> tuple[int, int] | None:

@@ -117,6 +117,12 @@ def test_transposing_orders_are_marked_and_copy_like_the_gather(name, n, hw, gri
         back = restore(xs, idx, dim=dim)
         assert back.is_contiguous()
         assert torch.equal(back, O._gather_tokens(xs, idx.inverse, idx.scan_length, idx.pads_output, dim, "test"))
+    if n < 100:                                        # gradients: those of the gather (a linear map)
+        for dim, shape in ((1, (2, n, 3)), (2, (2, 3, n))):
+            x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+            assert torch.autograd.gradcheck(lambda t: reorder(t, idx, dim=dim), (x,))
+            y = torch.randn(*shape[:dim], idx.scan_length, *shape[dim + 1:], dtype=torch.float64, requires_grad=True)
+            assert torch.autograd.gradcheck(lambda t: restore(t, idx, dim=dim), (y,))
 
 
 def test_stride_order_sequence_and_padding():
