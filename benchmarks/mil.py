@@ -224,6 +224,9 @@ def table(results: list[dict], sizes: list[int]) -> str:
 
 
 def main(argv=None) -> int:
+    from mambakit.runtime import prefer_huge_pages
+
+    prefer_huge_pages()                      # as the `mambakit` command; the model processes inherit it
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "SIZE"), help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=1, help=argparse.SUPPRESS)

@@ -356,6 +356,9 @@ def breakdown_markdown(breakdowns: list[dict]) -> list[str]:
 
 
 def main(argv=None) -> int:
+    from mambakit.runtime import prefer_huge_pages
+
+    prefer_huge_pages()                      # as the `mambakit` command; the model processes inherit it
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pairs", default=",".join(PAIRS), help=f"comma-separated: {', '.join(PAIRS)}")
     p.add_argument("--resolutions", default=",".join(map(str, RESOLUTIONS)))

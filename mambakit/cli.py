@@ -9,8 +9,8 @@
 
 Exit codes: 0 ok, 2 usage error (unknown app / verb / name, bad arguments), 1 failure. A ConfigError,
 DownloadError or ValueError raised by a command prints its message without a traceback, unless
-MAMBAKIT_DEBUG=1. The command tunes glibc's malloc for reused buffers first (`mambakit.runtime`;
-MAMBAKIT_MALLOC=default leaves it alone). `python -m mambakit` and `torchrun -m mambakit` run the same thing.
+MAMBAKIT_DEBUG=1. The command first asks torch for huge pages (THP_MEM_ALLOC_ENABLE=1 unless set) and tunes
+glibc's malloc for reused buffers (`mambakit.runtime`; MAMBAKIT_MALLOC=default leaves malloc alone). `python -m mambakit` and `torchrun -m mambakit` run the same thing.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import mambakit
 from mambakit import apps as app_registry
 from mambakit.data.download import DownloadError
 from mambakit.data.registry import UnknownEntryError
-from mambakit.runtime import configure_malloc
+from mambakit.runtime import configure_malloc, prefer_huge_pages
 
 __all__ = ["main"]
 
@@ -50,7 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("MAMBAKIT_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
     try:
-        configure_malloc()       # heap reuse for a training loop's buffers (mambakit/runtime.py; opt-out by env)
+        prefer_huge_pages()      # before torch's first allocation; huge pages and heap reuse for a training
+        configure_malloc()       # loop's buffers (measured in mambakit/runtime.py; both can be opted out of)
         return _dispatch(argv)
     except SystemExit as e:  # argparse: --help (0) and usage errors (2); verbs calling sys.exit
         if e.code is None or isinstance(e.code, int):

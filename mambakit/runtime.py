@@ -31,7 +31,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-__all__ = ["huge_pages_note", "HUGE_PAGES_ENV", "tune_malloc", "configure_malloc", "malloc_note", "MALLOC_ENV",
+__all__ = ["huge_pages_note", "HUGE_PAGES_ENV", "prefer_huge_pages", "tune_malloc", "configure_malloc", "malloc_note", "MALLOC_ENV",
            "MALLOC_MODES"]
 
 HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"
@@ -41,6 +41,13 @@ MMAP_THRESHOLD = 32 << 20              # glibc refuses more (HEAP_MAX_SIZE / 2 o
 TRIM_THRESHOLD = (1 << 31) - 1         # mallopt takes a C int
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MALLOC_STATE = {"mode": "default"}    # what this process has done: "tuned", "default" or "unavailable"
+
+
+def prefer_huge_pages() -> str:
+    """Ask torch for huge pages (THP_MEM_ALLOC_ENABLE=1) unless the environment already says either way.
+    It only takes effect before torch's first CPU allocation in this process, and in the processes it starts
+    (which inherit the variable). Returns the value in effect."""
+    return os.environ.setdefault(HUGE_PAGES_ENV, "1")
 
 
 def huge_pages_note() -> str:

@@ -94,3 +94,28 @@ def test_the_command_reports_a_bad_malloc_setting(monkeypatch, capsys):
     monkeypatch.setenv("MAMBAKIT_MALLOC", "fast")
     assert main(["--help"]) == 1
     assert "MAMBAKIT_MALLOC='fast'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset,expected", [(None, "1"), ("0", "0"), ("1", "1")])
+def test_prefer_huge_pages_keeps_what_the_user_set(preset, expected, monkeypatch):
+    from mambakit.runtime import prefer_huge_pages
+
+    if preset is None:
+        monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    else:
+        monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", preset)
+    assert prefer_huge_pages() == expected and os.environ["THP_MEM_ALLOC_ENABLE"] == expected
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="torch's huge-page path is Linux only")
+def test_the_command_reaches_torch_with_huge_pages_before_its_first_allocation():
+    """`python -m mambakit` sets the variable before anything imports torch: a big buffer allocated after the
+    command has started is page-aligned (torch's huge-page path); with THP_MEM_ALLOC_ENABLE=0 it is not."""
+    code = ("import sys; from mambakit.cli import main; main(['--help']); import torch; "
+            "print(torch.empty(8 << 20).data_ptr() % 4096)")
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=dict(env, THP_MEM_ALLOC_ENABLE="0", MAMBAKIT_MALLOC="default"))
+    assert on.returncode == 0 and off.returncode == 0, on.stderr + off.stderr
+    assert on.stdout.split()[-1] == "0" and off.stdout.split()[-1] != "0"
