@@ -1,29 +1,33 @@
 """Process-wide settings that change how fast the same code runs, recorded next to benchmark numbers.
 
-Two of them decide how often a step pays for fresh memory. A tensor that glibc's malloc serves with a new
-mmap() is faulted in 4 KiB at a time when it is first written (a fresh 800 MB tensor: 0.33 s to write, 0.07 s
-into a buffer already mapped), and glibc maps fresh memory for every block above its mmap threshold (128 KiB,
-raised on the fly to the size of the last such block freed) and gives the top of its heap back to the
-kernel as soon as more than twice that is free. A forward of Vim-Ti at 1024 px allocates hundreds of 5-15 MB
-activations and took about 280,000 page faults that way.
+Both decide how often a step pays for fresh memory. A buffer the kernel has not handed out yet is faulted in
+4 KiB at a time when it is first written (a fresh 800 MB tensor: 0.33 s to write, 0.07 s into a buffer
+already mapped). glibc's malloc maps fresh memory for every block above its mmap threshold (128 KiB, raised
+on the fly to the size of the last such block freed) and gives the top of its heap back to the kernel as
+soon as more than twice that is free, so a loop that frees and reallocates the same activations every step
+keeps paying: a Vim-Ti forward at 1024 px took about 280,000 page faults.
 
-- malloc (`tune_malloc`, on by default in the `mambakit` command and the benchmark scripts; opt out with
-  MAMBAKIT_MALLOC=default): blocks up to 32 MiB (glibc's ceiling for the threshold) come from the heap and
-  freed memory stays in it (trim threshold 2 GiB), so a training loop reuses the same pages every step.
-  Measured on the 2-core machine: no page faults left in a Vim-Ti forward at 1024 px, which went from about
-  2.4 s to 1.6-1.8 s; the peak resident memory of a step grows where freed blocks cannot be reused for the
-  next sizes (Vim-Ti train at 1024 px: see benchmarks/README.md). Larger blocks are still mapped per use.
-  Only glibc (Linux) has these knobs; elsewhere this is a no-op. Python code that uses mambakit as a library
-  can call `tune_malloc()` itself: it is a property of the process, so importing mambakit does not do it.
-- huge pages: torch's CPU allocator backs buffers of 2 MiB and more with transparent huge pages when the
-  environment has THP_MEM_ALLOC_ENABLE=1 at the time torch is imported (c10 reads it once, at its first
-  allocation). On this machine (kernel THP mode "madvise"): whole-slide bags (MambaMIL or TransMIL, 100k
-  patches, forward+backward) about 25% faster, since each step writes several fresh tensors of hundreds of MB
-  (a fresh 800 MB tensor: 0.10 s to write with huge pages); Vim-Ti at 1024 px 5-20% slower (its buffers are
-  small enough for the heap, and the kernel compacts memory to find huge pages). So it is left to the user
-  (`export THP_MEM_ALLOC_ENABLE=1` before starting Python or `mambakit`).
+The `mambakit` command applies both settings before anything else (and the vision / MIL benchmark scripts
+do the same for every model they time, so peers get them too):
 
-The benchmark scripts print both settings with their tables (`huge_pages_note`, `malloc_note`).
+- malloc (`configure_malloc` -> `tune_malloc`; MAMBAKIT_MALLOC=default opts out): blocks up to 32 MiB
+  (glibc's ceiling for the threshold) come from the heap and freed memory stays in it (trim threshold
+  2 GiB), so a training loop reuses its pages after a few steps. Vim-Ti forward at 1024 px: 9 page faults
+  instead of ~280,000, 1.6-1.8 s instead of 2.4 s in the same minutes. The heap keeps what a step freed, so
+  the resident size stays at the step's peak between steps. Larger blocks are still mapped per use. Only
+  glibc has these knobs; elsewhere this is a no-op. Python code using mambakit as a library can call
+  `tune_malloc()`: it is a property of the process, so importing mambakit does not do it.
+- huge pages (`prefer_huge_pages`: THP_MEM_ALLOC_ENABLE=1 unless the environment sets it): torch backs
+  buffers of 2 MiB and more with transparent huge pages (it reads the variable once, at its first CPU
+  allocation, so it must be in the environment before that). Blocks above 32 MiB are still mapped per use,
+  and with huge pages they are faulted in 2 MiB at a time: whole-slide bags (MambaMIL or TransMIL, 100k
+  patches, forward+backward) ran about 25% faster. Without the malloc tuning, huge pages made Vim-Ti at
+  1024 px 5-20% slower (every 5-15 MB buffer was a fresh mapping to fill with huge pages); with it they
+  cost nothing measurable there (forward 2.29 / 2.16 / 1.76 s with, 2.49 / 2.37 / 1.80 s without,
+  alternated).
+
+Measurements and commands: benchmarks/README.md. The benchmark scripts print both settings with their tables
+(`huge_pages_note`, `malloc_note`).
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ from __future__ import annotations
 import ctypes
 import os
 
-__all__ = ["huge_pages_note", "HUGE_PAGES_ENV", "prefer_huge_pages", "tune_malloc", "configure_malloc", "malloc_note", "MALLOC_ENV",
-           "MALLOC_MODES"]
+__all__ = ["huge_pages_note", "HUGE_PAGES_ENV", "prefer_huge_pages", "tune_malloc", "configure_malloc",
+           "malloc_note", "MALLOC_ENV", "MALLOC_MODES"]
 
 HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"
 MALLOC_ENV = "MAMBAKIT_MALLOC"
