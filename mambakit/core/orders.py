@@ -12,7 +12,8 @@ An order maps a geometry (a length, per-sample lengths, an (H, W) grid or per-sa
 
 `reorder(x, idx)` applies perm to (b, L, d) and `restore(y, idx)` applies inverse to (b, P, d); with dim=-1
 they work on channel-major (b, d, L) / (b, d, P) tensors (the mixers' layout), giving contiguous results. Both
-are gathers, so gradients flow. Indices for a fixed geometry are computed once and kept in an LRU cache keyed by
+are gathers (a flip, or a transposing copy for orders that read a grid column by column: `OrderIndices.grid`),
+so gradients flow. Indices for a fixed geometry are computed once and kept in an LRU cache keyed by
 (order, geometry, device); random and point orders depend on data and are recomputed per call. Cached index
 tensors are shared: never modify them in place.
 
