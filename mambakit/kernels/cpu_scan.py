@@ -39,8 +39,8 @@ from torch.autograd.function import once_differentiable
 
 from mambakit.kernels.reference import selective_scan_ref
 
-__all__ = ["selective_scan_cpu", "kernel_status", "load_library", "set_threading", "KernelUnavailable",
-           "DEFAULT_CHUNK", "vexp_bench"]
+__all__ = ["selective_scan_cpu", "selective_scan_cpu_projected", "kernel_status", "load_library", "set_threading",
+           "KernelUnavailable", "DEFAULT_CHUNK", "vexp_bench"]
 
 #: Checkpoint interval of the backward (steps). Measured on AMD EPYC (Zen) with 2 threads; see
 #: benchmarks/README.md ("Selective scan (CPU)"): 32..128 are within noise, 64 keeps the per-thread
@@ -49,7 +49,7 @@ DEFAULT_CHUNK = 64
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
 _SOURCES = ("selective_scan_cpu.c", "vmath.h")
-_ABI_VERSION = 3
+_ABI_VERSION = 4
 # No -ffast-math: reassociation would break exp's range reduction, and finite-math-only would turn NaN
 # inputs into garbage instead of NaN outputs. Contraction into FMA is allowed (it only adds accuracy).
 _FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-fno-math-errno", "-fno-trapping-math",
@@ -68,8 +68,9 @@ class _ScanArgs(ctypes.Structure):
 
     _fields_ = [(name, ctypes.c_void_p) for name in (
         "u", "delta", "A", "B", "C", "D", "delta_bias", "z", "init", "out", "ckpt", "last", "dout", "dlast",
-        "du", "ddelta", "dz", "dA", "dB", "dC", "dD", "dbias", "dinit")]
-    _fields_ += [(name, ctypes.c_int64) for name in ("batch", "dim", "len", "dstate", "groups", "chunk")]
+        "du", "ddelta", "dz", "dA", "dB", "dC", "dD", "dbias", "dinit", "dt_w", "dt_in")]
+    _fields_ += [(name, ctypes.c_int64) for name in ("batch", "dim", "len", "dstate", "groups", "chunk", "dt_rank",
+                                                     "dt_in_bstride")]
     _fields_ += [("softplus", ctypes.c_int32), ("nthreads", ctypes.c_int32)]
 
 
@@ -380,6 +381,49 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     out, last = _SelectiveScanCPU.apply(u, delta, A, B, C, D, z, delta_bias, initial_state,
                                         bool(delta_softplus), chunk)
     return (out, last) if return_last_state else out
+
+
+def selective_scan_cpu_projected(u, dt_weight, dt_in, A, B, C, D=None, z=None, delta_bias=None,
+                                 delta_softplus=False):
+    """Inference form of `selective_scan_cpu` with delta = dt_weight @ dt_in (per batch element) computed inside
+    the kernel, chunk by chunk, instead of materialised (Mamba's dt_proj without its bias, which stays the
+    scan's delta_bias). dt_weight: (d, R); dt_in: (b, R, L), e.g. the first R rows of x_proj's output (a
+    view whose rows are contiguous is read in place). Under autograd, or where the kernel is unavailable, delta
+    is computed explicitly and the ordinary scan runs. Returns out (b, d, L) in u's dtype.
+    """
+    tensors = (u, dt_weight, dt_in, A, B, C, D, z, delta_bias)
+    b, d, L = u.shape
+    if (dt_weight.dim() != 2 or dt_weight.shape[0] != d or dt_in.dim() != 3
+            or tuple(dt_in.shape) != (b, dt_weight.shape[1], L)):
+        raise ValueError(f"selective_scan_cpu_projected: dt_weight {tuple(dt_weight.shape)} and dt_in "
+                         f"{tuple(dt_in.shape)} must be (d, R) and (b, R, L) for u of shape {tuple(u.shape)}")
+    ct = torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    usable = not grad and b > 0 and d > 0 and L > 0 and A.shape[1] > 0 and dt_weight.shape[1] > 0
+    if usable:
+        try:
+            lib = load_library(ct)
+        except KernelUnavailable:
+            usable = False
+    if not usable:
+        delta = torch.matmul(dt_weight.to(dt_in.dtype), dt_in)
+        return selective_scan_cpu(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus)
+    R = dt_weight.shape[1]
+    rows = dt_in if dt_in.dtype == ct else dt_in.to(ct)
+    if rows.stride(2) != 1 or (R > 1 and rows.stride(1) != L):
+        rows = rows.contiguous()
+    G = math.lcm(*(1 if t.dim() == 3 else t.shape[1] for t in (B, C)))
+    u_, w_, A_, D_, z_, bias_ = (_prep(t, ct) for t in (u, dt_weight, A, D, z, delta_bias))
+    B_, C_ = _prep(_grouped(B, G), ct), _prep(_grouped(C, G), ct)
+    out = torch.empty(b, d, L, dtype=ct)
+    last = torch.empty(b, d, A.shape[1], dtype=ct)
+    args = _ScanArgs(u=_ptr(u_), A=_ptr(A_), B=_ptr(B_), C=_ptr(C_), D=_ptr(D_), delta_bias=_ptr(bias_), z=_ptr(z_),
+                     out=out.data_ptr(), last=last.data_ptr(), dt_w=_ptr(w_), dt_in=rows.data_ptr(), batch=b, dim=d,
+                     len=L, dstate=A.shape[1], groups=G, chunk=DEFAULT_CHUNK, dt_rank=R,
+                     dt_in_bstride=rows.stride(0), softplus=int(bool(delta_softplus)),
+                     nthreads=torch.get_num_threads())
+    _check(lib.mk_scan_fwd(ctypes.byref(args)), "forward")
+    return out if u.dtype == ct else out.to(u.dtype)
 
 
 def vexp_bench(n: int = 4096, reps: int = 10000, dtype: torch.dtype = torch.float32) -> float:

@@ -185,3 +185,25 @@ def test_bad_inputs_raise_clear_errors():
         Mamba(16)(torch.randn(1, 3, 16), inference_params=InferenceParams(4, 1))
     with pytest.raises(ValueError, match="dt_init"):
         Mamba(16, dt_init="uniform")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inference_projects_delta_inside_the_kernel_with_the_same_outputs(dtype, monkeypatch):
+    """Under no_grad on the CPU the mixers hand dt_proj to the fused kernel instead of materialising delta;
+    the outputs equal the path autograd takes (float64 to rounding, float32 within the kernel's tolerance)."""
+    from mambakit.core import MultiOrderMamba
+    from mambakit.kernels import cpu_scan
+
+    calls = []
+    real = cpu_scan.selective_scan_cpu_projected
+    monkeypatch.setattr(cpu_scan, "selective_scan_cpu_projected", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    for mixer in (Mamba(24, d_state=8).to(dtype), MultiOrderMamba.vim(24, d_state=8).to(dtype)):
+        h = torch.randn(2, 37, 24, dtype=dtype)
+        with torch.no_grad():
+            fast = mixer(h)
+        slow = mixer(h)
+        assert slow.requires_grad
+        torch.testing.assert_close(fast, slow.detach(), rtol=1e-12 if dtype == torch.float64 else 1e-5,
+                                   atol=1e-12 if dtype == torch.float64 else 1e-6)
+    assert len(calls) == 3          # Mamba's one order, Vim's two; none under autograd

@@ -51,9 +51,11 @@ typedef ureal uvec __attribute__((vector_size(W * sizeof(real))));
 
 #include "vmath.h"
 
-#define MK_ABI_VERSION 3
+#define MK_ABI_VERSION 4
 
-/* Every pointer is to a contiguous array of `real`. Optional inputs and unwanted outputs are NULL. */
+/* Every pointer is to a contiguous array of `real` (dt_in: rows of `len`, batch elements dt_in_bstride apart).
+ * Optional inputs and unwanted outputs are NULL. The forward takes either delta or its projection
+ * delta = dt_w @ dt_in (per batch element), computed chunk by chunk and never stored (inference). */
 typedef struct {
     const real *u, *delta;           /* (batch, dim, len) */
     const real *A;                   /* (dim, dstate) */
@@ -70,7 +72,9 @@ typedef struct {
     real *dB, *dC;                   /* (batch, groups, dstate, len) */
     real *dD, *dbias;                /* (dim,); may be NULL when D / delta_bias are absent */
     real *dinit;                     /* (batch, dim, dstate) */
+    const real *dt_w, *dt_in;        /* instead of delta (forward only): (dim, dt_rank), (batch, dt_rank, len) */
     int64_t batch, dim, len, dstate, groups, chunk;
+    int64_t dt_rank, dt_in_bstride;
     int32_t softplus, nthreads;
 } mk_scan_args;
 
@@ -80,6 +84,7 @@ typedef struct {
 typedef struct {
     vec *u, *dt, *dtu, *z, *y, *dy, *dout, *dsp, *dgate, *s, *g;  /* chunk tiles, K entries each */
     vec *A, *A2;                                                  /* N entries each; A2 = A log2(e) */
+    vec *Wdt;                                                     /* dt_rank entries: the block's rows of dt_w */
     vec *X;                                                       /* (K + 1) * N recomputed states */
     vec *DA;                                                      /* K * N decays of the chunk */
     vec *carry;                                                   /* what blocks carry between chunks */
@@ -90,8 +95,9 @@ typedef struct {
 static __thread void *kept_mem = NULL;
 static __thread size_t kept_bytes = 0;
 
-static int workspace_alloc(workspace *w, int64_t K, int64_t N, int backward, int64_t ncarry, int keep) {
-    int64_t nvec = 11 * K + 2 * N + (backward ? (K + 1) * N : 0) + K * N + ncarry;
+static int workspace_alloc(workspace *w, int64_t K, int64_t N, int64_t R, int backward, int64_t ncarry,
+                           int keep) {
+    int64_t nvec = 11 * K + 2 * N + R + (backward ? (K + 1) * N : 0) + K * N + ncarry;
     size_t bytes = (size_t)nvec * sizeof(vec) + 64;
     bytes = (bytes + 63) / 64 * 64;
     if (keep && kept_bytes < bytes) {
@@ -107,6 +113,7 @@ static int workspace_alloc(workspace *w, int64_t K, int64_t N, int backward, int
     for (size_t i = 0; i < sizeof tiles / sizeof *tiles; i++) { *tiles[i] = v; v += K; }
     vec **states[] = {&w->A, &w->A2};
     for (size_t i = 0; i < sizeof states / sizeof *states; i++) { *states[i] = v; v += N; }
+    w->Wdt = v; v += R;
     w->X = v;  v += backward ? (K + 1) * N : 0;
     w->DA = v; v += K * N;
     w->carry = v;
@@ -246,12 +253,30 @@ static void load_A(const mk_scan_args *a, workspace *w, block k) {
     for (int64_t n = 0; n < a->dstate; n++) w->A2[n] = w->A[n] * (real)1.4426950408889634074;
 }
 
+/* The chunk's delta tile from its projection: delta[t] = sum_r dt_w[c, r] dt_in[r, t] for the block's
+ * channels c. dt_in's rows are shared by every block of the batch element, so they come from cache; this
+ * replaces writing and reading back a (batch, dim, len) delta (a memory-bound GEMM with dt_rank columns). */
+static void project_delta(const mk_scan_args *a, workspace *w, block k, int64_t off, int len) {
+    const int64_t R = a->dt_rank, t0 = off - (k.b * a->dim + k.c0) * a->len;
+    load_tile(w->Wdt, a->dt_w + k.c0 * R, R, k.nl, (int)R);
+    const real *src = a->dt_in + k.b * a->dt_in_bstride + t0;
+    for (int t = 0; t < len; t++) w->dt[t] = vsplat(0);
+    for (int64_t r = 0; r < R; r++) {
+        const vec wr = w->Wdt[r];
+        const real *row = src + r * a->len;
+        for (int t = 0; t < len; t++) w->dt[t] += wr * row[t];
+    }
+}
+
 /* Loads the chunk's u and delta tiles and turns delta into dt = softplus(delta + bias) (softplus optional)
  * and dt * u; with want_dsp also d softplus / d input (1 above torch's threshold 20, like torch). */
 static void load_steps(const mk_scan_args *a, workspace *w, block k, int64_t off, int len, int want_dsp) {
     const vec bias = load_lanes(a->delta_bias ? a->delta_bias + k.c0 : NULL, k.nl, 0);
     load_tile(w->u, a->u + off, a->len, k.nl, len);
-    load_tile(w->dt, a->delta + off, a->len, k.nl, len);
+    if (a->dt_w)
+        project_delta(a, w, k, off, len);
+    else
+        load_tile(w->dt, a->delta + off, a->len, k.nl, len);
     for (int t = 0; t < len; t++) {
         vec raw = w->dt[t] + bias;
         vec dt = raw;
@@ -631,7 +656,9 @@ static omp_thread_num_fn omp_thread_num = NULL;
 static void work(job *j, int tid, int keep) {
     workspace w;
     const int64_t carry = j->backward ? CARRY_BWD(j->a->dstate) : j->a->dstate;
-    if (workspace_alloc(&w, j->a->chunk, j->a->dstate, j->backward, MAX_SUB * carry, keep)) return;
+    if (workspace_alloc(&w, j->a->chunk, j->a->dstate, j->a->dt_w ? j->a->dt_rank : 0, j->backward, MAX_SUB * carry,
+                        keep))
+        return;
     for (;;) {
         int64_t item = __atomic_fetch_add(&j->next, 1, __ATOMIC_RELAXED);
         if (item >= j->nitems) break;
@@ -756,10 +783,13 @@ void mk_use_openmp(void *parallel, void *thread_num) {
 
 int mk_threading(void) { return gomp_parallel != NULL; }
 
-int mk_scan_fwd(const mk_scan_args *a) { return run_forward(a); }
+int mk_scan_fwd(const mk_scan_args *a) {
+    if (!a->delta && !(a->dt_w && a->dt_in && a->dt_rank > 0)) return 3;
+    return run_forward(a);
+}
 
 int mk_scan_bwd(const mk_scan_args *a) {
-    if (!a->dout || !a->ckpt || !a->du || !a->ddelta || !a->dA || !a->dB || !a->dC || (a->z && !a->dz))
+    if (!a->delta || !a->dout || !a->ckpt || !a->du || !a->ddelta || !a->dA || !a->dB || !a->dC || (a->z && !a->dz))
         return 3;
     return run_backward(a);
 }
