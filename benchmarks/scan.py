@@ -354,7 +354,8 @@ def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [f"Machine: {m.get('cpu')}, {m.get('cpu_count')} cores ({', '.join(m.get('simd_flags', []))}), "
              f"{m.get('mem_total_gib')} GiB; torch {m.get('torch')} with {m.get('torch_threads')} threads; "
-             f"compiler {m.get('compiler')}; {m.get('huge_pages', 'huge pages not recorded')}. Load average before/after: {report['load_before']} / "
+             f"compiler {m.get('compiler')}; {m.get('huge_pages', 'huge pages not recorded')}. "
+             f"Load average before/after: {report['load_before']} / "
              f"{report['load_after']}. float32; times are medians (ms unless marked s); peak = RSS above the "
              f"RSS before the call (MiB). Ratios: peer time / kernel time (and peer peak / kernel peak), "
              f"measured in the same run.", ""]

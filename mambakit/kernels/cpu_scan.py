@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch.autograd.function import once_differentiable
 
-from mambakit.kernels.reference import selective_scan_ref
+from mambakit.kernels.reference import _compute_dtype, selective_scan_ref
 
 __all__ = ["selective_scan_cpu", "selective_scan_cpu_projected", "kernel_status", "load_library", "set_threading",
            "KernelUnavailable", "DEFAULT_CHUNK", "vexp_bench"]
@@ -285,20 +285,26 @@ def _prep(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if t is None else t.detach().to(dtype).contiguous()
 
 
+def _prep_BC(B: torch.Tensor, C: torch.Tensor, ct: torch.dtype):
+    """B and C as contiguous (b, G, N, L) in the compute dtype, G the common grouping (they may be grouped
+    differently); returns (B_, C_, G)."""
+    G = math.lcm(*(1 if t.dim() == 3 else t.shape[1] for t in (B, C)))
+    return _prep(_grouped(B, G), ct), _prep(_grouped(C, G), ct), G
+
+
 class _SelectiveScanCPU(torch.autograd.Function):
     """Inputs as validated by `selective_scan`; returns (out in u's dtype, last_state in compute dtype)."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk):
         tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-        ct = torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+        ct = _compute_dtype(*tensors)
         lib = load_library(ct)
         b, d, L = u.shape
         N = A.shape[1]
         shapes = (tuple(B.shape), tuple(C.shape))
-        G = math.lcm(*(1 if len(sh) == 3 else sh[1] for sh in shapes))   # B and C may be grouped differently
         u_, delta_, A_, D_, z_, bias_, init_ = (_prep(t, ct) for t in (u, delta, A, D, z, delta_bias, initial_state))
-        B_, C_ = _prep(_grouped(B, G), ct), _prep(_grouped(C, G), ct)
+        B_, C_, G = _prep_BC(B, C, ct)
         nchunks = -(-L // chunk)
         out = torch.empty(b, d, L, dtype=ct)
         last = torch.empty(b, d, N, dtype=ct)
@@ -365,8 +371,7 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     """
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"selective_scan_cpu: chunk must be a positive int, got {chunk!r}")
-    ct = torch.float64 if any(t is not None and t.dtype == torch.float64
-                              for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)) else torch.float32
+    ct = _compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
     try:
         load_library(ct)
     except KernelUnavailable as err:
@@ -397,7 +402,7 @@ def selective_scan_cpu_projected(u, dt_weight, dt_in, A, B, C, D=None, z=None, d
             or tuple(dt_in.shape) != (b, dt_weight.shape[1], L)):
         raise ValueError(f"selective_scan_cpu_projected: dt_weight {tuple(dt_weight.shape)} and dt_in "
                          f"{tuple(dt_in.shape)} must be (d, R) and (b, R, L) for u of shape {tuple(u.shape)}")
-    ct = torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+    ct = _compute_dtype(*tensors)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     usable = not grad and b > 0 and d > 0 and L > 0 and A.shape[1] > 0 and dt_weight.shape[1] > 0
     if usable:
@@ -412,13 +417,11 @@ def selective_scan_cpu_projected(u, dt_weight, dt_in, A, B, C, D=None, z=None, d
     rows = dt_in if dt_in.dtype == ct else dt_in.to(ct)
     if rows.stride(2) != 1 or (R > 1 and rows.stride(1) != L):
         rows = rows.contiguous()
-    G = math.lcm(*(1 if t.dim() == 3 else t.shape[1] for t in (B, C)))
     u_, w_, A_, D_, z_, bias_ = (_prep(t, ct) for t in (u, dt_weight, A, D, z, delta_bias))
-    B_, C_ = _prep(_grouped(B, G), ct), _prep(_grouped(C, G), ct)
+    B_, C_, G = _prep_BC(B, C, ct)
     out = torch.empty(b, d, L, dtype=ct)
-    last = torch.empty(b, d, A.shape[1], dtype=ct)
     args = _ScanArgs(u=_ptr(u_), A=_ptr(A_), B=_ptr(B_), C=_ptr(C_), D=_ptr(D_), delta_bias=_ptr(bias_), z=_ptr(z_),
-                     out=out.data_ptr(), last=last.data_ptr(), dt_w=_ptr(w_), dt_in=rows.data_ptr(), batch=b, dim=d,
+                     out=out.data_ptr(), dt_w=_ptr(w_), dt_in=rows.data_ptr(), batch=b, dim=d,
                      len=L, dstate=A.shape[1], groups=G, chunk=DEFAULT_CHUNK, dt_rank=R,
                      dt_in_bstride=rows.stride(0), softplus=int(bool(delta_softplus)),
                      nthreads=torch.get_num_threads())
