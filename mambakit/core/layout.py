@@ -6,6 +6,10 @@ the two is one GEMM per sample whichever way round, since BLAS reads either oper
 
     channel_major_linear(x, W, bias)   x[i] (in, L), any of the two layouts  ->  (b, out, L) contiguous
     token_major_linear(y, W, bias)     y[i] (in, L)                          ->  (b, L, out) contiguous
+    same_layout_linear(x, W, bias)     x[i] (in, L)                          ->  (b, out, L) in x's layout
+
+On the CPU the Mamba-1 mixers keep token-major memory behind their (b, channels, L) views (see
+`mambakit.core.mamba`): there the row count of a GEMM is the token count, the shape MKL runs fastest.
 
 `F.linear` / `torch.matmul` fold the batch into the rows and so copy whenever the input is a transposed view,
 and autograd's own backward of a batched GEMM hands gradients back in the transposed layout, which the next
@@ -17,8 +21,11 @@ token-major memory.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["channel_major_linear", "token_major_linear"]
+from mambakit.kernels.cpu_scan import is_token_major
+
+__all__ = ["channel_major_linear", "token_major_linear", "same_layout_linear", "is_token_major"]
 
 
 def _bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -63,7 +70,7 @@ class _Linear(torch.autograd.Function):
         g = grad.transpose(1, 2) if ctx.token_major_out else grad                    # (b, out, L)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            if x.transpose(1, 2).is_contiguous() and not x.is_contiguous():          # token-major memory
+            if is_token_major(x):                                                  # token-major memory
                 dx = _bmm(g.transpose(1, 2), weight).transpose(1, 2)
             else:
                 dx = _bmm(weight.t(), g)
@@ -91,8 +98,18 @@ def channel_major_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return _Linear.apply(x, weight, bias, False)
 
 
+def same_layout_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (b, in, L) -> (b, out, L), out[i] = weight @ x[i] (+ bias[:, None]), laid out as x: the transposed
+    view of a contiguous (b, L, out) tensor for token-major x, contiguous channel-major otherwise."""
+    if is_token_major(x):
+        return token_major_linear(x, weight, bias).transpose(1, 2)
+    return channel_major_linear(x, weight, bias)
+
+
 def token_major_linear(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y (b, in, L) channel-major -> contiguous token-major (b, L, out): `F.linear(y.transpose(1, 2), weight,
     bias)` without materialising the transpose (and y's gradient is channel-major)."""
     _check("token_major_linear", y, weight, bias)
+    if y.transpose(1, 2).is_contiguous():     # token-major memory: a plain (b L, in) GEMM, gradient alike
+        return F.linear(y.transpose(1, 2), weight, bias)
     return _Linear.apply(y, weight, bias, True)

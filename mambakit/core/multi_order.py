@@ -9,9 +9,11 @@ bidirectional mixers, the hierarchical scans of Motion Mamba):
                                                          each branch a causal Mamba SSM with z gating
     out = out_proj(merge(y_1..y_K))
 
-Between in_proj and out_proj everything is channel-major (b, d_inner, L) and contiguous: orders gather along the
-last axis and the merges work in that layout (see `mambakit.core.layout`). A zero token of a padded order
-(stride-R) is zero in x and z, as upstream pads xz.
+Between in_proj and out_proj the tensors are (b, d_inner, L): orders gather along the last axis and the merges
+work in that layout (see `mambakit.core.layout`). On the CPU, when every order is the identity or a flip
+(Vim, BiMamba), the memory is token-major and a flip order is a branch that runs backwards in time in the
+kernels (see `mambakit.core.mamba`); with gathering orders it is contiguous channel-major. A zero token of
+a padded order (stride-R) is zero in x and z, as upstream pads xz.
 
 Parameter names: order 0 keeps the plain names (`conv1d`, `x_proj`, `dt_proj`, `A_log`, `D`). With K=2 the
 second set is Vim's / MambaMIL's `conv1d_b`, `x_proj_b`, `dt_proj_b`, `A_b_log`, `D_b`. With K>2, order k
@@ -150,9 +152,12 @@ class MultiOrderMamba(SelectiveSSM):
         lengths = check_lengths("MultiOrderMamba", lengths, b, L, hidden_states.device)
         idxs = _order_indices("MultiOrderMamba", self.orders, L, lengths, hw, coords, hidden_states.device,
                               order_indices)
-        x, z = self._in_proj(hidden_states)
+        token_major = self._token_major(hidden_states) and all(i.is_identity or i.is_flip for i in idxs)
+        x, z = self._in_proj(hidden_states, token_major)
         if self._lean(x):
             ys = [self._branch_lean(x, z, s, idx) for s, idx in zip(self.suffixes, idxs)]
+        elif token_major:
+            ys = [self._branch(x, z, s, reverse=idx.is_flip) for s, idx in zip(self.suffixes, idxs)]
         else:
             ys = [restore(self._branch(reorder(x, idx, dim=-1), reorder(z, idx, dim=-1), s), idx, dim=-1)
                   for s, idx in zip(self.suffixes, idxs)]

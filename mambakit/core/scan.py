@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 __all__ = ["selective_scan", "selective_state_update", "register_backend", "available_backends",
-           "check_scan_inputs"]
+           "check_scan_inputs", "resolve_backend"]
 
 # name -> "module:function"; imported on first use so that importing mambakit never compiles anything.
 _BACKENDS: dict[str, str] = {
@@ -27,6 +27,8 @@ _STATE_UPDATE: dict[str, str] = {
     "cpu": "mambakit.kernels.reference:selective_state_update_ref",
     "triton": "mambakit.kernels.triton_scan:selective_state_update_triton",
 }
+#: Backends whose scan takes `reverse=` and walks time backwards itself; the others get flipped copies.
+_REVERSIBLE = {"cpu"}
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -46,8 +48,10 @@ def _load(path: str) -> Callable:
     return getattr(importlib.import_module(module), fn)
 
 
-def _resolve(backend: str, device: torch.device, table: dict[str, str]) -> Callable:
-    """The function for `backend` ("auto": triton on CUDA, the fused kernel on CPU, else the reference)."""
+def resolve_backend(backend: str, device: torch.device, table: dict[str, str] | None = None) -> str:
+    """The backend name `backend` runs as on `device` ("auto": triton on CUDA, the fused kernel on CPU, else the
+    reference)."""
+    table = _BACKENDS if table is None else table
     if not isinstance(backend, str):
         raise TypeError(f"selective_scan: backend must be a string, 'auto' or one of {sorted(table)}, "
                         f"got {type(backend).__name__}")
@@ -63,7 +67,11 @@ def _resolve(backend: str, device: torch.device, table: dict[str, str]) -> Calla
         raise ValueError(f"selective_scan: backend 'triton' needs CUDA tensors, got tensors on {device}")
     if backend == "cpu" and device.type != "cpu":
         raise ValueError(f"selective_scan: backend 'cpu' needs CPU tensors, got tensors on {device}")
-    return _load(table[backend])
+    return backend
+
+
+def _resolve(backend: str, device: torch.device, table: dict[str, str]) -> Callable:
+    return _load(table[resolve_backend(backend, device, table)])
 
 
 def _shape_text(t) -> str:
@@ -139,18 +147,26 @@ def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, initia
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, initial_state=None, backend="auto"):
+                   return_last_state=False, initial_state=None, backend="auto", reverse=False):
     """The Mamba-1 selective scan.
 
     u, delta, z: (b, d, L); A: (d, N); B, C: (b, N, L) or grouped (b, G, N, L), each group serving d/G
     channels; D, delta_bias: (d,); initial_state: (b, d, N). Returns out (b, d, L) in u's dtype and, when
     `return_last_state`, the last state (b, d, N) in float32 (float64 for float64 inputs). Gradients flow
     to every tensor input, including initial_state, and from the last state.
+
+    reverse: scan from the last step to the first, `flip(scan(flip(inputs)))` (a bidirectional mixer's
+    backward direction). The fused CPU kernel walks time backwards in place; other backends flip copies.
     """
     check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    fn = _resolve(backend, u.device, _BACKENDS)
-    return fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
-              return_last_state=return_last_state, initial_state=initial_state)
+    name = resolve_backend(backend, u.device)
+    fn = _load(_BACKENDS[name])
+    kwargs = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                  return_last_state=return_last_state, initial_state=initial_state)
+    if name in _REVERSIBLE:
+        return fn(u, delta, A, B, C, reverse=bool(reverse), **kwargs)
+    from mambakit.kernels.cpu_scan import flipped
+    return flipped(fn, bool(reverse), u, delta, A, B, C, **kwargs)
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, backend="auto"):

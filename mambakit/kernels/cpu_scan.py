@@ -49,7 +49,7 @@ DEFAULT_CHUNK = 64
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
 _SOURCES = ("selective_scan_cpu.c", "vmath.h")
-_ABI_VERSION = 4
+_ABI_VERSION = 5
 # No -ffast-math: reassociation would break exp's range reduction, and finite-math-only would turn NaN
 # inputs into garbage instead of NaN outputs. Contraction into FMA is allowed (it only adds accuracy).
 _FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-fno-math-errno", "-fno-trapping-math",
@@ -63,6 +63,16 @@ class KernelUnavailable(RuntimeError):
     """The fused CPU kernel cannot be used here; the message says why."""
 
 
+class Stride(ctypes.Structure):
+    """Mirror of `mk_stride`: elements between batch elements, channels and time steps of a (b, d, L) tensor."""
+
+    _fields_ = [("b", ctypes.c_int64), ("c", ctypes.c_int64), ("t", ctypes.c_int64)]
+
+
+#: The strided (b, d, L) tensors of `mk_scan_args`, in the order of its `st` array.
+_STRIDED = ("u", "delta", "z", "out", "dout", "du", "ddelta", "dz")
+
+
 class _ScanArgs(ctypes.Structure):
     """Mirror of `mk_scan_args` in csrc/selective_scan_cpu.c (field order matters)."""
 
@@ -71,7 +81,47 @@ class _ScanArgs(ctypes.Structure):
         "du", "ddelta", "dz", "dA", "dB", "dC", "dD", "dbias", "dinit", "dt_w", "dt_in")]
     _fields_ += [(name, ctypes.c_int64) for name in ("batch", "dim", "len", "dstate", "groups", "chunk", "dt_rank",
                                                      "dt_in_bstride")]
-    _fields_ += [("softplus", ctypes.c_int32), ("nthreads", ctypes.c_int32)]
+    _fields_ += [("st", Stride * len(_STRIDED)), ("softplus", ctypes.c_int32), ("nthreads", ctypes.c_int32)]
+
+
+def strided(t: torch.Tensor | None, reverse: bool = False) -> tuple[int | None, Stride]:
+    """A (b, d, L) tensor as the kernels read it in place: (address of its first step, strides). With
+    `reverse`, the first step is the last one and the time stride is negated: the kernel walks time backwards."""
+    if t is None:
+        return None, Stride(0, 0, 0)
+    sb, sc, st = t.stride()
+    ptr = t.data_ptr()
+    if reverse and t.shape[2] > 1:
+        ptr += (t.shape[2] - 1) * st * t.element_size()
+        st = -st
+    return ptr, Stride(sb, sc, st)
+
+
+def is_token_major(x: torch.Tensor) -> bool:
+    """Whether a (b, channels, L) tensor has token-major memory: the transposed view of a (b, L, channels) one
+    (possibly every other row of it, as the halves of in_proj's output are), rather than channel-major rows."""
+    return x.dim() == 3 and x.shape[2] > 1 and x.stride(2) != 1 and (x.stride(1) == 1 or x.shape[1] == 1)
+
+
+def empty_like_layout(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised (b, d, L) tensor laid out as t: token-major memory (the transposed view of (b, L, d))
+    when t's channels are adjacent, channel-major otherwise."""
+    b, d, L = t.shape
+    if is_token_major(t):
+        return torch.empty(b, L, d, dtype=dtype).transpose(1, 2)
+    return torch.empty(b, d, L, dtype=dtype)
+
+
+def _scan_args(reverse: bool, **kw) -> _ScanArgs:
+    """_ScanArgs with the strided tensors (given as tensors under their field names) turned into addresses
+    and strides, the rest passed through (tensors as addresses)."""
+    st = (Stride * len(_STRIDED))()
+    for i, name in enumerate(_STRIDED):
+        kw[name], st[i] = strided(kw.get(name), reverse)
+    for name, value in kw.items():
+        if isinstance(value, torch.Tensor):
+            kw[name] = value.data_ptr()
+    return _ScanArgs(st=st, **kw)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -285,40 +335,47 @@ def _prep(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if t is None else t.detach().to(dtype).contiguous()
 
 
-def _prep_BC(B: torch.Tensor, C: torch.Tensor, ct: torch.dtype):
+def _as_is(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A (b, d, L) input in the compute dtype, its layout kept (the kernel reads it through its strides)."""
+    return None if t is None else t.detach().to(dtype)
+
+
+def _prep_BC(B: torch.Tensor, C: torch.Tensor, ct: torch.dtype, reverse: bool = False):
     """B and C as contiguous (b, G, N, L) in the compute dtype, G the common grouping (they may be grouped
-    differently); returns (B_, C_, G)."""
+    differently), in the kernel's time order (reversed with `reverse`); returns (B_, C_, G)."""
     G = math.lcm(*(1 if t.dim() == 3 else t.shape[1] for t in (B, C)))
-    return _prep(_grouped(B, G), ct), _prep(_grouped(C, G), ct), G
+    B_, C_ = (_grouped(t, G) for t in (B, C))
+    if reverse:
+        B_, C_ = B_.flip(-1), C_.flip(-1)
+    return _prep(B_, ct), _prep(C_, ct), G
 
 
 class _SelectiveScanCPU(torch.autograd.Function):
     """Inputs as validated by `selective_scan`; returns (out in u's dtype, last_state in compute dtype)."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk, reverse):
         tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
         ct = _compute_dtype(*tensors)
         lib = load_library(ct)
         b, d, L = u.shape
         N = A.shape[1]
         shapes = (tuple(B.shape), tuple(C.shape))
-        u_, delta_, A_, D_, z_, bias_, init_ = (_prep(t, ct) for t in (u, delta, A, D, z, delta_bias, initial_state))
-        B_, C_, G = _prep_BC(B, C, ct)
+        u_, delta_, z_ = (_as_is(t, ct) for t in (u, delta, z))
+        A_, D_, bias_, init_ = (_prep(t, ct) for t in (A, D, delta_bias, initial_state))
+        B_, C_, G = _prep_BC(B, C, ct, reverse)
         nchunks = -(-L // chunk)
-        out = torch.empty(b, d, L, dtype=ct)
+        out = empty_like_layout(u_, ct)
         last = torch.empty(b, d, N, dtype=ct)
         needs_grad = any(ctx.needs_input_grad)
         ckpt = torch.empty(b, d, nchunks, N, dtype=ct) if needs_grad else None
-        args = _ScanArgs(u=_ptr(u_), delta=_ptr(delta_), A=_ptr(A_), B=_ptr(B_), C=_ptr(C_), D=_ptr(D_),
-                         delta_bias=_ptr(bias_), z=_ptr(z_), init=_ptr(init_), out=out.data_ptr(),
-                         ckpt=_ptr(ckpt), last=last.data_ptr(), batch=b, dim=d, len=L, dstate=N,
-                         groups=G, chunk=chunk, softplus=int(bool(delta_softplus)),
-                         nthreads=torch.get_num_threads())
+        args = _scan_args(reverse, u=u_, delta=delta_, A=A_, B=B_, C=C_, D=D_, delta_bias=bias_, z=z_, init=init_,
+                          out=out, ckpt=ckpt, last=last, batch=b, dim=d, len=L, dstate=N, groups=G, chunk=chunk,
+                          softplus=int(bool(delta_softplus)), nthreads=torch.get_num_threads())
         _check(lib.mk_scan_fwd(ctypes.byref(args)), "forward")
         if needs_grad:
             ctx.save_for_backward(u_, delta_, A_, B_, C_, D_, z_, bias_, ckpt)
-            ctx.info = (shapes, delta_softplus, chunk, initial_state is not None,
+            ctx.info = (shapes, delta_softplus, chunk, initial_state is not None, reverse,
                         [None if t is None else t.dtype for t in tensors])
         ctx.set_materialize_grads(False)
         return (out if u.dtype == ct else out.to(u.dtype)), last
@@ -327,31 +384,32 @@ class _SelectiveScanCPU(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dout, dlast):
         u_, delta_, A_, B_, C_, D_, z_, bias_, ckpt = ctx.saved_tensors
-        shapes, softplus, chunk, has_init, dtypes = ctx.info
+        shapes, softplus, chunk, has_init, reverse, dtypes = ctx.info
         ct = u_.dtype
         lib = load_library(ct)
         b, d, L = u_.shape
         N, G = A_.shape[1], B_.shape[1]
-        dout_ = torch.zeros(b, d, L, dtype=ct) if dout is None else dout.to(ct).contiguous()
+        dout_ = torch.zeros(b, d, L, dtype=ct) if dout is None else dout.to(ct)
         dlast_ = None if dlast is None else dlast.to(ct).contiguous()
-        du, ddelta = torch.empty(b, d, L, dtype=ct), torch.empty(b, d, L, dtype=ct)
-        dz = torch.empty(b, d, L, dtype=ct) if z_ is not None else None
+        du, ddelta = empty_like_layout(u_, ct), empty_like_layout(delta_, ct)
+        dz = empty_like_layout(z_, ct) if z_ is not None else None
         dA = torch.empty(d, N, dtype=ct)
         dB, dC = torch.empty(b, G, N, L, dtype=ct), torch.empty(b, G, N, L, dtype=ct)
         dD = torch.empty(d, dtype=ct) if D_ is not None else None
         dbias = torch.empty(d, dtype=ct) if bias_ is not None else None
         dinit = torch.empty(b, d, N, dtype=ct) if has_init else None
-        args = _ScanArgs(u=_ptr(u_), delta=_ptr(delta_), A=_ptr(A_), B=_ptr(B_), C=_ptr(C_), D=_ptr(D_),
-                         delta_bias=_ptr(bias_), z=_ptr(z_), ckpt=_ptr(ckpt), dout=_ptr(dout_), dlast=_ptr(dlast_),
-                         du=_ptr(du), ddelta=_ptr(ddelta), dz=_ptr(dz), dA=_ptr(dA), dB=_ptr(dB), dC=_ptr(dC),
-                         dD=_ptr(dD), dbias=_ptr(dbias), dinit=_ptr(dinit), batch=b, dim=d, len=L, dstate=N,
-                         groups=G, chunk=chunk, softplus=int(bool(softplus)), nthreads=torch.get_num_threads())
+        args = _scan_args(reverse, u=u_, delta=delta_, A=A_, B=B_, C=C_, D=D_, delta_bias=bias_, z=z_, ckpt=ckpt,
+                          dout=dout_, dlast=dlast_, du=du, ddelta=ddelta, dz=dz, dA=dA, dB=dB, dC=dC, dD=dD,
+                          dbias=dbias, dinit=dinit, batch=b, dim=d, len=L, dstate=N, groups=G, chunk=chunk,
+                          softplus=int(bool(softplus)), nthreads=torch.get_num_threads())
         _check(lib.mk_scan_bwd(ctypes.byref(args)), "backward")
+        if reverse:                                   # the kernel's time order back to the tokens'
+            dB, dC = dB.flip(-1), dC.flip(-1)
         dB, dC = _ungrouped(dB, shapes[0]), _ungrouped(dC, shapes[1])
         grads = [du, ddelta, dA, dB, dC, dD, dz, dbias, dinit]
         grads = [None if g is None or not need else g.to(dt)
                  for g, need, dt in zip(grads, ctx.needs_input_grad, dtypes)]
-        return (*grads, None, None)
+        return (*grads, None, None, None)
 
 
 def _check(rc: int, what: str) -> None:
@@ -362,39 +420,54 @@ def _check(rc: int, what: str) -> None:
 
 
 def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                       return_last_state=False, initial_state=None, *, chunk: int = DEFAULT_CHUNK):
+                       return_last_state=False, initial_state=None, *, reverse: bool = False,
+                       chunk: int = DEFAULT_CHUNK):
     """The fused CPU selective scan; inputs as validated by `mambakit.core.scan.selective_scan`.
 
-    u, delta, z: (b, d, L); A: (d, N); B, C: (b, N, L) or (b, G, N, L); D, delta_bias: (d,);
-    initial_state: (b, d, N). Returns out (b, d, L) in u's dtype [, last_state (b, d, N) in float32, or float64
-    for float64 inputs]. `chunk` is the backward's checkpoint interval K (memory O(b d N L / K)).
+    u, delta, z: (b, d, L) in any layout (channel-major rows, and token-major memory, the transposed view of a
+    (b, L, d) tensor, are read in place; the output and the gradients take u's, delta's and z's layouts);
+    A: (d, N); B, C: (b, N, L) or (b, G, N, L); D, delta_bias: (d,); initial_state: (b, d, N). With `reverse`
+    the scan runs from the last step to the first without copying its inputs: the result is
+    `flip(scan(flip(inputs)))`, and initial_state / last_state are the states before step L-1 / after step 0.
+    Returns out (b, d, L) in u's dtype [, last_state (b, d, N) in float32, or float64 for float64 inputs].
+    `chunk` is the backward's checkpoint interval K (memory O(b d N L / K)).
     """
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"selective_scan_cpu: chunk must be a positive int, got {chunk!r}")
     ct = _compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
     try:
         load_library(ct)
+        usable = u.shape[0] > 0 and u.shape[1] > 0 and A.shape[1] > 0
     except KernelUnavailable as err:
         _warn_fallback(str(err))
-        return selective_scan_ref(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
-                                  delta_softplus=delta_softplus, return_last_state=return_last_state,
-                                  initial_state=initial_state)
-    if u.shape[0] == 0 or u.shape[1] == 0 or A.shape[1] == 0:
-        return selective_scan_ref(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
-                                  delta_softplus=delta_softplus, return_last_state=return_last_state,
-                                  initial_state=initial_state)
+        usable = False
+    if not usable:
+        return flipped(selective_scan_ref, reverse, u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                       delta_softplus=delta_softplus, return_last_state=return_last_state,
+                       initial_state=initial_state)
     out, last = _SelectiveScanCPU.apply(u, delta, A, B, C, D, z, delta_bias, initial_state,
-                                        bool(delta_softplus), chunk)
+                                        bool(delta_softplus), chunk, bool(reverse))
     return (out, last) if return_last_state else out
 
 
+def flipped(scan, reverse: bool, u, delta, A, B, C, D=None, z=None, **kwargs):
+    """`scan` (a selective scan that walks time forwards only) with the semantics of `reverse`: run on the
+    time-reversed inputs, its output reversed back."""
+    if not reverse:
+        return scan(u, delta, A, B, C, D=D, z=z, **kwargs)
+    u, delta, B, C = (t.flip(-1) for t in (u, delta, B, C))
+    res = scan(u, delta, A, B, C, D=D, z=None if z is None else z.flip(-1), **kwargs)
+    return (res[0].flip(-1), res[1]) if isinstance(res, tuple) else res.flip(-1)
+
+
 def selective_scan_cpu_projected(u, dt_weight, dt_in, A, B, C, D=None, z=None, delta_bias=None,
-                                 delta_softplus=False):
+                                 delta_softplus=False, *, reverse: bool = False):
     """Inference form of `selective_scan_cpu` with delta = dt_weight @ dt_in (per batch element) computed inside
     the kernel, chunk by chunk, instead of materialised (Mamba's dt_proj without its bias, which stays the
     scan's delta_bias). dt_weight: (d, R); dt_in: (b, R, L), e.g. the first R rows of x_proj's output (a
     view whose rows are contiguous is read in place). Under autograd, or where the kernel is unavailable, delta
-    is computed explicitly and the ordinary scan runs. Returns out (b, d, L) in u's dtype.
+    is computed explicitly and the ordinary scan runs. `reverse` and layouts as in `selective_scan_cpu`.
+    Returns out (b, d, L) in u's dtype.
     """
     tensors = (u, dt_weight, dt_in, A, B, C, D, z, delta_bias)
     b, d, L = u.shape
@@ -412,19 +485,21 @@ def selective_scan_cpu_projected(u, dt_weight, dt_in, A, B, C, D=None, z=None, d
             usable = False
     if not usable:
         delta = torch.matmul(dt_weight.to(dt_in.dtype), dt_in)
-        return selective_scan_cpu(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus)
+        return selective_scan_cpu(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                                  reverse=reverse)
     R = dt_weight.shape[1]
     rows = dt_in if dt_in.dtype == ct else dt_in.to(ct)
+    rows = rows.flip(-1) if reverse else rows                 # the kernel reads dt_in in its own time order
     if rows.stride(2) != 1 or (R > 1 and rows.stride(1) != L):
         rows = rows.contiguous()
-    u_, w_, A_, D_, z_, bias_ = (_prep(t, ct) for t in (u, dt_weight, A, D, z, delta_bias))
-    B_, C_, G = _prep_BC(B, C, ct)
-    out = torch.empty(b, d, L, dtype=ct)
-    args = _ScanArgs(u=_ptr(u_), A=_ptr(A_), B=_ptr(B_), C=_ptr(C_), D=_ptr(D_), delta_bias=_ptr(bias_), z=_ptr(z_),
-                     out=out.data_ptr(), dt_w=_ptr(w_), dt_in=rows.data_ptr(), batch=b, dim=d,
-                     len=L, dstate=A.shape[1], groups=G, chunk=DEFAULT_CHUNK, dt_rank=R,
-                     dt_in_bstride=rows.stride(0), softplus=int(bool(delta_softplus)),
-                     nthreads=torch.get_num_threads())
+    u_, z_ = _as_is(u, ct), _as_is(z, ct)
+    w_, A_, D_, bias_ = (_prep(t, ct) for t in (dt_weight, A, D, delta_bias))
+    B_, C_, G = _prep_BC(B, C, ct, reverse)
+    out = empty_like_layout(u_, ct)
+    args = _scan_args(reverse, u=u_, A=A_, B=B_, C=C_, D=D_, delta_bias=bias_, z=z_, out=out, dt_w=w_, dt_in=rows,
+                      batch=b, dim=d, len=L, dstate=A.shape[1], groups=G, chunk=DEFAULT_CHUNK, dt_rank=R,
+                      dt_in_bstride=rows.stride(0), softplus=int(bool(delta_softplus)),
+                      nthreads=torch.get_num_threads())
     _check(lib.mk_scan_fwd(ctypes.byref(args)), "forward")
     return out if u.dtype == ct else out.to(u.dtype)
 

@@ -6,7 +6,10 @@
    sum) and the concat / gate merges: forward and the gradients of the input and of every parameter against a
    float64 transcription of the token-major upstream computation (in_proj -> reorder xz -> branch -> restore ->
    merge -> out_proj, with the loop scan of core_refs), with and without per-sample lengths.
-3. The scan sees contiguous channel-major u, delta, z and output gradients (no layout copy at its boundary).
+3. No layout copy at the scan boundary: a scan backend other than the fused CPU kernel sees contiguous
+   channel-major u, delta, z and output gradients; the CPU kernel sees token-major views of in_proj's output
+   (x and z) and of the tensors computed from them, and runs a flip order backwards in time instead of
+   receiving flipped copies.
 """
 
 import pytest
@@ -17,7 +20,8 @@ import core_refs
 from core_refs import randomize
 from mambakit.core import Mamba, MultiOrderMamba, StrideOrder
 from mambakit.core import scan as scan_module
-from mambakit.core.layout import channel_major_linear, token_major_linear
+from mambakit.core.layout import channel_major_linear, is_token_major, token_major_linear
+from mambakit.kernels import cpu_scan
 from mambakit.kernels.reference import selective_scan_ref
 
 F64 = torch.float64
@@ -229,4 +233,33 @@ def test_scan_gets_contiguous_channel_major_tensors_and_gradients(recording_back
         names = [name for name, _ in SEEN]
         assert names.count("dout") == names.count("u") == len(getattr(m, "suffixes", [""]))
         assert all(ok for _, ok in SEEN), (type(m).__name__, SEEN)
+        assert x.grad.is_contiguous()
+
+
+KERNEL_CALLS: list[dict] = []
+
+
+def recording_cpu_scan(u, delta, A, B, C, D=None, z=None, reverse=False, **kwargs):
+    """The fused CPU scan, noting the layouts it is handed and the direction."""
+    KERNEL_CALLS.append({"u": u, "delta": delta, "z": z, "reverse": reverse})
+    return cpu_scan.selective_scan_cpu(u, delta, A, B, C, D=D, z=z, reverse=reverse, **kwargs)
+
+
+@pytest.mark.parametrize("b", [1, 3])
+def test_cpu_kernel_gets_token_major_views_and_runs_the_flip_order_in_reverse(monkeypatch, b):
+    ok, why = cpu_scan.kernel_status(F64)
+    if not ok:
+        pytest.skip(f"the fused CPU kernel cannot be built here: {why}")
+    monkeypatch.setitem(scan_module._BACKENDS, "cpu", f"{__name__}:recording_cpu_scan")
+    for m, reverses in ((Mamba(16, d_state=4, dtype=F64), [False]),
+                        (MultiOrderMamba.vim(16, d_state=4, dtype=F64), [False, True])):
+        KERNEL_CALLS.clear()
+        x = torch.randn(b, 10, 16, dtype=F64, requires_grad=True)
+        m(x).sum().backward()
+        assert [c["reverse"] for c in KERNEL_CALLS] == reverses
+        xz_storages = set()
+        for call in KERNEL_CALLS:
+            assert all(is_token_major(call[k]) for k in ("u", "delta", "z")), type(m).__name__
+            xz_storages.add(call["z"].untyped_storage().data_ptr())
+        assert len(xz_storages) == 1                 # z: every branch reads the same in_proj output in place
         assert x.grad.is_contiguous()

@@ -94,16 +94,18 @@ class _Recorder:
         with torch.autograd.graph.saved_tensors_hooks(self.outer.pack, self.outer.unpack):
             return m(h)
 
-    def big_storages(self, numel: int) -> set:
+    def big_storages(self, numel: int) -> dict:
+        """The held storages of at least `numel` elements: {address: bytes}."""
         held = self.outer.held() + [t for acts in self.branches for t in acts.held()]
-        return {t.untyped_storage().data_ptr() for t in held
+        return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held
                 if t.untyped_storage().nbytes() >= numel * t.element_size()}
 
 
 @pytest.mark.parametrize("kind", ["mamba", "vim_mean", "sr_pad_sum"])
 def test_only_token_order_x_z_and_out_proj_input_are_held(kind, monkeypatch):
-    """Between forward and backward, the lean path holds three (b, d_inner, L) tensors whatever the number of
-    orders: x, z and the merged y (out_proj's input); the plain path holds every branch's intermediates."""
+    """Between forward and backward, the lean path holds three (b, d_inner, L) tensors' worth of memory whatever
+    the number of orders: x, z (on the CPU the two halves of one token-major in_proj output) and the merged y
+    (out_proj's input); the plain path holds every branch's intermediates."""
     plain, lean = pair(kind, F32)
     b, L = 2, 40
     h = torch.randn(b, L, D_MODEL, requires_grad=True)
@@ -113,13 +115,14 @@ def test_only_token_order_x_z_and_out_proj_input_are_held(kind, monkeypatch):
     # dropped per branch: at least silu's output u (saved by x_proj and the scan) twice and delta (the fused
     # conv + silu saves only its input, which is x itself or the dropped reordered x)
     assert len(rec.branches) == K and all(acts.dropped >= 3 for acts in rec.branches)
-    assert len(rec.big_storages(b * D_INNER * L)) == 3
+    unit = b * D_INNER * L * 4
+    assert sum(rec.big_storages(b * D_INNER * L).values()) == 3 * unit
     out.sum().backward()                                        # the dropped tensors come back for the backward
     assert all(not acts._cache for acts in rec.branches)        # and none is kept after its last use
 
     rec_plain = _Recorder(monkeypatch)
     rec_plain.forward(plain, h)
-    assert len(rec_plain.big_storages(b * D_INNER * L)) >= 3 + 2 * K           # + u and delta per order
+    assert sum(rec_plain.big_storages(b * D_INNER * L).values()) >= (3 + 2 * K) * unit   # + u and delta per order
 
 
 def test_retain_graph_backward_twice_and_no_grad():

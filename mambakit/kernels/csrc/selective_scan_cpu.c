@@ -51,11 +51,18 @@ typedef ureal uvec __attribute__((vector_size(W * sizeof(real))));
 
 #include "vmath.h"
 
-#define MK_ABI_VERSION 4
+#define MK_ABI_VERSION 5
 
-/* Every pointer is to a contiguous array of `real` (dt_in: rows of `len`, batch elements dt_in_bstride apart).
- * Optional inputs and unwanted outputs are NULL. The forward takes either delta or its projection
- * delta = dt_w @ dt_in (per batch element), computed chunk by chunk and never stored (inference). */
+/* The (batch, dim, len) tensors u, delta, z, out and their gradients are read and written through strides
+ * (mk_stride: elements between batch elements, channels, time steps; any sign), so channel-major rows,
+ * token-major memory (channel stride 1) and time reversed (a pointer to the last step and a negative time
+ * stride) all run without a copy. Every other pointer is to a contiguous array of `real` (dt_in: rows of
+ * `len`, batch elements dt_in_bstride apart). Optional inputs and unwanted outputs are NULL. The forward takes
+ * either delta or its projection delta = dt_w @ dt_in (per batch element), computed chunk by chunk and never
+ * stored (inference). */
+typedef struct { int64_t b, c, t; } mk_stride;
+enum { S_U, S_DELTA, S_Z, S_OUT, S_DOUT, S_DU, S_DDELTA, S_DZ, S_COUNT };
+
 typedef struct {
     const real *u, *delta;           /* (batch, dim, len) */
     const real *A;                   /* (dim, dstate) */
@@ -75,6 +82,7 @@ typedef struct {
     const real *dt_w, *dt_in;        /* instead of delta (forward only): (dim, dt_rank), (batch, dt_rank, len) */
     int64_t batch, dim, len, dstate, groups, chunk;
     int64_t dt_rank, dt_in_bstride;
+    mk_stride st[S_COUNT];           /* strides of u, delta, z, out, dout, du, ddelta, dz (see the enum) */
     int32_t softplus, nthreads;
 } mk_scan_args;
 
@@ -177,7 +185,7 @@ static inline void store_block(real *dst, const vec *tile, int64_t L) {
 #endif
 
 /* tile[t][lane] = src[lane * L + t] for lane < nl, t < len; lanes >= nl are zero. */
-static void load_tile(vec *tile, const real *src, int64_t L, int nl, int len) {
+static void load_rows(vec *tile, const real *src, int64_t L, int nl, int len) {
     int t0 = 0;
 #if MK_TRANSPOSE_BLOCKS
     if (nl == W)
@@ -193,7 +201,7 @@ static void load_tile(vec *tile, const real *src, int64_t L, int nl, int len) {
         for (int t = t0; t < len; t++) d[t * W + lane] = 0;
 }
 
-static void store_tile(real *dst, const vec *tile, int64_t L, int nl, int len) {
+static void store_rows(real *dst, const vec *tile, int64_t L, int nl, int len) {
     int t0 = 0;
 #if MK_TRANSPOSE_BLOCKS
     if (nl == W)
@@ -203,6 +211,32 @@ static void store_tile(real *dst, const vec *tile, int64_t L, int nl, int len) {
     for (int lane = 0; lane < nl; lane++) {
         real *d = dst + lane * L;
         for (int t = t0; t < len; t++) d[t] = s[t * W + lane];
+    }
+}
+
+/* tile[t][lane] = src[lane * cs + t * ts] for lane < nl, t < len; lanes >= nl are zero. Rows (ts = 1) go
+ * through 8x8 transposes; token-major memory (cs = 1) is one vector per step, in either time direction. */
+static void load_tile(vec *tile, const real *src, int64_t cs, int64_t ts, int nl, int len) {
+    if (ts == 1) {
+        load_rows(tile, src, cs, nl, len);
+    } else if (cs == 1 && nl == W) {
+        for (int t = 0; t < len; t++) tile[t] = vload(src + t * ts);
+    } else {
+        real *d = (real *)tile;
+        for (int t = 0; t < len; t++)
+            for (int lane = 0; lane < W; lane++) d[t * W + lane] = lane < nl ? src[lane * cs + t * ts] : (real)0;
+    }
+}
+
+static void store_tile(real *dst, const vec *tile, int64_t cs, int64_t ts, int nl, int len) {
+    if (ts == 1) {
+        store_rows(dst, tile, cs, nl, len);
+    } else if (cs == 1 && nl == W) {
+        for (int t = 0; t < len; t++) vstore(dst + t * ts, tile[t]);
+    } else {
+        const real *s = (const real *)tile;
+        for (int t = 0; t < len; t++)
+            for (int lane = 0; lane < nl; lane++) dst[lane * cs + t * ts] = s[t * W + lane];
     }
 }
 
@@ -249,16 +283,29 @@ static block make_block(const mk_scan_args *a, int64_t b, int64_t g, int64_t j) 
 /* A for the block's lanes, and A log2(e): the decays are computed as 2^(dt A log2 e). A is (dim, dstate), so
  * the block's rows are a tile like the (channel, time) ones. */
 static void load_A(const mk_scan_args *a, workspace *w, block k) {
-    load_tile(w->A, a->A + k.c0 * a->dstate, a->dstate, k.nl, (int)a->dstate);
+    load_rows(w->A, a->A + k.c0 * a->dstate, a->dstate, k.nl, (int)a->dstate);
     for (int64_t n = 0; n < a->dstate; n++) w->A2[n] = w->A[n] * (real)1.4426950408889634074;
+}
+
+/* Steps t0 .. t0 + len - 1 of block k of the strided tensor `which` into / from a tile. */
+static inline void load_view(const mk_scan_args *a, int which, const real *p, vec *tile, block k, int64_t t0,
+                             int len) {
+    const mk_stride s = a->st[which];
+    load_tile(tile, p + k.b * s.b + k.c0 * s.c + t0 * s.t, s.c, s.t, k.nl, len);
+}
+
+static inline void store_view(const mk_scan_args *a, int which, real *p, const vec *tile, block k, int64_t t0,
+                              int len) {
+    const mk_stride s = a->st[which];
+    store_tile(p + k.b * s.b + k.c0 * s.c + t0 * s.t, tile, s.c, s.t, k.nl, len);
 }
 
 /* The chunk's delta tile from its projection: delta[t] = sum_r dt_w[c, r] dt_in[r, t] for the block's
  * channels c. dt_in's rows are shared by every block of the batch element, so they come from cache; this
  * replaces writing and reading back a (batch, dim, len) delta (a memory-bound GEMM with dt_rank columns). */
-static void project_delta(const mk_scan_args *a, workspace *w, block k, int64_t off, int len) {
-    const int64_t R = a->dt_rank, t0 = off - (k.b * a->dim + k.c0) * a->len;
-    load_tile(w->Wdt, a->dt_w + k.c0 * R, R, k.nl, (int)R);
+static void project_delta(const mk_scan_args *a, workspace *w, block k, int64_t t0, int len) {
+    const int64_t R = a->dt_rank;
+    load_rows(w->Wdt, a->dt_w + k.c0 * R, R, k.nl, (int)R);
     const real *src = a->dt_in + k.b * a->dt_in_bstride + t0;
     for (int t = 0; t < len; t++) w->dt[t] = vsplat(0);
     for (int64_t r = 0; r < R; r++) {
@@ -270,13 +317,13 @@ static void project_delta(const mk_scan_args *a, workspace *w, block k, int64_t 
 
 /* Loads the chunk's u and delta tiles and turns delta into dt = softplus(delta + bias) (softplus optional)
  * and dt * u; with want_dsp also d softplus / d input (1 above torch's threshold 20, like torch). */
-static void load_steps(const mk_scan_args *a, workspace *w, block k, int64_t off, int len, int want_dsp) {
+static void load_steps(const mk_scan_args *a, workspace *w, block k, int64_t t0, int len, int want_dsp) {
     const vec bias = load_lanes(a->delta_bias ? a->delta_bias + k.c0 : NULL, k.nl, 0);
-    load_tile(w->u, a->u + off, a->len, k.nl, len);
+    load_view(a, S_U, a->u, w->u, k, t0, len);
     if (a->dt_w)
-        project_delta(a, w, k, off, len);
+        project_delta(a, w, k, t0, len);
     else
-        load_tile(w->dt, a->delta + off, a->len, k.nl, len);
+        load_view(a, S_DELTA, a->delta, w->dt, k, t0, len);
     for (int t = 0; t < len; t++) {
         vec raw = w->dt[t] + bias;
         vec dt = raw;
@@ -363,19 +410,19 @@ static inline __attribute__((always_inline)) void recur_chunk(workspace *w, cons
 static void forward_chunk(const mk_scan_args *a, workspace *w, block k, int64_t c, vec *xs, const real *Bg,
                           const real *Cg) {
     const int64_t L = a->len, N = a->dstate, K = a->chunk, nchunks = (L + K - 1) / K;
-    const int64_t t0 = c * K, row0 = k.b * a->dim + k.c0, off = row0 * L + t0;
+    const int64_t t0 = c * K, row0 = k.b * a->dim + k.c0;
     const int len = (int)(L - t0 < K ? L - t0 : K);
     if (a->ckpt) store_states(a->ckpt + (row0 * nchunks + c) * N, xs, nchunks * N, N, k.nl);
     load_A(a, w, k);
-    load_steps(a, w, k, off, len, 0);
-    if (a->z) load_tile(w->z, a->z + off, L, k.nl, len);
+    load_steps(a, w, k, t0, len, 0);
+    if (a->z) load_view(a, S_Z, a->z, w->z, k, t0, len);
     const vec Dv = load_lanes(a->D ? a->D + k.c0 : NULL, k.nl, 0);
     for (int t = 0; t < len; t++) w->y[t] = Dv * w->u[t];
     chunk_decays(w, N, len);
     recur_chunk(w, xs, xs, Bg + t0, Cg + t0, L, N, len, NULL, 1);
     if (a->z)
         for (int t = 0; t < len; t++) w->y[t] = w->y[t] * (w->z[t] * vsigmoid(w->z[t]));
-    store_tile(a->out + off, w->y, L, k.nl, len);
+    store_view(a, S_OUT, a->out, w->y, k, t0, len);
 }
 
 /* Blocks j0 .. j1 - 1 of (batch b, group g), chunk by chunk across the blocks, so each chunk of B and C is
@@ -510,14 +557,14 @@ static inline __attribute__((always_inline)) void reverse_group(workspace *w, ve
 static void backward_chunk(const mk_scan_args *a, workspace *w, block k, int64_t c, vec *carry, const real *Bg,
                            const real *Cg, real *dBg, real *dCg) {
     const int64_t L = a->len, N = a->dstate, K = a->chunk, nchunks = (L + K - 1) / K;
-    const int64_t t0 = c * K, row0 = k.b * a->dim + k.c0, off = row0 * L + t0;
+    const int64_t t0 = c * K, row0 = k.b * a->dim + k.c0;
     const int len = (int)(L - t0 < K ? L - t0 : K), nl = k.nl;
     vec *dx = carry, *dAs = carry + N, *dD = carry + 2 * N, *dbias = carry + 2 * N + 1;
     load_A(a, w, k);
-    load_steps(a, w, k, off, len, 1);
+    load_steps(a, w, k, t0, len, 1);
     const vec Dv = load_lanes(a->D ? a->D + k.c0 : NULL, nl, 0);
-    load_tile(w->dout, a->dout + off, L, nl, len);
-    if (a->z) load_tile(w->z, a->z + off, L, nl, len);
+    load_view(a, S_DOUT, a->dout, w->dout, k, t0, len);
+    if (a->z) load_view(a, S_Z, a->z, w->z, k, t0, len);
     for (int t = 0; t < len; t++) {
         if (a->z) {
             vec z = w->z[t], sig = vsigmoid(z);
@@ -554,9 +601,9 @@ static void backward_chunk(const mk_scan_args *a, workspace *w, block k, int64_t
         *dbias += ddt;
         w->dt[t] = ddt;                                          /* ddelta (tile reused) */
     }
-    store_tile(a->du + off, w->y, L, nl, len);
-    store_tile(a->ddelta + off, w->dt, L, nl, len);
-    if (a->z) store_tile(a->dz + off, w->z, L, nl, len);
+    store_view(a, S_DU, a->du, w->y, k, t0, len);
+    store_view(a, S_DDELTA, a->ddelta, w->dt, k, t0, len);
+    if (a->z) store_view(a, S_DZ, a->dz, w->z, k, t0, len);
 }
 
 /* Blocks j0 .. j1 - 1 of (batch b, group g), last chunk first, chunk by chunk across the blocks (B, C and
@@ -829,8 +876,9 @@ void mk_vsoftplus(const real *x, real *y, int64_t n) { MK_MAP(vsoftplus, x, y, n
 /* Forward and backward each read their inputs once: the backward recomputes pre_t rather than keeping  */
 /* it, so autograd holds x alone between the passes. A thread takes blocks of channels and walks the    */
 /* batch inside, so a channel's weight and bias gradients are summed by one thread in batch order (the  */
-/* result does not depend on the threads). Time runs W steps per vector; windows that cross the start  */
-/* or the end of the row are read through a zero-padded copy.                                           */
+/* result does not depend on the threads). Rows (time stride 1) run W steps per vector; windows that    */
+/* cross the start or the end of the row are read through a zero-padded copy. Other layouts (token-     */
+/* major memory, time reversed through a negative stride) run W channels per vector, step by step.      */
 
 typedef struct {
     const real *x, *w, *bias;        /* x (batch, dim, len); w (dim, K); bias (dim) or NULL */
@@ -838,6 +886,7 @@ typedef struct {
     const real *dout;                /* backward input (batch, dim, len) */
     real *dx, *dw, *dbias;           /* (batch, dim, len), (dim, K), (dim) or NULL */
     int64_t batch, dim, len, K;
+    mk_stride sx, sout, sdout, sdx;  /* strides of x, out, dout, dx (as the scan's) */
     int32_t silu, nthreads;
 } mk_conv_args;
 
@@ -870,8 +919,8 @@ static void conv_channel_fwd(const mk_conv_args *a, int64_t c, real *xp) {
     const real *w = a->w + c * K;
     const real bias = a->bias ? a->bias[c] : (real)0;
     for (int64_t b = 0; b < a->batch; b++) {
-        pad_row(xp, a->x + (b * a->dim + c) * L, L, K);
-        real *out = a->out + (b * a->dim + c) * L;
+        pad_row(xp, a->x + b * a->sx.b + c * a->sx.c, L, K);
+        real *out = a->out + b * a->sout.b + c * a->sout.c;
         for (int64_t t = 0; t < L; t += W) {
             vec pre = vsplat(bias);
             for (int64_t k = 0; k < K; k++) pre += w[k] * vload(xp + t + k);
@@ -890,9 +939,9 @@ static void conv_channel_bwd(const mk_conv_args *a, int64_t c, real *xp, real *g
     vec dw_acc[K], db_acc = vsplat(0);
     for (int64_t k = 0; k < K; k++) dw_acc[k] = vsplat(0);
     for (int64_t b = 0; b < a->batch; b++) {
-        pad_row(xp, a->x + (b * a->dim + c) * L, L, K);
-        const real *dout = a->dout + (b * a->dim + c) * L;
-        real *dx = a->dx + (b * a->dim + c) * L;
+        pad_row(xp, a->x + b * a->sx.b + c * a->sx.c, L, K);
+        const real *dout = a->dout + b * a->sdout.b + c * a->sdout.c;
+        real *dx = a->dx + b * a->sdx.b + c * a->sdx.c;
         /* Weight and bias gradients: summed per block of CONV_SUM_BLOCK steps, then the blocks summed, so
          * float32 rounding grows with the block count rather than with the length. */
         vec dw_blk[K], db_blk = vsplat(0);
@@ -941,35 +990,178 @@ static void conv_channel_bwd(const mk_conv_args *a, int64_t c, real *xp, real *g
     }
 }
 
+
+/* The channel-blocked form, for every layout but rows: the channels of a block are the lanes of a vector
+ * and time advances step by step through the strides, the last K inputs in a sliding window. Work items are
+ * (batch element, span of CONV_SPAN steps) with all channels inside, so a thread walks token-major memory
+ * row by row (per channel block over the whole length, each step would touch a new page: TLB misses at a
+ * few thousand steps), items never write the same cache line, and each span of the backward sums its own
+ * weight and bias gradients, added up in span order at the end. */
+#define CONV_SPAN 256
+#define MAX_CONV_K 16                        /* cpu_conv.MAX_KERNEL_SIZE */
+
+static inline vec lanes_at(const real *p, int64_t cs, int nl) {
+    if (cs == 1 && nl == W) return vload(p);
+    vec v = vsplat(0);
+    for (int lane = 0; lane < nl; lane++) v[lane] = p[lane * cs];
+    return v;
+}
+
+static inline void lanes_to(real *p, int64_t cs, int nl, vec v) {
+    if (cs == 1 && nl == W) { vstore(p, v); return; }
+    for (int lane = 0; lane < nl; lane++) p[lane * cs] = v[lane];
+}
+
+/* win[1 .. K-1] = x at steps t0-K+1 .. t0-1 (zero before the start): the window before step t0. */
+static inline void conv_window_at(vec *win, const real *x, int64_t cs, int64_t ts, int nl, int64_t t0, int K) {
+    for (int k = 1; k < K; k++) {
+        const int64_t t = t0 - K + k;
+        win[k] = t >= 0 ? lanes_at(x + t * ts, cs, nl) : vsplat(0);
+    }
+}
+
+/* Steps t0 .. t1-1 of one block (K and silu compile-time constants at each call, see conv_span_fwd), so the
+ * window lives in registers. */
+static inline __attribute__((always_inline)) void conv_steps_fwd(const real *x, int64_t xc, int64_t xt, real *out,
+                                                                 int64_t oc, int64_t ot, int nl, int64_t t0,
+                                                                 int64_t t1, const vec *w, vec bias, const int K,
+                                                                 const int silu) {
+    vec win[MAX_CONV_K];
+    conv_window_at(win, x, xc, xt, nl, t0, K);
+    const int fast = nl == W && xc == 1 && oc == 1;
+    for (int64_t t = t0; t < t1; t++) {
+        for (int k = 0; k + 1 < K; k++) win[k] = win[k + 1];
+        win[K - 1] = fast ? vload(x + t * xt) : lanes_at(x + t * xt, xc, nl);
+        vec pre = bias;
+        for (int k = 0; k < K; k++) pre += w[k] * win[k];
+        const vec y = silu ? pre * vsigmoid(pre) : pre;
+        if (fast) vstore(out + t * ot, y);
+        else lanes_to(out + t * ot, oc, nl, y);
+    }
+}
+
+static void conv_span_fwd(const mk_conv_args *a, int64_t b, int64_t t0, int64_t t1) {
+    const int64_t K = a->K;
+    for (int64_t c0 = 0; c0 < a->dim; c0 += W) {
+        const int nl = (int)(a->dim - c0 < W ? a->dim - c0 : W);
+        vec w[MAX_CONV_K];
+        for (int64_t k = 0; k < K; k++) w[k] = lanes_at(a->w + c0 * K + k, K, nl);
+        const vec bias = a->bias ? lanes_at(a->bias + c0, 1, nl) : vsplat(0);
+        const real *x = a->x + b * a->sx.b + c0 * a->sx.c;
+        real *out = a->out + b * a->sout.b + c0 * a->sout.c;
+#define MK_STEPS(KK, S) conv_steps_fwd(x, a->sx.c, a->sx.t, out, a->sout.c, a->sout.t, nl, t0, t1, w, bias, KK, S)
+        switch (K * 2 + (a->silu != 0)) {
+            case 4: MK_STEPS(2, 0); break;
+            case 5: MK_STEPS(2, 1); break;
+            case 6: MK_STEPS(3, 0); break;
+            case 7: MK_STEPS(3, 1); break;
+            case 8: MK_STEPS(4, 0); break;
+            case 9: MK_STEPS(4, 1); break;
+            default: if (a->silu) MK_STEPS((int)K, 1); else MK_STEPS((int)K, 0);
+        }
+#undef MK_STEPS
+    }
+}
+
+/* dL/dpre over steps t0 .. t2-1 into g, the weight and bias gradients of steps t0 .. t1-1 (t1 <= t2) into
+ * part[c * (K+1) + k] and part[c * (K+1) + K], and dx over t0 .. t1-1 (g past t2 counts as zero: t2 is
+ * min(t1 + K - 1, len)). */
+static void conv_span_bwd(const mk_conv_args *a, int64_t b, int64_t t0, int64_t t1, vec *g, real *part) {
+    const int64_t L = a->len, K = a->K, t2 = t1 + K - 1 < L ? t1 + K - 1 : L;
+    for (int64_t c0 = 0; c0 < a->dim; c0 += W) {
+        const int nl = (int)(a->dim - c0 < W ? a->dim - c0 : W);
+        vec w[MAX_CONV_K], win[MAX_CONV_K], dw[MAX_CONV_K], db = vsplat(0);
+        for (int64_t k = 0; k < K; k++) {
+            w[k] = lanes_at(a->w + c0 * K + k, K, nl);
+            dw[k] = vsplat(0);
+        }
+        const vec bias = a->bias ? lanes_at(a->bias + c0, 1, nl) : vsplat(0);
+        const real *x = a->x + b * a->sx.b + c0 * a->sx.c;
+        const real *dout = a->dout + b * a->sdout.b + c0 * a->sdout.c;
+        real *dx = a->dx + b * a->sdx.b + c0 * a->sdx.c;
+        conv_window_at(win, x, a->sx.c, a->sx.t, nl, t0, (int)K);
+        for (int64_t t = t0; t < t2; t++) {
+            for (int64_t k = 0; k + 1 < K; k++) win[k] = win[k + 1];
+            win[K - 1] = lanes_at(x + t * a->sx.t, a->sx.c, nl);
+            vec gv = lanes_at(dout + t * a->sdout.t, a->sdout.c, nl);
+            if (a->silu) {
+                vec pre = bias;
+                for (int64_t k = 0; k < K; k++) pre += w[k] * win[k];
+                vec s = vsigmoid(pre);
+                gv *= s * (1 + pre * (1 - s));
+            }
+            g[t - t0] = gv;
+            if (t < t1) {
+                db += gv;
+                for (int64_t k = 0; k < K; k++) dw[k] += gv * win[k];
+            }
+        }
+        for (int64_t t = t2; t < t1 + K; t++) g[t - t0] = vsplat(0);
+        for (int64_t s = t0; s < t1; s++) {     /* dx_s = sum_k w_k g_{s+(K-1)-k} */
+            vec acc = vsplat(0);
+            for (int64_t k = 0; k < K; k++) acc += w[k] * g[s - t0 + (K - 1) - k];
+            lanes_to(dx + s * a->sdx.t, a->sdx.c, nl, acc);
+        }
+        for (int lane = 0; lane < nl; lane++) {
+            real *p = part + (c0 + lane) * (K + 1);
+            for (int64_t k = 0; k < K; k++) p[k] = dw[k][lane];
+            p[K] = db[lane];
+        }
+    }
+}
+
+/* Rows when every tensor the pass touches has time stride 1, else channel blocks. */
+static int conv_rows(const mk_conv_args *a, int backward) {
+    return a->sx.t == 1 && (backward ? a->sdout.t == 1 && a->sdx.t == 1 : a->sout.t == 1);
+}
+
 typedef struct {
     const mk_conv_args *a;
-    int backward;
-    int64_t per, nitems, next;
+    int backward, rows;
+    int64_t per, nitems, next;       /* rows: channels per item; spans: items are (batch, span) */
+    real *part;                      /* spans, backward: (nitems, dim, K + 1) gradient sums */
 } conv_job;
 
 static void conv_work(conv_job *j) {
-    const size_t row = (size_t)CONV_PAD(j->a->len, j->a->K);
-    real *xp = calloc(row * (j->backward ? 2 : 1), sizeof(real));
-    if (!xp) return;                             /* the other threads take the items; see run_conv */
-    real *g = j->backward ? xp + row : NULL;
+    const mk_conv_args *a = j->a;
+    real *xp = NULL, *g = NULL;
+    vec *gv = NULL;
+    if (j->rows) {
+        const size_t row = (size_t)CONV_PAD(a->len, a->K);
+        xp = calloc(row * (j->backward ? 2 : 1), sizeof(real));
+        if (!xp) return;                         /* the other threads take the items; see run_conv */
+        g = j->backward ? xp + row : NULL;
+    } else if (j->backward) {
+        gv = aligned_alloc(64, ((size_t)(CONV_SPAN + a->K) * sizeof(vec) + 63) / 64 * 64);
+        if (!gv) return;
+    }
+    const int64_t spans = (a->len + CONV_SPAN - 1) / CONV_SPAN;
     for (;;) {
         int64_t item = __atomic_fetch_add(&j->next, 1, __ATOMIC_RELAXED);
         if (item >= j->nitems) break;
-        const int64_t c1 = (item + 1) * j->per < j->a->dim ? (item + 1) * j->per : j->a->dim;
-        for (int64_t c = item * j->per; c < c1; c++) {
-            if (j->backward) conv_channel_bwd(j->a, c, xp, g);
-            else conv_channel_fwd(j->a, c, xp);
+        if (j->rows) {
+            const int64_t c1 = (item + 1) * j->per < a->dim ? (item + 1) * j->per : a->dim;
+            for (int64_t c = item * j->per; c < c1; c++) {
+                if (j->backward) conv_channel_bwd(a, c, xp, g);
+                else conv_channel_fwd(a, c, xp);
+            }
+        } else {
+            const int64_t b = item / spans, t0 = item % spans * CONV_SPAN;
+            const int64_t t1 = t0 + CONV_SPAN < a->len ? t0 + CONV_SPAN : a->len;
+            if (j->backward) conv_span_bwd(a, b, t0, t1, gv, j->part + item * a->dim * (a->K + 1));
+            else conv_span_fwd(a, b, t0, t1);
         }
     }
     free(xp);
+    free(gv);
 }
 
 static void conv_openmp_body(void *p) { conv_work((conv_job *)p); }
 static void *conv_pthread_body(void *p) { conv_work((conv_job *)p); return NULL; }
 
-/* At least MIN_WORK multiply-adds per item, so that small calls stay on one thread. */
+/* At least MIN_WORK multiply-adds per item (rows) or per thread, so that small calls stay on one thread. */
 static int run_conv(const mk_conv_args *a, int backward) {
-    if (a->batch < 0 || a->dim < 0 || a->len < 0 || a->K < 1 || a->nthreads < 1) return 2;
+    if (a->batch < 0 || a->dim < 0 || a->len < 0 || a->K < 1 || a->K > MAX_CONV_K || a->nthreads < 1) return 2;
     if (a->batch == 0 || a->len == 0 || a->dim == 0) {   /* nothing to convolve (empty tensors have NULL data) */
         if (backward && a->dw) memset(a->dw, 0, (size_t)(a->dim * a->K) * sizeof(real));
         if (backward && a->dbias) memset(a->dbias, 0, (size_t)a->dim * sizeof(real));
@@ -977,11 +1169,23 @@ static int run_conv(const mk_conv_args *a, int backward) {
     }
     if (backward && (!a->dout || !a->dx || !a->dw)) return 3;
     if (!backward && !a->out) return 3;
-    const int64_t row_work = a->batch * a->len * a->K;
-    int64_t per = MIN_WORK / row_work + 1;
-    conv_job j = {a, backward, per, (a->dim + per - 1) / per, 0};
-    int64_t nthreads = a->nthreads < j.nitems ? a->nthreads : j.nitems;
+    conv_job j = {a, backward, conv_rows(a, backward), 0, 0, 0, NULL};
+    int64_t nthreads = a->nthreads;
+    if (j.rows) {
+        j.per = MIN_WORK / (a->batch * a->len * a->K) + 1;
+        j.nitems = (a->dim + j.per - 1) / j.per;
+    } else {
+        j.nitems = a->batch * ((a->len + CONV_SPAN - 1) / CONV_SPAN);
+        const int64_t work = a->batch * a->dim * a->len * a->K / MIN_WORK;
+        if (nthreads > work) nthreads = work;
+        if (backward) {
+            j.part = malloc((size_t)(j.nitems * a->dim * (a->K + 1)) * sizeof(real));
+            if (!j.part) return 1;
+        }
+    }
+    if (nthreads > j.nitems) nthreads = j.nitems;
     if (nthreads > 256) nthreads = 256;
+    if (nthreads < 1) nthreads = 1;
     if (gomp_parallel && nthreads > 1) {
         gomp_parallel(conv_openmp_body, &j, (unsigned)nthreads, 0);
     } else {
@@ -994,7 +1198,21 @@ static int run_conv(const mk_conv_args *a, int backward) {
         conv_work(&j);
         for (int i = 1; i <= started; i++) pthread_join(threads[i], NULL);
     }
-    return j.next < j.nitems ? 1 : 0;
+    const int rc = j.next < j.nitems ? 1 : 0;
+    if (j.part && !rc) {                         /* the spans' sums, in span order: independent of the threads */
+        const int64_t K = a->K;
+        for (int64_t c = 0; c < a->dim; c++) {
+            real sw[MAX_CONV_K + 1] = {0};
+            for (int64_t i = 0; i < j.nitems; i++) {
+                const real *p = j.part + (i * a->dim + c) * (K + 1);
+                for (int64_t k = 0; k <= K; k++) sw[k] += p[k];
+            }
+            for (int64_t k = 0; k < K; k++) a->dw[c * K + k] = sw[k];
+            if (a->dbias) a->dbias[c] = sw[K];
+        }
+    }
+    free(j.part);
+    return rc;
 }
 
 int64_t mk_conv_args_size(void) { return (int64_t)sizeof(mk_conv_args); }
