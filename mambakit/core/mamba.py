@@ -206,8 +206,10 @@ class SelectiveSSM(nn.Module):
         one GEMM's (b, L, 2 d_inner) output; or contiguous channel-major (token_major False; default: CPU)."""
         w, bias, di = self.in_proj.weight, self.in_proj.bias, self.d_inner
         if self._token_major(hidden_states) if token_major is None else token_major:
-            xz = F.linear(hidden_states, w, bias)
-            return xz[..., :di].transpose(1, 2), xz[..., di:].transpose(1, 2)
+            # split, not two slices: its backward concatenates the two gradients in one pass (slicing twice
+            # zero-fills and copies a full-size gradient per half, then adds them)
+            x, z = F.linear(hidden_states, w, bias).split(di, dim=-1)
+            return x.transpose(1, 2), z.transpose(1, 2)
         h = hidden_states.transpose(1, 2)
         return (channel_major_linear(h, w[:di], None if bias is None else bias[:di]),
                 channel_major_linear(h, w[di:], None if bias is None else bias[di:]))
