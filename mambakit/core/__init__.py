@@ -1,7 +1,8 @@
 """The model core: scans, mixers, scan orders, blocks and backbones that every app assembles.
 
 Shapes are (batch, length, d_model) at every module's boundary; inside the Mamba-1 mixers activations are
-channel-major (batch, d, length), as the scan wants them (see `mambakit.core.layout`).
+(batch, d, length) tensors, token-major memory on the CPU and channel-major on CUDA (see
+`mambakit.core.mamba` and `mambakit.core.layout`).
 """
 
 from mambakit.core.block import Block, DropPath, GatedMLP, MixerModel, create_block, drop_path_schedule, init_weights

@@ -11,7 +11,7 @@ An order maps a geometry (a length, per-sample lengths, an (H, W) grid or per-sa
                               (a token this order does not visit, e.g. the other cells of a 2x2 lattice)
 
 `reorder(x, idx)` applies perm to (b, L, d) and `restore(y, idx)` applies inverse to (b, P, d); with dim=-1
-they work on channel-major (b, d, L) / (b, d, P) tensors (the mixers' layout), giving contiguous results. Both
+they work on (b, d, L) / (b, d, P) tensors (the mixers' layout), giving contiguous results. Both
 are gathers (a flip, or a transposing copy for orders that read a grid column by column: `OrderIndices.grid`),
 so gradients flow. Indices for a fixed geometry are computed once and kept in an LRU cache keyed by
 (order, geometry, device); random and point orders depend on data and are recomputed per call. Cached index
@@ -130,7 +130,7 @@ def _token_dim(x: torch.Tensor, dim: int, what: str) -> int:
 
 def reorder(x: torch.Tensor, idx: OrderIndices, dim: int = 1) -> torch.Tensor:
     """Token order -> scan order along `dim`: (b, L, d) -> (b, P, d) (dim=1), or (b, d, L) -> (b, d, P)
-    (dim=-1, channel-major)."""
+    (dim=-1, tokens last)."""
     if idx.is_identity:
         return x
     d = _token_dim(x, dim, "reorder")
