@@ -282,7 +282,7 @@ CATEGORIES = (  # profiler op name -> where the time goes
     ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")),
     ("layout copies", ("aten::copy_", "aten::index_select", "aten::index_add_", "aten::cat", "aten::gather",
                        "aten::scatter", "aten::clone", "aten::contiguous")),
-    ("convolution", ("convolution",)),
+    ("convolution", ("convolution", "CausalConv1d")),
 )
 
 
