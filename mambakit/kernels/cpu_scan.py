@@ -327,10 +327,6 @@ def _ungrouped(dBC: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return dBC.reshape(shape)
 
 
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
 def _prep(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if t is None else t.detach().to(dtype).contiguous()
 
