@@ -263,3 +263,15 @@ def test_cpu_kernel_gets_token_major_views_and_runs_the_flip_order_in_reverse(mo
             xz_storages.add(call["z"].untyped_storage().data_ptr())
         assert len(xz_storages) == 1                 # z: every branch reads the same in_proj output in place
         assert x.grad.is_contiguous()
+
+
+def test_inference_batch_chunk_only_splits_large_cpu_batches_without_autograd():
+    from mambakit.core.layout import inference_batch_chunk
+    x = torch.zeros(8, 3)
+    with torch.no_grad():
+        assert inference_batch_chunk(x, 4097) == 2                     # Vim-Ti at 1024 px: two images a part
+        assert inference_batch_chunk(x, 4097, budget=8193) == 1
+        assert inference_batch_chunk(x, 1025) == 8                     # 512 px: fits, one pass
+        assert inference_batch_chunk(x, 20000) == 1                    # at least one sample
+        assert inference_batch_chunk(x[:1], 20000) == 1
+    assert inference_batch_chunk(x, 4097) == 8                         # autograd: the whole batch

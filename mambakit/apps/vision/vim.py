@@ -45,6 +45,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import nn
 
 from mambakit.core import DropPath, RMSNorm, create_block, drop_path_schedule, init_weights
+from mambakit.core.layout import inference_batch_chunk
 from mambakit.core.orders import RandomShuffle, reorder, restore
 
 __all__ = ["VisionMamba", "PatchEmbed", "shuffle_probabilities", "VIM_MODELS"]
@@ -229,7 +230,20 @@ class VisionMamba(nn.Module):
         return layer(hidden, residual)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> normalised tokens (B, M + 1, D) (class token included, at `cls_index(M)`)."""
+        """(B, C, H, W) -> normalised tokens (B, M + 1, D) (class token included, at `cls_index(M)`).
+
+        On the CPU without autograd a large batch of large images runs in parts that keep each layer's
+        activations in cache (`mambakit.core.layout.inference_batch_chunk`); every sample is computed alone
+        either way, and ShuffleMamba's training-time permutation is not drawn outside training."""
+        chunk = x.shape[0]
+        if not self.training and x.dim() == 4:
+            gh, gw = self.patch_embed.grid_for(x.shape[-2:])
+            chunk = inference_batch_chunk(x, gh * gw + self.num_prefix_tokens)
+        if chunk < x.shape[0]:
+            return torch.cat([self._forward_features(part) for part in x.split(chunk)])
+        return self._forward_features(x)
+
+    def _forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x, grid = self.patch_embed(x)
         hidden, residual = self._pos_embed(x, grid), None
         for i, layer in enumerate(self.layers):

@@ -108,6 +108,28 @@ def test_forward_and_backward_match_float64_reference(img_size, stride):
         torch.testing.assert_close(g, r, rtol=1e-8, atol=1e-10, msg=f"gradient of {name}")
 
 
+def test_large_cpu_batches_run_in_cache_sized_parts_with_the_same_result(monkeypatch):
+    """Under no_grad on the CPU a batch over the token budget runs in parts (here 3 + 3 + 1 images); the
+    logits equal the one-pass float64 reference, and training-mode or autograd forwards are never split."""
+    from mambakit.core import layout
+    model = tiny_vim(depth=2).double().eval()
+    img = torch.randn(7, 3, 32, 32, dtype=torch.float64)
+    calls = []
+    real = model._forward_features
+    monkeypatch.setattr(model, "_forward_features", lambda x: calls.append(x.shape[0]) or real(x))
+    monkeypatch.setattr(layout, "CPU_INFERENCE_TOKENS", 3 * 17)            # 16 patches + the class token
+    with torch.no_grad():
+        out = model(img)
+    assert calls == [3, 3, 1]
+    torch.testing.assert_close(out, reference_forward(model, img), rtol=1e-9, atol=1e-10)
+    calls.clear()
+    model(img).sum().backward()                                             # autograd: one pass
+    model.train()
+    with torch.no_grad():
+        model(img)                                                          # training mode: one pass
+    assert calls == [7, 7]
+
+
 def test_middle_class_token_is_pooled():
     model = tiny_vim().double().eval()                   # 4x4 grid: 16 patches, class token at index 8
     img = torch.randn(1, 3, 32, 32, dtype=torch.float64)
