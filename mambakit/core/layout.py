@@ -117,8 +117,8 @@ def same_layout_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 
 def token_major_linear(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y (b, in, L) channel-major -> contiguous token-major (b, L, out): `F.linear(y.transpose(1, 2), weight,
-    bias)` without materialising the transpose (and y's gradient is channel-major)."""
+    """y (b, in, L) -> contiguous token-major (b, L, out): `F.linear(y.transpose(1, 2), weight, bias)` without
+    materialising the transpose (y's gradient comes back in y's layout)."""
     _check("token_major_linear", y, weight, bias)
     if y.transpose(1, 2).is_contiguous():     # token-major memory: a plain (b L, in) GEMM, gradient alike
         return F.linear(y.transpose(1, 2), weight, bias)

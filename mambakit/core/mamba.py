@@ -203,7 +203,8 @@ class SelectiveSSM(nn.Module):
 
     def _in_proj(self, hidden_states: torch.Tensor, token_major: bool | None = None):
         """hidden_states (b, L, d_model) -> x, z (b, d_inner, L) (in_proj's two halves): token-major, views of
-        one GEMM's (b, L, 2 d_inner) output; or contiguous channel-major (token_major False; default: CPU)."""
+        one GEMM's (b, L, 2 d_inner) output, or contiguous channel-major (token_major False); by default
+        token-major where the scan is the fused CPU kernel (`_token_major`)."""
         w, bias, di = self.in_proj.weight, self.in_proj.bias, self.d_inner
         if self._token_major(hidden_states) if token_major is None else token_major:
             # split, not two slices: its backward concatenates the two gradients in one pass (slicing twice
