@@ -10,6 +10,8 @@ the two is one GEMM per sample whichever way round, since BLAS reads either oper
 
 On the CPU the Mamba-1 mixers keep token-major memory behind their (b, channels, L) views (see
 `mambakit.core.mamba`): there the row count of a GEMM is the token count, the shape MKL runs fastest.
+`inference_batch_chunk` sizes the parts a CPU inference of a large batch runs in, so that a layer's
+activations stay in cache (used by Vim).
 
 `F.linear` / `torch.matmul` fold the batch into the rows and so copy whenever the input is a transposed view,
 and autograd's own backward of a batched GEMM hands gradients back in the transposed layout, which the next

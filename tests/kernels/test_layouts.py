@@ -47,7 +47,13 @@ def laid_out(t: torch.Tensor, layout: str, second: bool = False) -> torch.Tensor
     return view
 
 
-LEAVES = {}
+LEAVES = {}                                   # id(view) -> its leaf's gradient in the view's shape
+
+
+@pytest.fixture(autouse=True)
+def fresh_leaves():
+    yield
+    LEAVES.clear()
 
 
 def leaf_grad(t):
