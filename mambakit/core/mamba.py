@@ -17,7 +17,9 @@ token count as its row count, which MKL runs ~1.5x faster on these shapes than t
 (Vim-Ti's in_proj at 768 px on 2 cores: 4.5 ms against 6.6-9.6 ms); the fused conv and scan kernels read and
 write token-major memory in place and walk time backwards for the reverse direction of a bidirectional mixer
 (`reverse`), so its flips cost nothing. Elsewhere (CUDA) the tensors are contiguous channel-major, one GEMM
-per half reading h transposed, as mamba_ssm lays them out.
+per half reading h transposed, as mamba_ssm lays them out. Where the scan is the fused CPU kernel it also
+computes dt_proj itself, chunk by chunk, in the forward and again in the backward
+(`kernels.cpu_scan.selective_scan_cpu_projected`), so no (b, d_inner, L) delta is written or kept for training.
 
 The pieces shared with the multi-order mixers live in `SelectiveSSM`: the per-order parameter sets
 (`conv1d{s}`, `x_proj{s}`, `dt_proj{s}`, `A{s}_log`, `D{s}` for a name suffix s) and the branch computation.
@@ -283,10 +285,10 @@ class SelectiveSSM(nn.Module):
                               backend=self.scan_backend, reverse=reverse)
 
     def _projected_scan(self, u: torch.Tensor) -> bool:
-        """Whether the fused CPU kernel computes delta = dt_proj(dt) itself: inference (no autograd) on the
-        CPU with the kernel backend, where materialising delta is a memory-bound GEMM (~10% of a Vim-Ti
-        forward at 1024 px)."""
-        return not torch.is_grad_enabled() and u.device.type == "cpu" and self.scan_backend in ("auto", "cpu")
+        """Whether the fused CPU kernel computes delta = dt_proj(dt) itself, in the forward and again in the
+        backward: on the CPU with the kernel backend, where materialising delta is a memory-bound GEMM (~10% of
+        a Vim-Ti forward at 1024 px) and, in training, a (b, d_inner, L) tensor kept for the backward."""
+        return u.device.type == "cpu" and self.scan_backend in ("auto", "cpu")
 
     def _scan_projected(self, u, x_dbl, z, suffix: str, reverse: bool = False) -> torch.Tensor:
         from mambakit.kernels.cpu_scan import selective_scan_cpu_projected
@@ -303,18 +305,23 @@ class SelectiveSSM(nn.Module):
         return self.memory_efficient and torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters()))
 
-    def _branch_lean(self, x: torch.Tensor, z: torch.Tensor, suffix: str = "", idx: OrderIndices | None = None):
+    def _branch_lean(self, x: torch.Tensor, z: torch.Tensor, suffix: str = "", idx: OrderIndices | None = None,
+                     reverse: bool = False):
         """`restore(_branch(reorder(x), reorder(z)))` from token-order x, z (b, d_inner, L), keeping between
         forward and backward only x, z, x_dbl and what the scan keeps besides its inputs (its state
-        checkpoints); the reordered x and z, the conv output, its silu and delta are recomputed in the
-        backward (see `mambakit.core.recompute`)."""
+        checkpoints); the reordered x and z, the conv output, its silu and delta (where the kernel does not
+        project it itself) are recomputed in the backward (see `mambakit.core.recompute`). reverse: as in
+        `_branch`, instead of a flip order."""
         acts = SavedActivations()
         with torch.autograd.graph.saved_tensors_hooks(acts.pack, acts.unpack):
             xr, zr = (t if idx is None else reorder(t, idx, dim=-1) for t in (x, z))
-            c, u = self._conv_silu(xr, suffix)
+            c, u = self._conv_silu(xr, suffix, reverse=reverse)
             x_dbl = self._x_dbl(u, suffix)
-            dt = self._dt(x_dbl, suffix)
-            y = self._scan(u, dt, x_dbl, zr, suffix)
+            if self._projected_scan(u):
+                dt, y = None, self._scan_projected(u, x_dbl, zr, suffix, reverse=reverse)
+            else:
+                dt = self._dt(x_dbl, suffix)
+                y = self._scan(u, dt, x_dbl, zr, suffix, reverse=reverse)
             if idx is not None:
                 y = restore(y, idx, dim=-1)
 
@@ -327,7 +334,7 @@ class SelectiveSSM(nn.Module):
                 return {name: t if idx is None else reorder(t, idx, dim=-1)}
             if name == "dt":
                 return {"dt": self._dt(x_dbl, suffix)}
-            c, u = self._conv_silu(x if idx is None else reorder(x, idx, dim=-1), suffix)
+            c, u = self._conv_silu(x if idx is None else reorder(x, idx, dim=-1), suffix, reverse=reverse)
             return {"u": u} if c is None else {"c": c, "u": u}
 
         inputs = (x, z, x_dbl, conv.weight, dt_proj.weight) + ((conv.bias,) if conv.bias is not None else ())

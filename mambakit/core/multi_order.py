@@ -154,7 +154,9 @@ class MultiOrderMamba(SelectiveSSM):
                               order_indices)
         token_major = self._token_major(hidden_states) and all(i.is_identity or i.is_flip for i in idxs)
         x, z = self._in_proj(hidden_states, token_major)
-        if self._lean(x):
+        if self._lean(x) and token_major:
+            ys = [self._branch_lean(x, z, s, reverse=idx.is_flip) for s, idx in zip(self.suffixes, idxs)]
+        elif self._lean(x):
             ys = [self._branch_lean(x, z, s, idx) for s, idx in zip(self.suffixes, idxs)]
         elif token_major:
             ys = [self._branch(x, z, s, reverse=idx.is_flip) for s, idx in zip(self.suffixes, idxs)]

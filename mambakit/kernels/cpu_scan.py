@@ -346,19 +346,37 @@ def _prep_BC(B: torch.Tensor, C: torch.Tensor, ct: torch.dtype, reverse: bool = 
     return _prep(B_, ct), _prep(C_, ct), G
 
 
+def _dt_rows(dt_in: torch.Tensor, ct: torch.dtype, reverse: bool) -> torch.Tensor:
+    """dt_in (b, R, L) as the kernel reads it: rows of L contiguous steps in its own time order (flipped with
+    `reverse`), batch elements any distance apart; a view whose rows are contiguous is passed as it is."""
+    rows = dt_in.detach().to(ct)
+    rows = rows.flip(-1) if reverse else rows
+    R, L = rows.shape[1], rows.shape[2]
+    if rows.stride(2) != 1 or (R > 1 and rows.stride(1) != L):
+        rows = rows.contiguous()
+    return rows
+
+
 class _SelectiveScanCPU(torch.autograd.Function):
-    """Inputs as validated by `selective_scan`; returns (out in u's dtype, last_state in compute dtype)."""
+    """Inputs as validated by `selective_scan`; returns (out in u's dtype, last_state in compute dtype).
+
+    Either delta is given, or its projection delta = dt_w @ dt_in (dt_w (d, R), dt_in (b, R, L)), which the
+    kernel computes chunk by chunk in the forward and again in the backward, so no (b, d, L) delta is written,
+    read or kept between the passes. Its gradient ddelta is then a temporary of the backward, turned into
+    those of dt_w and dt_in by two GEMMs with R rows."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk, reverse):
-        tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    def forward(ctx, u, delta, dt_w, dt_in, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk,
+                reverse):
+        tensors = (u, delta, dt_w, dt_in, A, B, C, D, z, delta_bias, initial_state)
         ct = _compute_dtype(*tensors)
         lib = load_library(ct)
         b, d, L = u.shape
         N = A.shape[1]
         shapes = (tuple(B.shape), tuple(C.shape))
         u_, delta_, z_ = (_as_is(t, ct) for t in (u, delta, z))
-        A_, D_, bias_, init_ = (_prep(t, ct) for t in (A, D, delta_bias, initial_state))
+        A_, D_, bias_, init_, w_ = (_prep(t, ct) for t in (A, D, delta_bias, initial_state, dt_w))
+        rows = None if dt_in is None else _dt_rows(dt_in, ct, reverse)
         B_, C_, G = _prep_BC(B, C, ct, reverse)
         nchunks = -(-L // chunk)
         out = empty_like_layout(u_, ct)
@@ -367,10 +385,11 @@ class _SelectiveScanCPU(torch.autograd.Function):
         ckpt = torch.empty(b, d, nchunks, N, dtype=ct) if needs_grad else None
         args = _scan_args(reverse, u=u_, delta=delta_, A=A_, B=B_, C=C_, D=D_, delta_bias=bias_, z=z_, init=init_,
                           out=out, ckpt=ckpt, last=last, batch=b, dim=d, len=L, dstate=N, groups=G, chunk=chunk,
-                          softplus=int(bool(delta_softplus)), nthreads=torch.get_num_threads())
+                          **_projection_args(w_, rows), softplus=int(bool(delta_softplus)),
+                          nthreads=torch.get_num_threads())
         _check(lib.mk_scan_fwd(ctypes.byref(args)), "forward")
         if needs_grad:
-            ctx.save_for_backward(u_, delta_, A_, B_, C_, D_, z_, bias_, ckpt)
+            ctx.save_for_backward(u_, delta_, w_, rows, A_, B_, C_, D_, z_, bias_, ckpt)
             ctx.info = (shapes, delta_softplus, chunk, initial_state is not None, reverse,
                         [None if t is None else t.dtype for t in tensors])
         ctx.set_materialize_grads(False)
@@ -379,7 +398,7 @@ class _SelectiveScanCPU(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dout, dlast):
-        u_, delta_, A_, B_, C_, D_, z_, bias_, ckpt = ctx.saved_tensors
+        u_, delta_, w_, rows, A_, B_, C_, D_, z_, bias_, ckpt = ctx.saved_tensors
         shapes, softplus, chunk, has_init, reverse, dtypes = ctx.info
         ct = u_.dtype
         lib = load_library(ct)
@@ -387,7 +406,7 @@ class _SelectiveScanCPU(torch.autograd.Function):
         N, G = A_.shape[1], B_.shape[1]
         dout_ = torch.zeros(b, d, L, dtype=ct) if dout is None else dout.to(ct)
         dlast_ = None if dlast is None else dlast.to(ct).contiguous()
-        du, ddelta = empty_like_layout(u_, ct), empty_like_layout(delta_, ct)
+        du, ddelta = empty_like_layout(u_, ct), empty_like_layout(u_ if delta_ is None else delta_, ct)
         dz = empty_like_layout(z_, ct) if z_ is not None else None
         dA = torch.empty(d, N, dtype=ct)
         dB, dC = torch.empty(b, G, N, L, dtype=ct), torch.empty(b, G, N, L, dtype=ct)
@@ -397,15 +416,31 @@ class _SelectiveScanCPU(torch.autograd.Function):
         args = _scan_args(reverse, u=u_, delta=delta_, A=A_, B=B_, C=C_, D=D_, delta_bias=bias_, z=z_, ckpt=ckpt,
                           dout=dout_, dlast=dlast_, du=du, ddelta=ddelta, dz=dz, dA=dA, dB=dB, dC=dC, dD=dD,
                           dbias=dbias, dinit=dinit, batch=b, dim=d, len=L, dstate=N, groups=G, chunk=chunk,
-                          softplus=int(bool(softplus)), nthreads=torch.get_num_threads())
+                          **_projection_args(w_, rows), softplus=int(bool(softplus)),
+                          nthreads=torch.get_num_threads())
         _check(lib.mk_scan_bwd(ctypes.byref(args)), "backward")
         if reverse:                                   # the kernel's time order back to the tokens'
             dB, dC = dB.flip(-1), dC.flip(-1)
         dB, dC = _ungrouped(dB, shapes[0]), _ungrouped(dC, shapes[1])
-        grads = [du, ddelta, dA, dB, dC, dD, dz, dbias, dinit]
+        ddt_w = ddt_in = None
+        if w_ is not None:                            # delta = dt_w @ dt_in: ddelta is a temporary
+            need_w, need_in = ctx.needs_input_grad[2:4]
+            if need_w:
+                ddt_w = torch.matmul(ddelta, (rows.flip(-1) if reverse else rows).transpose(1, 2)).sum(0)
+            if need_in:
+                ddt_in = torch.matmul(w_.t(), ddelta)
+            ddelta = None
+        grads = [du, ddelta, ddt_w, ddt_in, dA, dB, dC, dD, dz, dbias, dinit]
         grads = [None if g is None or not need else g.to(dt)
                  for g, need, dt in zip(grads, ctx.needs_input_grad, dtypes)]
         return (*grads, None, None, None)
+
+
+def _projection_args(w_: torch.Tensor | None, rows: torch.Tensor | None) -> dict:
+    """The kernel's fields for delta = dt_w @ dt_in (none when delta is given)."""
+    if w_ is None:
+        return {}
+    return dict(dt_w=w_, dt_in=rows, dt_rank=w_.shape[1], dt_in_bstride=rows.stride(0))
 
 
 def _check(rc: int, what: str) -> None:
@@ -441,7 +476,7 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
         return flipped(selective_scan_ref, reverse, u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
                        delta_softplus=delta_softplus, return_last_state=return_last_state,
                        initial_state=initial_state)
-    out, last = _SelectiveScanCPU.apply(u, delta, A, B, C, D, z, delta_bias, initial_state,
+    out, last = _SelectiveScanCPU.apply(u, delta, None, None, A, B, C, D, z, delta_bias, initial_state,
                                         bool(delta_softplus), chunk, bool(reverse))
     return (out, last) if return_last_state else out
 
@@ -457,13 +492,14 @@ def flipped(scan, reverse: bool, u, delta, A, B, C, D=None, z=None, **kwargs):
 
 
 def selective_scan_cpu_projected(u, dt_weight, dt_in, A, B, C, D=None, z=None, delta_bias=None,
-                                 delta_softplus=False, *, reverse: bool = False):
-    """Inference form of `selective_scan_cpu` with delta = dt_weight @ dt_in (per batch element) computed inside
-    the kernel, chunk by chunk, instead of materialised (Mamba's dt_proj without its bias, which stays the
-    scan's delta_bias). dt_weight: (d, R); dt_in: (b, R, L), e.g. the first R rows of x_proj's output (a
-    view whose rows are contiguous is read in place). Under autograd, or where the kernel is unavailable, delta
-    is computed explicitly and the ordinary scan runs. `reverse` and layouts as in `selective_scan_cpu`.
-    Returns out (b, d, L) in u's dtype.
+                                 delta_softplus=False, *, reverse: bool = False, chunk: int = DEFAULT_CHUNK):
+    """`selective_scan_cpu` with delta = dt_weight @ dt_in (per batch element) computed inside the kernel, chunk
+    by chunk, instead of materialised (Mamba's dt_proj without its bias, which stays the scan's delta_bias).
+    dt_weight: (d, R); dt_in: (b, R, L), e.g. the first R rows of x_proj's output (a view whose rows are
+    contiguous is read in place). Differentiable: the backward recomputes delta the same way and returns the
+    gradients of dt_weight and dt_in, so training neither writes nor keeps a (b, d, L) delta. Where the kernel
+    is unavailable, delta is computed explicitly and the ordinary scan runs. `reverse`, `chunk` and layouts as
+    in `selective_scan_cpu`. Returns out (b, d, L) in u's dtype.
     """
     tensors = (u, dt_weight, dt_in, A, B, C, D, z, delta_bias)
     b, d, L = u.shape
@@ -471,34 +507,22 @@ def selective_scan_cpu_projected(u, dt_weight, dt_in, A, B, C, D=None, z=None, d
             or tuple(dt_in.shape) != (b, dt_weight.shape[1], L)):
         raise ValueError(f"selective_scan_cpu_projected: dt_weight {tuple(dt_weight.shape)} and dt_in "
                          f"{tuple(dt_in.shape)} must be (d, R) and (b, R, L) for u of shape {tuple(u.shape)}")
-    ct = _compute_dtype(*tensors)
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    usable = not grad and b > 0 and d > 0 and L > 0 and A.shape[1] > 0 and dt_weight.shape[1] > 0
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"selective_scan_cpu_projected: chunk must be a positive int, got {chunk!r}")
+    usable = b > 0 and d > 0 and L > 0 and A.shape[1] > 0 and dt_weight.shape[1] > 0
     if usable:
         try:
-            lib = load_library(ct)
+            load_library(_compute_dtype(*tensors))
         except KernelUnavailable:
             usable = False
     if not usable:
         delta = torch.matmul(dt_weight.to(dt_in.dtype), dt_in)
         return selective_scan_cpu(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
-                                  reverse=reverse)
-    R = dt_weight.shape[1]
-    rows = dt_in if dt_in.dtype == ct else dt_in.to(ct)
-    rows = rows.flip(-1) if reverse else rows                 # the kernel reads dt_in in its own time order
-    if rows.stride(2) != 1 or (R > 1 and rows.stride(1) != L):
-        rows = rows.contiguous()
-    u_, z_ = _as_is(u, ct), _as_is(z, ct)
-    w_, A_, D_, bias_ = (_prep(t, ct) for t in (dt_weight, A, D, delta_bias))
-    B_, C_, G = _prep_BC(B, C, ct, reverse)
-    out = empty_like_layout(u_, ct)
-    args = _scan_args(reverse, u=u_, A=A_, B=B_, C=C_, D=D_, delta_bias=bias_, z=z_, out=out, dt_w=w_, dt_in=rows,
-                      batch=b, dim=d, len=L, dstate=A.shape[1], groups=G, chunk=DEFAULT_CHUNK, dt_rank=R,
-                      dt_in_bstride=rows.stride(0), softplus=int(bool(delta_softplus)),
-                      nthreads=torch.get_num_threads())
-    with torch.profiler.record_function("SelectiveScanCPUProjected"):   # no autograd node names it otherwise
-        _check(lib.mk_scan_fwd(ctypes.byref(args)), "forward")
-    return out if u.dtype == ct else out.to(u.dtype)
+                                  reverse=reverse, chunk=chunk)
+    with torch.profiler.record_function("SelectiveScanCPUProjected"):   # its own name in the profiles
+        out, _ = _SelectiveScanCPU.apply(u, None, dt_weight, dt_in, A, B, C, D, z, delta_bias, None,
+                                         bool(delta_softplus), chunk, bool(reverse))
+    return out
 
 
 def vexp_bench(n: int = 4096, reps: int = 10000, dtype: torch.dtype = torch.float32) -> float:

@@ -239,10 +239,13 @@ def test_scan_gets_contiguous_channel_major_tensors_and_gradients(recording_back
 KERNEL_CALLS: list[dict] = []
 
 
-def recording_cpu_scan(u, delta, A, B, C, D=None, z=None, reverse=False, **kwargs):
-    """The fused CPU scan, noting the layouts it is handed and the direction."""
-    KERNEL_CALLS.append({"u": u, "delta": delta, "z": z, "reverse": reverse})
-    return cpu_scan.selective_scan_cpu(u, delta, A, B, C, D=D, z=z, reverse=reverse, **kwargs)
+def recording_cpu_scan(u, dt_weight, dt_in, A, B, C, D=None, z=None, reverse=False, **kwargs):
+    """The fused CPU scan with its delta projection, noting the layouts it is handed and the direction."""
+    KERNEL_CALLS.append({"u": u, "z": z, "reverse": reverse})
+    return REAL_PROJECTED(u, dt_weight, dt_in, A, B, C, D=D, z=z, reverse=reverse, **kwargs)
+
+
+REAL_PROJECTED = cpu_scan.selective_scan_cpu_projected
 
 
 @pytest.mark.parametrize("b", [1, 3])
@@ -250,19 +253,21 @@ def test_cpu_kernel_gets_token_major_views_and_runs_the_flip_order_in_reverse(mo
     ok, why = cpu_scan.kernel_status(F64)
     if not ok:
         pytest.skip(f"the fused CPU kernel cannot be built here: {why}")
-    monkeypatch.setitem(scan_module._BACKENDS, "cpu", f"{__name__}:recording_cpu_scan")
+    monkeypatch.setattr(cpu_scan, "selective_scan_cpu_projected", recording_cpu_scan)
     for m, reverses in ((Mamba(16, d_state=4, dtype=F64), [False]),
                         (MultiOrderMamba.vim(16, d_state=4, dtype=F64), [False, True])):
-        KERNEL_CALLS.clear()
-        x = torch.randn(b, 10, 16, dtype=F64, requires_grad=True)
-        m(x).sum().backward()
-        assert [c["reverse"] for c in KERNEL_CALLS] == reverses
-        xz_storages = set()
-        for call in KERNEL_CALLS:
-            assert all(is_token_major(call[k]) for k in ("u", "delta", "z")), type(m).__name__
-            xz_storages.add(call["z"].untyped_storage().data_ptr())
-        assert len(xz_storages) == 1                 # z: every branch reads the same in_proj output in place
-        assert x.grad.is_contiguous()
+        for memory_efficient in (False, True):
+            m.memory_efficient = memory_efficient
+            KERNEL_CALLS.clear()
+            x = torch.randn(b, 10, 16, dtype=F64, requires_grad=True)
+            m(x).sum().backward()
+            assert [c["reverse"] for c in KERNEL_CALLS] == reverses
+            xz_storages = set()
+            for call in KERNEL_CALLS:
+                assert all(is_token_major(call[k]) for k in ("u", "z")), type(m).__name__
+                xz_storages.add(call["z"].untyped_storage().data_ptr())
+            assert len(xz_storages) == 1                 # z: every branch reads the same in_proj output in place
+            assert x.grad.is_contiguous()
 
 
 def test_inference_batch_chunk_only_splits_large_cpu_batches_without_autograd():

@@ -188,22 +188,31 @@ def test_bad_inputs_raise_clear_errors():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_inference_projects_delta_inside_the_kernel_with_the_same_outputs(dtype, monkeypatch):
-    """Under no_grad on the CPU the mixers hand dt_proj to the fused kernel instead of materialising delta;
-    the outputs equal the path autograd takes (float64 to rounding, float32 within the kernel's tolerance)."""
+def test_cpu_mixers_project_delta_inside_the_kernel_with_the_reference_numbers(dtype, monkeypatch):
+    """On the CPU the mixers hand dt_proj to the fused kernel instead of materialising delta, in inference and
+    in training; outputs and gradients equal the same mixer on the reference scan (which materialises delta),
+    float64 to rounding, float32 within the kernel's tolerance."""
+    import copy
+
     from mambakit.core import MultiOrderMamba
     from mambakit.kernels import cpu_scan
 
     calls = []
     real = cpu_scan.selective_scan_cpu_projected
     monkeypatch.setattr(cpu_scan, "selective_scan_cpu_projected", lambda *a, **k: calls.append(1) or real(*a, **k))
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
     torch.manual_seed(0)
     for mixer in (Mamba(24, d_state=8).to(dtype), MultiOrderMamba.vim(24, d_state=8).to(dtype)):
+        ref = copy.deepcopy(mixer)
+        ref.scan_backend = "reference"
         h = torch.randn(2, 37, 24, dtype=dtype)
         with torch.no_grad():
-            fast = mixer(h)
-        slow = mixer(h)
-        assert slow.requires_grad
-        torch.testing.assert_close(fast, slow.detach(), rtol=1e-12 if dtype == torch.float64 else 1e-5,
-                                   atol=1e-12 if dtype == torch.float64 else 1e-6)
-    assert len(calls) == 3          # Mamba's one order, Vim's two; none under autograd
+            torch.testing.assert_close(mixer(h), ref(h), **tol)
+        out, ref_out = mixer(h), ref(h)
+        torch.testing.assert_close(out, ref_out, **tol)
+        weight = torch.randn_like(out)
+        grads = torch.autograd.grad((out * weight).sum(), list(mixer.parameters()))
+        ref_grads = torch.autograd.grad((ref_out * weight).sum(), list(ref.parameters()))
+        for (name, _), g, r in zip(mixer.named_parameters(), grads, ref_grads):
+            torch.testing.assert_close(g, r, **tol, msg=name)
+    assert len(calls) == 6          # Mamba's one order, Vim's two; with and without autograd

@@ -391,15 +391,42 @@ def test_projected_delta_matches_the_reference_on_the_projection(b, d, L, N, R, 
     assert got.dtype == dtype and rel_err(got, ref) <= TOL[dtype]
 
 
-def test_projected_delta_under_autograd_takes_the_differentiable_path():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("b,d,L,N,R,G,reverse", [(1, 16, 100, 16, 12, None, False), (2, 13, 70, 5, 3, None, True),
+                                                 (2, 40, 257, 8, 33, 5, False)], ids=["vim", "reverse", "R33_groups"])
+def test_projected_delta_trains_against_the_reference(b, d, L, N, R, G, reverse, dtype):
+    """Under autograd the kernel projects delta = W @ dt_in itself in the forward and again in the backward:
+    the output and the gradients of every input (W and dt_in included, dt_in a strided view of x_proj's
+    output as Mamba passes it) equal the float64 reference on the explicitly projected delta."""
+    torch.manual_seed(b + d + L)
+    inputs = {k: v for k, v in make_inputs(b, d, L, N, G, G).items() if k not in ("delta", "initial_state")}
+    inputs.update(W=torch.randn(d, R) / math.sqrt(R), x_dbl=torch.randn(b, L, R + 7))
+    flip = (lambda t: t.flip(-1)) if reverse else (lambda t: t)
+
+    def scan(x, projected):
+        dt_in = x["x_dbl"].transpose(1, 2)[:, :R]
+        kw = {k: x[k] for k in ("A", "B", "C", "D", "z", "delta_bias")}
+        if projected:
+            return cpu_scan.selective_scan_cpu_projected(x["u"], x["W"], dt_in, **kw, delta_softplus=True,
+                                                         reverse=reverse)
+        kw.update({k: flip(kw[k]) for k in ("B", "C", "z")})
+        return flip(selective_scan_ref(flip(x["u"]), flip(x["W"] @ dt_in), **kw, delta_softplus=True))
+
+    weight = torch.randn(b, d, L, dtype=torch.float64)
+    grads = {}
+    for projected, dt in ((True, dtype), (False, torch.float64)):
+        x = {k: v.detach().to(dt).requires_grad_() for k, v in inputs.items()}
+        out = scan(x, projected)
+        g = torch.autograd.grad((out.double() * weight).sum(), list(x.values()))
+        grads[projected] = (out, dict(zip(x, g)))
+    (got, got_g), (ref, ref_g) = grads[True], grads[False]
+    assert got.dtype == dtype and rel_err(got, ref) <= TOL[dtype]
+    for name in ref_g:
+        assert rel_err(got_g[name], ref_g[name]) <= TOL[dtype] * 10, name
+
+
+def test_projected_delta_checks_its_shapes():
     inputs = make_inputs(1, 8, 30, 4)
-    W = torch.randn(8, 3, requires_grad=True)
-    dt_in = torch.randn(1, 3, 30)
     kw = {k: inputs[k] for k in ("A", "B", "C", "D", "z", "delta_bias")}
-    out = cpu_scan.selective_scan_cpu_projected(inputs["u"], W, dt_in, **kw, delta_softplus=True)
-    (gW,) = torch.autograd.grad(out.sum(), [W])
-    want = selective_scan_cpu(inputs["u"], W @ dt_in, **kw, delta_softplus=True)
-    (wW,) = torch.autograd.grad(want.sum(), [W])
-    assert torch.equal(out, want) and torch.equal(gW, wW)
     with pytest.raises(ValueError, match=r"dt_weight \(8, 3\) and dt_in \(1, 2, 30\) must be \(d, R\) and \(b, R, L\)"):
-        cpu_scan.selective_scan_cpu_projected(inputs["u"], W, dt_in[:, :2], **kw)
+        cpu_scan.selective_scan_cpu_projected(inputs["u"], torch.randn(8, 3), torch.randn(1, 2, 30), **kw)

@@ -57,9 +57,10 @@ typedef ureal uvec __attribute__((vector_size(W * sizeof(real))));
  * (mk_stride: elements between batch elements, channels, time steps; any sign), so channel-major rows,
  * token-major memory (channel stride 1) and time reversed (a pointer to the last step and a negative time
  * stride) all run without a copy. Every other pointer is to a contiguous array of `real` (dt_in: rows of
- * `len`, batch elements dt_in_bstride apart). Optional inputs and unwanted outputs are NULL. The forward takes
- * either delta or its projection delta = dt_w @ dt_in (per batch element), computed chunk by chunk and never
- * stored (inference). */
+ * `len`, batch elements dt_in_bstride apart). Optional inputs and unwanted outputs are NULL. Forward and
+ * backward take either delta or its projection delta = dt_w @ dt_in (per batch element), computed chunk by
+ * chunk and never stored; the backward still writes ddelta (the caller turns it into dt_w's and dt_in's
+ * gradients). */
 typedef struct { int64_t b, c, t; } mk_stride;
 enum { S_U, S_DELTA, S_Z, S_OUT, S_DOUT, S_DU, S_DDELTA, S_DZ, S_COUNT };
 
@@ -79,7 +80,7 @@ typedef struct {
     real *dB, *dC;                   /* (batch, groups, dstate, len) */
     real *dD, *dbias;                /* (dim,); may be NULL when D / delta_bias are absent */
     real *dinit;                     /* (batch, dim, dstate) */
-    const real *dt_w, *dt_in;        /* instead of delta (forward only): (dim, dt_rank), (batch, dt_rank, len) */
+    const real *dt_w, *dt_in;        /* instead of delta: (dim, dt_rank), (batch, dt_rank, len) */
     int64_t batch, dim, len, dstate, groups, chunk;
     int64_t dt_rank, dt_in_bstride;
     mk_stride st[S_COUNT];           /* strides of u, delta, z, out, dout, du, ddelta, dz (see the enum) */
@@ -830,13 +831,17 @@ void mk_use_openmp(void *parallel, void *thread_num) {
 
 int mk_threading(void) { return gomp_parallel != NULL; }
 
+/* delta, or what to project it from. */
+static int has_delta(const mk_scan_args *a) { return a->delta || (a->dt_w && a->dt_in && a->dt_rank > 0); }
+
 int mk_scan_fwd(const mk_scan_args *a) {
-    if (!a->delta && !(a->dt_w && a->dt_in && a->dt_rank > 0)) return 3;
+    if (!has_delta(a)) return 3;
     return run_forward(a);
 }
 
 int mk_scan_bwd(const mk_scan_args *a) {
-    if (!a->delta || !a->dout || !a->ckpt || !a->du || !a->ddelta || !a->dA || !a->dB || !a->dC || (a->z && !a->dz))
+    if (!has_delta(a) || !a->dout || !a->ckpt || !a->du || !a->ddelta || !a->dA || !a->dB || !a->dC ||
+        (a->z && !a->dz))
         return 3;
     return run_backward(a);
 }
