@@ -10,8 +10,8 @@ the two is one GEMM per sample whichever way round, since BLAS reads either oper
 
 On the CPU the Mamba-1 mixers keep token-major memory behind their (b, channels, L) views (see
 `mambakit.core.mamba`): there the row count of a GEMM is the token count, the shape MKL runs fastest.
-`inference_batch_chunk` sizes the parts a CPU inference of a large batch runs in, so that a layer's
-activations stay in cache (used by Vim).
+`cpu_batch_chunk` sizes the parts a CPU forward of a large batch runs in, so that a layer's activations stay in
+cache (used by Vim).
 
 `F.linear` / `torch.matmul` fold the batch into the rows and so copy whenever the input is a transposed view,
 and autograd's own backward of a batched GEMM hands gradients back in the transposed layout, which the next
@@ -28,16 +28,18 @@ import torch.nn.functional as F
 from mambakit.kernels.cpu_scan import is_token_major
 
 __all__ = ["channel_major_linear", "token_major_linear", "same_layout_linear", "is_token_major",
-           "inference_batch_chunk", "CPU_INFERENCE_TOKENS"]
+           "cpu_batch_chunk", "CPU_BATCH_TOKENS"]
 
-#: Tokens per part when a CPU forward without autograd runs a large batch in parts (`inference_batch_chunk`):
-#: a layer's activations (in_proj's output alone is 3 KiB per token for Vim-Ti) then stay in the L3 cache
-#: between the passes over them instead of streaming from memory. Vim-Ti, batch 8, 2 cores, 32 MiB L3
-#: (2026-12-03, alternated runs of two steps): 1024 px 9.0-9.4 s in one pass, 7.6-8.5 s in parts of one or
-#: two images (8194 tokens); 768 px in parts of two or three images 4.2-5.0 s against 4.0-4.8 s in one pass
-#: (no difference), 512 px in parts of one image slower (2.3-2.6 s against 2.1 s). 9000 tokens: two images
-#: at 1024 px, one pass at 512.
-CPU_INFERENCE_TOKENS = 9000
+#: Tokens per part when a CPU forward runs a large batch in parts (`cpu_batch_chunk`): a layer's activations
+#: (in_proj's output alone is 3 KiB per token for Vim-Ti) then stay in the L3 cache between the passes over them
+#: instead of streaming from memory. Vim-Ti, batch 8, 2 cores, 32 MiB L3 (2026-12-03, alternated runs):
+#: inference at 1024 px 9.0-9.4 s in one pass, 7.6-8.5 s in parts of one or two images (8194 tokens); 768 px in
+#: parts of two or three images 4.2-5.0 s against 4.0-4.8 s in one pass (no difference), 512 px in parts of one
+#: image slower (2.3-2.6 s against 2.1 s). Training (forward + backward, the backward then also runs part by
+#: part): 1024 px 33.5-35.5 s in one pass, 30.2-31.6 s in parts of two images, 31.1-32.3 s of one; 768 px
+#: 15.8-21.4 s in one pass, 16.3-21.3 s in parts of three; 512 px 7.0-7.8 s in one pass, 7.1-7.7 s in parts of
+#: four, 7.5-8.9 s of one. 9000 tokens: two images at 1024 px, three at 768, one pass at 512.
+CPU_BATCH_TOKENS = 9000
 
 
 def _bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -127,13 +129,13 @@ def token_major_linear(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return _Linear.apply(y, weight, bias, True)
 
 
-def inference_batch_chunk(x: torch.Tensor, tokens_per_sample: int, budget: int | None = None) -> int:
-    """How many samples of x (batch first) a CPU forward without autograd should run at once: all of them
-    when they hold at most `budget` tokens (default CPU_INFERENCE_TOKENS), else as many as fit (at least
-    one). Other devices and autograd (whose saved activations do not fit in a cache anyway) run the whole
-    batch."""
-    budget = CPU_INFERENCE_TOKENS if budget is None else budget
+def cpu_batch_chunk(x: torch.Tensor, tokens_per_sample: int, budget: int | None = None) -> int:
+    """How many samples of x (batch first) a CPU forward should run at once: all of them when they hold at
+    most `budget` tokens (default CPU_BATCH_TOKENS), else as many as fit (at least one). For a model whose
+    samples are computed independently (no batch statistics), with or without autograd. Other devices run
+    the whole batch."""
+    budget = CPU_BATCH_TOKENS if budget is None else budget
     b = x.shape[0]
-    if x.device.type != "cpu" or torch.is_grad_enabled() or b <= 1 or b * tokens_per_sample <= budget:
+    if x.device.type != "cpu" or b <= 1 or b * tokens_per_sample <= budget:
         return b
     return max(1, budget // max(1, tokens_per_sample))

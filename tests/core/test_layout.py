@@ -270,13 +270,15 @@ def test_cpu_kernel_gets_token_major_views_and_runs_the_flip_order_in_reverse(mo
             assert x.grad.is_contiguous()
 
 
-def test_inference_batch_chunk_only_splits_large_cpu_batches_without_autograd():
-    from mambakit.core.layout import inference_batch_chunk
+def test_cpu_batch_chunk_only_splits_large_cpu_batches():
+    from mambakit.core.layout import cpu_batch_chunk
     x = torch.zeros(8, 3)
+    assert cpu_batch_chunk(x, 4097) == 2                               # Vim-Ti at 1024 px: two images a part
+    assert cpu_batch_chunk(x, 4097, budget=8193) == 1
+    assert cpu_batch_chunk(x, 2305) == 3                               # 768 px: three
+    assert cpu_batch_chunk(x, 1025) == 8                               # 512 px: fits, one pass
+    assert cpu_batch_chunk(x, 20000) == 1                              # at least one sample
+    assert cpu_batch_chunk(x[:1], 20000) == 1
     with torch.no_grad():
-        assert inference_batch_chunk(x, 4097) == 2                     # Vim-Ti at 1024 px: two images a part
-        assert inference_batch_chunk(x, 4097, budget=8193) == 1
-        assert inference_batch_chunk(x, 1025) == 8                     # 512 px: fits, one pass
-        assert inference_batch_chunk(x, 20000) == 1                    # at least one sample
-        assert inference_batch_chunk(x[:1], 20000) == 1
-    assert inference_batch_chunk(x, 4097) == 8                         # autograd: the whole batch
+        assert cpu_batch_chunk(x, 4097) == 2                           # with or without autograd
+    assert cpu_batch_chunk(torch.zeros(8, 3, device="meta"), 4097) == 8   # other devices: the whole batch

@@ -29,7 +29,9 @@ direction starts at softplus(0) = 0.69 for every channel.
 ShuffleMamba (huangzizheng01/ShuffleMamba, `shuffle_forward`): with `shuffle_rate > 0`, in training, layer i
 is run on a randomly permuted sequence with probability linspace(0, shuffle_rate, depth)[i]: one coin per
 layer per forward (`torch.rand(1)`), one permutation for the whole batch (class token included), hidden and
-residual permuted before the layer and restored with the inverse after it. Nothing changes at eval.
+residual permuted before the layer and restored with the inverse after it. Nothing changes at eval. The coins
+and permutations of a forward are drawn before its first layer (`shuffle_plan`), layer by layer in the same
+order, so a batch run in parts shares them.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import nn
 
 from mambakit.core import DropPath, RMSNorm, create_block, drop_path_schedule, init_weights
-from mambakit.core.layout import inference_batch_chunk
+from mambakit.core.layout import cpu_batch_chunk
 from mambakit.core.orders import RandomShuffle, reorder, restore
 
 __all__ = ["VisionMamba", "PatchEmbed", "shuffle_probabilities", "VIM_MODELS"]
@@ -219,35 +221,47 @@ class VisionMamba(nn.Module):
             pos = resize_pos_embed(pos, self.patch_embed.grid_size, grid, self.cls_token_position)
         return self.pos_drop(x + pos)
 
-    def _run_layer(self, i: int, layer: nn.Module, hidden: torch.Tensor, residual: torch.Tensor | None):
-        # One coin per layer per training forward (drawn even where the probability is 0, as upstream does).
-        if self.training and self.shuffle_rate > 0 and torch.rand(1).item() < self.shuffle_probs[i]:
-            idx = RandomShuffle().indices(hidden.shape[1], device=hidden.device)
-            hidden = reorder(hidden, idx)
-            residual = reorder(residual, idx) if residual is not None else None
-            hidden, residual = layer(hidden, residual)
-            return restore(hidden, idx), restore(residual, idx)
-        return layer(hidden, residual)
+    def shuffle_plan(self, num_tokens: int, device=None) -> list[torch.Tensor | None]:
+        """ShuffleMamba's draw for one forward: per layer, the permutation its tokens are run in, or None. One
+        coin per layer per training forward (drawn even where the probability is 0, as upstream does); nothing
+        is drawn at eval or with shuffle_rate 0."""
+        if not (self.training and self.shuffle_rate > 0):
+            return [None] * len(self.layers)
+        return [RandomShuffle().indices(num_tokens, device=device) if torch.rand(1).item() < p else None
+                for p in self.shuffle_probs]
+
+    @staticmethod
+    def _run_layer(layer: nn.Module, hidden: torch.Tensor, residual: torch.Tensor | None, idx=None):
+        """One layer, on the tokens in the order of `idx` (a `shuffle_plan` entry; None: as they are)."""
+        if idx is None:
+            return layer(hidden, residual)
+        hidden = reorder(hidden, idx)
+        residual = reorder(residual, idx) if residual is not None else None
+        hidden, residual = layer(hidden, residual)
+        return restore(hidden, idx), restore(residual, idx)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> normalised tokens (B, M + 1, D) (class token included, at `cls_index(M)`).
 
-        On the CPU without autograd a large batch of large images runs in parts that keep each layer's
-        activations in cache (`mambakit.core.layout.inference_batch_chunk`); every sample is computed alone
-        either way, and ShuffleMamba's training-time permutation is not drawn outside training."""
-        chunk = x.shape[0]
-        if not self.training and x.dim() == 4:
+        On the CPU a large batch of large images runs in parts that keep each layer's activations in cache
+        (`mambakit.core.layout.cpu_batch_chunk`), in training too (the backward then runs part by part); every
+        sample is computed alone either way, and the parts share one ShuffleMamba draw."""
+        chunk, num_tokens = x.shape[0], None
+        if x.dim() == 4:
             gh, gw = self.patch_embed.grid_for(x.shape[-2:])
-            chunk = inference_batch_chunk(x, gh * gw + self.num_prefix_tokens)
+            num_tokens = gh * gw + self.num_prefix_tokens
+            chunk = cpu_batch_chunk(x, num_tokens)
+        plan = self.shuffle_plan(num_tokens, x.device) if num_tokens is not None else None
         if chunk < x.shape[0]:
-            return torch.cat([self._forward_features(part) for part in x.split(chunk)])
-        return self._forward_features(x)
+            return torch.cat([self._forward_features(part, plan) for part in x.split(chunk)])
+        return self._forward_features(x, plan)
 
-    def _forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_features(self, x: torch.Tensor, plan: list | None = None) -> torch.Tensor:
         x, grid = self.patch_embed(x)
         hidden, residual = self._pos_embed(x, grid), None
-        for i, layer in enumerate(self.layers):
-            hidden, residual = self._run_layer(i, layer, hidden, residual)
+        plan = self.shuffle_plan(hidden.shape[1], hidden.device) if plan is None else plan
+        for layer, idx in zip(self.layers, plan):
+            hidden, residual = self._run_layer(layer, hidden, residual, idx)
         residual = hidden if residual is None else residual + self.drop_path(hidden)
         return self.norm_f(residual.to(dtype=self.norm_f.weight.dtype))
 

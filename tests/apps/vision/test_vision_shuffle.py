@@ -58,9 +58,9 @@ def test_training_forward_matches_replay_and_restores_order():
     model = probe_model(1.0, depth=6).train()
     x = torch.randn(3, 17, 4)                                   # batch 3, 16 patches + class token
     state = torch.get_rng_state()
-    hidden, residual = None, None
-    for i, layer in enumerate(model.layers):
-        hidden, residual = model._run_layer(i, layer, x if hidden is None else hidden, residual)
+    hidden, residual = x, None
+    for layer, idx in zip(model.layers, model.shuffle_plan(x.shape[1])):
+        hidden, residual = model._run_layer(layer, hidden, residual, idx)
     torch.set_rng_state(state)
     ref_hidden, ref_residual, events = replay(x, model.shuffle_probs)
     torch.testing.assert_close(hidden, ref_hidden)
@@ -99,8 +99,9 @@ def test_first_shuffled_layer_sees_a_batch_shared_permutation():
     torch.manual_seed(5)
     model = probe_model(1.0, depth=2).train()                  # layer 1 shuffles with probability 1
     tokens = torch.randn(4, 17, 4)
-    hidden, residual = model._run_layer(0, model.layers[0], tokens, None)
-    model._run_layer(1, model.layers[1], hidden, residual)
+    plan = model.shuffle_plan(17)
+    hidden, residual = model._run_layer(model.layers[0], tokens, None, plan[0])
+    model._run_layer(model.layers[1], hidden, residual, plan[1])
     seen_h, seen_r = model.layers[1].seen[0]
     perm = [int(torch.nonzero((seen_h[0] == hidden[0, j]).all(-1))[0]) for j in range(17)]
     inv = torch.tensor(perm)                                   # where token j went

@@ -109,25 +109,38 @@ def test_forward_and_backward_match_float64_reference(img_size, stride):
 
 
 def test_large_cpu_batches_run_in_cache_sized_parts_with_the_same_result(monkeypatch):
-    """Under no_grad on the CPU a batch over the token budget runs in parts (here 3 + 3 + 1 images); the
-    logits equal the one-pass float64 reference, and training-mode or autograd forwards are never split."""
+    """On the CPU a batch over the token budget runs in parts (here 3 + 3 + 1 images): the logits equal the
+    one-pass float64 reference, and in training (ShuffleMamba on, dropout and drop path off) the logits and
+    every gradient equal the one-pass forward with the same draw, which the parts share."""
     from mambakit.core import layout
-    model = tiny_vim(depth=2).double().eval()
+    model = tiny_vim(depth=3, shuffle_rate=1.0).double().eval()
     img = torch.randn(7, 3, 32, 32, dtype=torch.float64)
     calls = []
     real = model._forward_features
-    monkeypatch.setattr(model, "_forward_features", lambda x: calls.append(x.shape[0]) or real(x))
-    monkeypatch.setattr(layout, "CPU_INFERENCE_TOKENS", 3 * 17)            # 16 patches + the class token
+    monkeypatch.setattr(model, "_forward_features", lambda x, plan=None: calls.append(x.shape[0]) or real(x, plan))
+    with torch.no_grad():
+        one_pass = model(img)                                               # 7 x 17 tokens: under the budget
+    monkeypatch.setattr(layout, "CPU_BATCH_TOKENS", 3 * 17)                # 16 patches + the class token
     with torch.no_grad():
         out = model(img)
-    assert calls == [3, 3, 1]
+    assert calls == [7, 3, 3, 1]
     torch.testing.assert_close(out, reference_forward(model, img), rtol=1e-9, atol=1e-10)
-    calls.clear()
-    model(img).sum().backward()                                             # autograd: one pass
+    torch.testing.assert_close(out, one_pass, rtol=1e-12, atol=1e-12)
+
     model.train()
-    with torch.no_grad():
-        model(img)                                                          # training mode: one pass
-    assert calls == [7, 7]
+    torch.manual_seed(4)
+    parts = model(img)
+    calls.clear()
+    torch.manual_seed(4)
+    plan = model.shuffle_plan(17)
+    assert any(idx is not None for idx in plan)                             # layers 1 and 2 shuffle
+    whole = model.forward_head(real(img, plan))
+    torch.testing.assert_close(parts, whole, rtol=1e-12, atol=1e-12)
+    weight, params = torch.randn_like(whole), list(model.parameters())
+    got = torch.autograd.grad((parts * weight).sum(), params)
+    want = torch.autograd.grad((whole * weight).sum(), params)
+    for (name, _), g, w in zip(model.named_parameters(), got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, msg=f"gradient of {name}")
 
 
 def test_middle_class_token_is_pooled():
