@@ -47,6 +47,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import nn
 
 from mambakit.core import DropPath, selective_scan
+from mambakit.core.scan import resolve_backend
 from mambakit.core.mamba import init_dt_proj
 from mambakit.core.orders import ATROUS_2X2, scan_order
 
@@ -104,10 +105,12 @@ class SS2D(nn.Module):
 
     def scan(self, x: torch.Tensor) -> torch.Tensor:
         """ES2D on x (B, d_inner, H, W) -> out_norm(y) (B, H*W, d_inner), computed in float32 (or float64)."""
+        if self._interleaved(x):
+            return self._scan_interleaved(x)
         B, d, H, W = x.shape
         K, N, R = self.K, self.d_state, self.dt_rank
         ct = torch.float64 if x.dtype == torch.float64 else torch.float32
-        gather, scatter = _lattice_index(self.orders, H, W, x.device)
+        gather, scatter, _ = _lattice_index(self.orders, H, W, x.device)
         tokens = x.flatten(2).transpose(1, 2)                                              # (B, HW, d), row-major
         tokens = torch.cat([tokens, tokens.new_zeros(B, 1, d)], dim=1)                     # + the zero token
         xs = tokens.index_select(1, gather).view(B, K, -1, d).transpose(2, 3)              # (B, K, d, P)
@@ -122,12 +125,48 @@ class SS2D(nn.Module):
         ys = ys.view(B, K, d, P).transpose(2, 3).reshape(B, K * P, d)
         return self.out_norm(ys.index_select(1, scatter))       # each pixel from the one cell that scanned it
 
+    def _interleaved(self, x: torch.Tensor) -> bool:
+        """Whether `scan` runs on interleaved token-major memory: where the scan is the fused CPU kernel, which
+        reads strided tensors and projects delta itself."""
+        return x.device.type == "cpu" and resolve_backend(self.scan_backend, x.device) == "cpu"
+
+    def _scan_interleaved(self, x: torch.Tensor) -> torch.Tensor:
+        """`scan` with the K lattice cells gathered into one token-major (B, P, K, d) buffer: step t of cell k at
+        row t K + k, so that (B, K d, P) is its transposed view, channel c = k d + j. The fused kernel reads it
+        in place, computes delta from a block-diagonal dt projection (each cell's rows of dt_in meet only its
+        own channels), and writes its output in the same layout, which the scatter reads back to pixels: no
+        (B, K d, P) copy of x, delta or y is made (the channel-major path makes three)."""
+        from mambakit.kernels.cpu_scan import selective_scan_cpu_projected
+
+        B, d, H, W = x.shape
+        K, N, R = self.K, self.d_state, self.dt_rank
+        ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+        gather, scatter, padded = _lattice_index(self.orders, H, W, x.device, interleaved=True)
+        tokens = x.permute(0, 2, 3, 1).reshape(B, H * W, d)          # a view of a channels-last x
+        if padded:
+            tokens = torch.cat([tokens, tokens.new_zeros(B, 1, d)], dim=1)                 # + the zero token
+        xs = tokens.index_select(1, gather).to(ct)                     # (B, P K, d)
+        P = xs.shape[1] // K
+        per_cell = xs.view(B * P, K, d).transpose(0, 1)                # (K, B P, d), rows K d apart
+        x_dbl = torch.bmm(self.x_proj_weight.to(ct), per_cell.transpose(1, 2))            # (K, R + 2N, B P)
+        x_dbl = x_dbl.view(K, R + 2 * N, B, P).permute(2, 0, 1, 3)                        # (B, K, R + 2N, P)
+        dt_in = x_dbl[:, :, :R].reshape(B, K * R, P)
+        dt_w = torch.block_diag(*self.dt_projs_weight.to(ct))                              # (K d, K R)
+        ys = selective_scan_cpu_projected(xs.view(B, P, K * d).transpose(1, 2), dt_w, dt_in,
+                                          -torch.exp(self.A_logs.to(ct)), x_dbl[:, :, R:R + N],
+                                          x_dbl[:, :, R + N:], self.Ds.to(ct),
+                                          delta_bias=self.dt_projs_bias.reshape(-1).to(ct), delta_softplus=True)
+        ys = ys.transpose(1, 2).reshape(B, P * K, d)                   # a view: the kernel wrote (B, P, K d)
+        return self.out_norm(ys.index_select(1, scatter))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[-1] != self.d_model:
             raise ValueError(f"SS2D: expected (batch, H, W, {self.d_model}), got {tuple(x.shape)}")
         B, H, W, _ = x.shape
-        x, z = self.in_proj(x).chunk(2, dim=-1)
-        z = self.act(z)
+        # in_proj's two halves as two GEMMs: x's is then a contiguous channels-last input of the conv
+        w, bias, d = self.in_proj.weight, self.in_proj.bias, self.d_inner
+        z = self.act(F.linear(x, w[d:], None if bias is None else bias[d:]))
+        x = F.linear(x, w[:d], None if bias is None else bias[:d])
         x = self.act(self.conv2d(x.permute(0, 3, 1, 2)))
         y = self.scan(x).to(x.dtype).view(B, H, W, self.d_inner)
         return self.dropout(self.out_proj(y * z))
@@ -136,16 +175,17 @@ class SS2D(nn.Module):
 _LATTICE_CACHE: dict = {}
 
 
-def _lattice_index(orders, H: int, W: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The K lattice orders of an (H, W) grid as two index vectors, cached per geometry:
-    gather (K*P,) reads token t (H*W: the zero token) into scanned position k*P + j; scatter (H*W,) reads each
-    pixel's output from the one scanned position that holds it. Built from core's `OrderIndices`."""
-    key = (tuple(o.name for o in orders), H, W, str(device))
+def _lattice_index(orders, H: int, W: int, device, interleaved: bool = False):
+    """The K lattice orders of an (H, W) grid as two index vectors and whether the grid is padded, cached per
+    geometry: gather (K*P,) reads token t (H*W: the zero token) into scanned position k*P + j; scatter (H*W,)
+    reads each pixel's output from the one scanned position that holds it. With `interleaved`, position
+    (k, j) is j*K + k instead (the cells interleaved step by step). Built from core's `OrderIndices`."""
+    key = (tuple(o.name for o in orders), H, W, str(device), interleaved)
     hit = _LATTICE_CACHE.get(key)
     if hit is not None:
         return hit
     idxs = [o.indices(H * W, hw=(H, W)) for o in orders]
-    P = idxs[0].scan_length
+    K, P = len(idxs), idxs[0].scan_length
     gather = torch.cat([idx.perm for idx in idxs])
     scatter = torch.full((H * W,), -1, dtype=torch.long)
     for k, idx in enumerate(idxs):
@@ -157,9 +197,12 @@ def _lattice_index(orders, H: int, W: int, device) -> tuple[torch.Tensor, torch.
         scatter[visited] = k * P + idx.inverse[visited]
     if bool((scatter < 0).any()):
         raise ValueError(f"SS2D: orders {key[0]} leave pixels of a {H}x{W} grid unscanned")
+    if interleaved:
+        gather = gather.view(K, P).t().reshape(-1)
+        scatter = scatter % P * K + scatter // P
     if len(_LATTICE_CACHE) > 64:
         _LATTICE_CACHE.clear()
-    _LATTICE_CACHE[key] = hit = (gather.to(device), scatter.to(device))
+    _LATTICE_CACHE[key] = hit = (gather.to(device), scatter.to(device), bool((gather == H * W).any()))
     return hit
 
 

@@ -110,9 +110,11 @@ def reference_es2d(op: SS2D, x):
     return op.out_norm(y)
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference"])
 @pytest.mark.parametrize("hw", [(4, 6), (5, 7)])
-def test_es2d_matches_upstream_strided_scan_forward_and_backward(hw):
-    op = SS2D(8, d_state=16).double()
+def test_es2d_matches_upstream_strided_scan_forward_and_backward(hw, backend):
+    """Both layouts: interleaved token-major cells (the fused CPU kernel, "auto") and channel-major ones."""
+    op = SS2D(8, d_state=16, scan_backend=backend).double()
     with torch.no_grad():
         op.Ds.normal_()
         op.out_norm.weight.normal_()
@@ -124,6 +126,39 @@ def test_es2d_matches_upstream_strided_scan_forward_and_backward(hw):
     for a, b, name in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(ref, params, g),
                           ["x", "x_proj_weight", "dt_projs_weight", "dt_projs_bias", "A_logs", "Ds"]):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10, msg=f"gradient of {name}")
+
+
+def test_cpu_kernel_reads_the_interleaved_cells_in_place(monkeypatch):
+    """On the CPU the K cells are gathered into one token-major buffer that the kernel reads and writes as it is,
+    with a block-diagonal delta projection; the whole SS2D equals its channel-major form."""
+    from mambakit.kernels import cpu_scan
+    from mambakit.kernels.cpu_scan import is_token_major
+
+    ok, why = cpu_scan.kernel_status(torch.float64)
+    if not ok:
+        pytest.skip(f"the fused CPU kernel cannot be built here: {why}")
+    seen = []
+    real = cpu_scan.selective_scan_cpu_projected
+
+    def recording(u, dt_w, dt_in, *args, **kwargs):
+        seen.append((is_token_major(u), u.untyped_storage().nbytes() // u.element_size(), tuple(dt_w.shape)))
+        return real(u, dt_w, dt_in, *args, **kwargs)
+
+    monkeypatch.setattr(cpu_scan, "selective_scan_cpu_projected", recording)
+    torch.manual_seed(0)
+    op = SS2D(8, d_state=4).double()
+    ref = SS2D(8, d_state=4, scan_backend="reference").double()
+    ref.load_state_dict(op.state_dict())
+    x = torch.randn(2, 6, 8, 8, dtype=torch.float64)                      # (B, H, W, C): even sides, no padding
+    out = op(x)
+    torch.testing.assert_close(out, ref(x), rtol=1e-10, atol=1e-12)
+    K, d, P = 4, op.d_inner, 3 * 4
+    assert seen == [(True, 2 * P * K * d, (K * d, K * op.dt_rank))]       # u is the gathered buffer itself
+    weight = torch.randn_like(out)
+    for (name, _), g, r in zip(op.named_parameters(),
+                               torch.autograd.grad((out * weight).sum(), list(op.parameters())),
+                               torch.autograd.grad((ref(x) * weight).sum(), list(ref.parameters()))):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-11, msg=f"gradient of {name}")
 
 
 def test_each_pixel_is_scanned_by_exactly_one_lattice_cell():
