@@ -48,7 +48,7 @@ from torch import nn
 
 from mambakit.core import DropPath, RMSNorm, create_block, drop_path_schedule, init_weights
 from mambakit.core.layout import cpu_batch_chunk
-from mambakit.core.orders import RandomShuffle, reorder, restore
+from mambakit.core.orders import OrderIndices, RandomShuffle, reorder, restore
 
 __all__ = ["VisionMamba", "PatchEmbed", "shuffle_probabilities", "VIM_MODELS"]
 
@@ -221,7 +221,7 @@ class VisionMamba(nn.Module):
             pos = resize_pos_embed(pos, self.patch_embed.grid_size, grid, self.cls_token_position)
         return self.pos_drop(x + pos)
 
-    def shuffle_plan(self, num_tokens: int, device=None) -> list[torch.Tensor | None]:
+    def shuffle_plan(self, num_tokens: int, device=None) -> list[OrderIndices | None]:
         """ShuffleMamba's draw for one forward: per layer, the permutation its tokens are run in, or None. One
         coin per layer per training forward (drawn even where the probability is 0, as upstream does); nothing
         is drawn at eval or with shuffle_rate 0."""
@@ -231,7 +231,8 @@ class VisionMamba(nn.Module):
                 for p in self.shuffle_probs]
 
     @staticmethod
-    def _run_layer(layer: nn.Module, hidden: torch.Tensor, residual: torch.Tensor | None, idx=None):
+    def _run_layer(layer: nn.Module, hidden: torch.Tensor, residual: torch.Tensor | None,
+                   idx: OrderIndices | None = None):
         """One layer, on the tokens in the order of `idx` (a `shuffle_plan` entry; None: as they are)."""
         if idx is None:
             return layer(hidden, residual)
@@ -256,7 +257,7 @@ class VisionMamba(nn.Module):
             return torch.cat([self._forward_features(part, plan) for part in x.split(chunk)])
         return self._forward_features(x, plan)
 
-    def _forward_features(self, x: torch.Tensor, plan: list | None = None) -> torch.Tensor:
+    def _forward_features(self, x: torch.Tensor, plan: list[OrderIndices | None] | None = None) -> torch.Tensor:
         x, grid = self.patch_embed(x)
         hidden, residual = self._pos_embed(x, grid), None
         plan = self.shuffle_plan(hidden.shape[1], hidden.device) if plan is None else plan
