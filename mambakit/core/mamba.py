@@ -37,7 +37,7 @@ from mambakit.core.cache import InferenceParams, states_from_cache
 from mambakit.core.layout import channel_major_linear, same_layout_linear, token_major_linear
 from mambakit.core.orders import OrderIndices, reorder, restore
 from mambakit.core.recompute import SavedActivations
-from mambakit.core.scan import resolve_backend, selective_scan, selective_state_update
+from mambakit.core.scan import runs_fused_cpu_kernel, selective_scan, selective_state_update
 from mambakit.kernels.cpu_conv import causal_conv1d
 
 #: The default of `memory_efficient` (Mamba, MultiOrderMamba): recompute the branch's cheap intermediates in
@@ -200,8 +200,7 @@ class SelectiveSSM(nn.Module):
     def _token_major(self, hidden_states: torch.Tensor) -> bool:
         """Whether the branch runs on token-major memory (see the module docstring): where the scan is the fused
         CPU kernel."""
-        return (hidden_states.device.type == "cpu"
-                and resolve_backend(self.scan_backend, hidden_states.device) == "cpu")
+        return runs_fused_cpu_kernel(self.scan_backend, hidden_states.device)
 
     def _in_proj(self, hidden_states: torch.Tensor, token_major: bool | None = None):
         """hidden_states (b, L, d_model) -> x, z (b, d_inner, L) (in_proj's two halves): token-major, views of
@@ -288,7 +287,7 @@ class SelectiveSSM(nn.Module):
         """Whether the fused CPU kernel computes delta = dt_proj(dt) itself, in the forward and again in the
         backward: on the CPU with the kernel backend, where materialising delta is a memory-bound GEMM (~10% of
         a Vim-Ti forward at 1024 px) and, in training, a (b, d_inner, L) tensor kept for the backward."""
-        return u.device.type == "cpu" and self.scan_backend in ("auto", "cpu")
+        return runs_fused_cpu_kernel(self.scan_backend, u.device)
 
     def _scan_projected(self, u, x_dbl, z, suffix: str, reverse: bool = False) -> torch.Tensor:
         from mambakit.kernels.cpu_scan import selective_scan_cpu_projected

@@ -11,8 +11,9 @@ bidirectional mixers, the hierarchical scans of Motion Mamba):
 
 Between in_proj and out_proj the tensors are (b, d_inner, L): orders gather along the last axis and the merges
 work in that layout (see `mambakit.core.layout`). Where the scan is the fused CPU kernel and every order is
-the identity or a flip (Vim, BiMamba), the memory is token-major and a flip order is a branch that runs backwards in time in the
-kernels (see `mambakit.core.mamba`); with gathering orders it is contiguous channel-major. A zero token of
+the identity or a flip (Vim, BiMamba), the memory is token-major and a flip order is a branch that runs
+backwards in time in the kernels (see `mambakit.core.mamba`); with gathering orders it is contiguous
+channel-major. A zero token of
 a padded order (stride-R) is zero in x and z, as upstream pads xz.
 
 Parameter names: order 0 keeps the plain names (`conv1d`, `x_proj`, `dt_proj`, `A_log`, `D`). With K=2 the

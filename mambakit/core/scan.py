@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 __all__ = ["selective_scan", "selective_state_update", "register_backend", "available_backends",
-           "check_scan_inputs", "resolve_backend"]
+           "check_scan_inputs", "resolve_backend", "runs_fused_cpu_kernel"]
 
 # name -> "module:function"; imported on first use so that importing mambakit never compiles anything.
 _BACKENDS: dict[str, str] = {
@@ -68,6 +68,12 @@ def resolve_backend(backend: str, device: torch.device, table: dict[str, str] | 
     if backend == "cpu" and device.type != "cpu":
         raise ValueError(f"selective_scan: backend 'cpu' needs CPU tensors, got tensors on {device}")
     return backend
+
+
+def runs_fused_cpu_kernel(backend: str, device: torch.device) -> bool:
+    """Whether a scan with `backend` on `device` is the fused CPU kernel, which reads strided (token-major)
+    tensors in place, walks time backwards and projects delta itself: the mixers lay out their memory for it."""
+    return device.type == "cpu" and resolve_backend(backend, device) == "cpu"
 
 
 def _resolve(backend: str, device: torch.device, table: dict[str, str]) -> Callable:

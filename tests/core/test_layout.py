@@ -239,13 +239,13 @@ def test_scan_gets_contiguous_channel_major_tensors_and_gradients(recording_back
 KERNEL_CALLS: list[dict] = []
 
 
+REAL_PROJECTED = cpu_scan.selective_scan_cpu_projected
+
+
 def recording_cpu_scan(u, dt_weight, dt_in, A, B, C, D=None, z=None, reverse=False, **kwargs):
     """The fused CPU scan with its delta projection, noting the layouts it is handed and the direction."""
     KERNEL_CALLS.append({"u": u, "z": z, "reverse": reverse})
     return REAL_PROJECTED(u, dt_weight, dt_in, A, B, C, D=D, z=z, reverse=reverse, **kwargs)
-
-
-REAL_PROJECTED = cpu_scan.selective_scan_cpu_projected
 
 
 @pytest.mark.parametrize("b", [1, 3])

@@ -144,3 +144,12 @@ def test_state_update_optional_argument_shapes():
         selective_state_update(**s, D=torch.randn(4))
     with pytest.raises(ValueError, match=r"selective_state_update: z has shape \(2, 4\), expected \(2, 8\)"):
         selective_state_update(**s, z=torch.randn(2, 4))
+
+
+def test_runs_fused_cpu_kernel_names_the_cpu_kernel_only():
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    assert scan_api.runs_fused_cpu_kernel("auto", cpu) and scan_api.runs_fused_cpu_kernel("cpu", cpu)
+    assert not scan_api.runs_fused_cpu_kernel("reference", cpu)
+    assert not scan_api.runs_fused_cpu_kernel("auto", meta)                 # other devices: the reference
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        scan_api.runs_fused_cpu_kernel("nope", cpu)

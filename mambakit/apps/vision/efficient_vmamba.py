@@ -47,7 +47,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import nn
 
 from mambakit.core import DropPath, selective_scan
-from mambakit.core.scan import resolve_backend
+from mambakit.core.scan import runs_fused_cpu_kernel
 from mambakit.core.mamba import init_dt_proj
 from mambakit.core.orders import ATROUS_2X2, scan_order
 
@@ -128,7 +128,7 @@ class SS2D(nn.Module):
     def _interleaved(self, x: torch.Tensor) -> bool:
         """Whether `scan` runs on interleaved token-major memory: where the scan is the fused CPU kernel, which
         reads strided tensors and projects delta itself."""
-        return x.device.type == "cpu" and resolve_backend(self.scan_backend, x.device) == "cpu"
+        return runs_fused_cpu_kernel(self.scan_backend, x.device)
 
     def _scan_interleaved(self, x: torch.Tensor) -> torch.Tensor:
         """`scan` with the K lattice cells gathered into one token-major (B, P, K, d) buffer: step t of cell k at
