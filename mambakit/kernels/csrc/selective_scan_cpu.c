@@ -97,6 +97,8 @@ typedef struct {
     vec *X;                                                       /* (K + 1) * N recomputed states */
     vec *DA;                                                      /* K * N decays of the chunk */
     vec *carry;                                                   /* what blocks carry between chunks */
+    real *Bs, *Cs, *dts, *dBs, *dCs;                              /* staged rows of a chunk (stage_chunk) */
+    int64_t rs;                                                   /* their row stride */
     void *mem;
 } workspace;
 
@@ -104,9 +106,19 @@ typedef struct {
 static __thread void *kept_mem = NULL;
 static __thread size_t kept_bytes = 0;
 
+/* Row stride of the staged chunk rows: K rounded up to whole cache lines, and to an odd number of them, so
+ * that consecutive rows start in different cache sets. */
+static int64_t staged_stride(int64_t K) {
+    const int64_t per_line = 64 / (int64_t)sizeof(real);
+    int64_t lines = (K + per_line - 1) / per_line;
+    if (lines % 2 == 0) lines++;
+    return lines * per_line;
+}
+
 static int workspace_alloc(workspace *w, int64_t K, int64_t N, int64_t R, int backward, int64_t ncarry,
                            int keep) {
-    int64_t nvec = 11 * K + 2 * N + R + (backward ? (K + 1) * N : 0) + K * N + ncarry;
+    const int64_t rs = staged_stride(K), staged_rows = 2 * N + R + (backward ? 2 * N : 0);
+    int64_t nvec = 11 * K + 2 * N + R + (backward ? (K + 1) * N : 0) + K * N + ncarry + staged_rows * rs / W;
     size_t bytes = (size_t)nvec * sizeof(vec) + 64;
     bytes = (bytes + 63) / 64 * 64;
     if (keep && kept_bytes < bytes) {
@@ -125,7 +137,14 @@ static int workspace_alloc(workspace *w, int64_t K, int64_t N, int64_t R, int ba
     w->Wdt = v; v += R;
     w->X = v;  v += backward ? (K + 1) * N : 0;
     w->DA = v; v += K * N;
-    w->carry = v;
+    w->carry = v;   v += ncarry;
+    real *r = (real *)v;
+    w->rs = rs;
+    w->Bs = r;   r += N * rs;
+    w->Cs = r;   r += N * rs;
+    w->dts = r;  r += R * rs;
+    w->dBs = backward ? r : NULL;  r += backward ? N * rs : 0;
+    w->dCs = backward ? r : NULL;
     return 0;
 }
 
@@ -302,17 +321,33 @@ static inline void store_view(const mk_scan_args *a, int which, real *p, const v
 }
 
 /* The chunk's delta tile from its projection: delta[t] = sum_r dt_w[c, r] dt_in[r, t] for the block's
- * channels c. dt_in's rows are shared by every block of the batch element, so they come from cache; this
+ * channels c. dt_in's rows (staged) are shared by every block of the batch element, so they come from cache; this
  * replaces writing and reading back a (batch, dim, len) delta (a memory-bound GEMM with dt_rank columns). */
-static void project_delta(const mk_scan_args *a, workspace *w, block k, int64_t t0, int len) {
+static void project_delta(const mk_scan_args *a, workspace *w, block k, int len) {
     const int64_t R = a->dt_rank;
     load_rows(w->Wdt, a->dt_w + k.c0 * R, R, k.nl, (int)R);
-    const real *src = a->dt_in + k.b * a->dt_in_bstride + t0;
-    for (int t = 0; t < len; t++) w->dt[t] = vsplat(0);
-    for (int64_t r = 0; r < R; r++) {
-        const vec wr = w->Wdt[r];
-        const real *row = src + r * a->len;
-        for (int t = 0; t < len; t++) w->dt[t] += wr * row[t];
+    /* Four steps at a time with the sums in registers (a pass per r over the tile would be bound by its
+     * stores); each step still sums over r in order. */
+    int t = 0;
+    for (; t + 4 <= len; t += 4) {
+        vec s0 = vsplat(0), s1 = vsplat(0), s2 = vsplat(0), s3 = vsplat(0);
+        const real *col = w->dts + t;
+        for (int64_t r = 0; r < R; r++, col += w->rs) {
+            const vec wr = w->Wdt[r];
+            s0 += wr * col[0];
+            s1 += wr * col[1];
+            s2 += wr * col[2];
+            s3 += wr * col[3];
+        }
+        w->dt[t] = s0;
+        w->dt[t + 1] = s1;
+        w->dt[t + 2] = s2;
+        w->dt[t + 3] = s3;
+    }
+    for (; t < len; t++) {
+        vec s0 = vsplat(0);
+        for (int64_t r = 0; r < R; r++) s0 += w->Wdt[r] * w->dts[r * w->rs + t];
+        w->dt[t] = s0;
     }
 }
 
@@ -322,7 +357,7 @@ static void load_steps(const mk_scan_args *a, workspace *w, block k, int64_t t0,
     const vec bias = load_lanes(a->delta_bias ? a->delta_bias + k.c0 : NULL, k.nl, 0);
     load_view(a, S_U, a->u, w->u, k, t0, len);
     if (a->dt_w)
-        project_delta(a, w, k, t0, len);
+        project_delta(a, w, k, len);
     else
         load_view(a, S_DELTA, a->delta, w->dt, k, t0, len);
     for (int t = 0; t < len; t++) {
@@ -338,6 +373,24 @@ static void load_steps(const mk_scan_args *a, workspace *w, block k, int64_t t0,
         w->dt[t] = dt;
         w->dtu[t] = dt * w->u[t];
     }
+}
+
+/* The rows every block of a (batch, group) reads in a chunk (B, C and dt_in; steps t0 .. t0 + len - 1) are
+ * copied into the workspace at row stride w->rs before the blocks run. Read in place at row stride len, the
+ * rows fall into a few cache sets whenever len * sizeof(real) is close to a multiple of 4 KiB (Vim: len 4097
+ * at 1024 px, 1025 at 512 px) and can evict each other before the next block reads them: in a standalone C
+ * timing with the rows in their own page-aligned allocations, the recurrence ran 3x slower at len 4097 than
+ * at len 4129. The backward's dB and dC rows of the chunk are likewise summed in the workspace and added to
+ * the output once per chunk. */
+static void stage_rows(real *dst, int64_t ds, const real *src, int64_t ss, int64_t rows, int len) {
+    for (int64_t r = 0; r < rows; r++) memcpy(dst + r * ds, src + r * ss, (size_t)len * sizeof(real));
+}
+
+static void stage_chunk(const mk_scan_args *a, workspace *w, int64_t b, int64_t g, int64_t t0, int len) {
+    const int64_t L = a->len, N = a->dstate, bg = b * a->groups + g;
+    stage_rows(w->Bs, w->rs, a->B + bg * N * L + t0, L, N, len);
+    stage_rows(w->Cs, w->rs, a->C + bg * N * L + t0, L, N, len);
+    if (a->dt_w) stage_rows(w->dts, w->rs, a->dt_in + b * a->dt_in_bstride + t0, L, a->dt_rank, len);
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
@@ -407,9 +460,8 @@ static inline __attribute__((always_inline)) void recur_chunk(workspace *w, cons
     }
 }
 
-/* Chunk c of block k, continuing from the block's state xs (N vectors, updated). */
-static void forward_chunk(const mk_scan_args *a, workspace *w, block k, int64_t c, vec *xs, const real *Bg,
-                          const real *Cg) {
+/* Chunk c of block k, continuing from the block's state xs (N vectors, updated); the chunk is staged. */
+static void forward_chunk(const mk_scan_args *a, workspace *w, block k, int64_t c, vec *xs) {
     const int64_t L = a->len, N = a->dstate, K = a->chunk, nchunks = (L + K - 1) / K;
     const int64_t t0 = c * K, row0 = k.b * a->dim + k.c0;
     const int len = (int)(L - t0 < K ? L - t0 : K);
@@ -420,24 +472,24 @@ static void forward_chunk(const mk_scan_args *a, workspace *w, block k, int64_t 
     const vec Dv = load_lanes(a->D ? a->D + k.c0 : NULL, k.nl, 0);
     for (int t = 0; t < len; t++) w->y[t] = Dv * w->u[t];
     chunk_decays(w, N, len);
-    recur_chunk(w, xs, xs, Bg + t0, Cg + t0, L, N, len, NULL, 1);
+    recur_chunk(w, xs, xs, w->Bs, w->Cs, w->rs, N, len, NULL, 1);
     if (a->z)
         for (int t = 0; t < len; t++) w->y[t] = w->y[t] * (w->z[t] * vsigmoid(w->z[t]));
     store_view(a, S_OUT, a->out, w->y, k, t0, len);
 }
 
 /* Blocks j0 .. j1 - 1 of (batch b, group g), chunk by chunk across the blocks, so each chunk of B and C is
- * read from cache by all of them. */
+ * staged once and read from cache by all of them. */
 static void forward_blocks(const mk_scan_args *a, workspace *w, int64_t b, int64_t g, int64_t j0, int64_t j1) {
-    const int64_t L = a->len, N = a->dstate, nchunks = (L + a->chunk - 1) / a->chunk;
-    const real *Bg = a->B + (b * a->groups + g) * N * L, *Cg = a->C + (b * a->groups + g) * N * L;
+    const int64_t L = a->len, N = a->dstate, K = a->chunk, nchunks = (L + K - 1) / K;
     for (int64_t j = j0; j < j1; j++) {
         block k = make_block(a, b, g, j);
         load_states(w->carry + (j - j0) * N, a->init ? a->init + (b * a->dim + k.c0) * N : NULL, N, N, k.nl);
     }
-    for (int64_t c = 0; c < nchunks; c++)
-        for (int64_t j = j0; j < j1; j++)
-            forward_chunk(a, w, make_block(a, b, g, j), c, w->carry + (j - j0) * N, Bg, Cg);
+    for (int64_t c = 0; c < nchunks; c++) {
+        stage_chunk(a, w, b, g, c * K, (int)(L - c * K < K ? L - c * K : K));
+        for (int64_t j = j0; j < j1; j++) forward_chunk(a, w, make_block(a, b, g, j), c, w->carry + (j - j0) * N);
+    }
     if (a->last)
         for (int64_t j = j0; j < j1; j++) {
             block k = make_block(a, b, g, j);
@@ -554,9 +606,8 @@ static inline __attribute__((always_inline)) void reverse_group(workspace *w, ve
 #define CARRY_BWD(N) (2 * (N) + 2)
 
 /* Chunk c of block k: carry = [dLoss/dx (N) | dLoss/dA (N) | dD | dbias] of the block, updated; adds the
- * chunk's dB, dC into dBg, dCg (the (batch, group) slices of the arrays being accumulated). */
-static void backward_chunk(const mk_scan_args *a, workspace *w, block k, int64_t c, vec *carry, const real *Bg,
-                           const real *Cg, real *dBg, real *dCg) {
+ * chunk's dB, dC into the staged rows w->dBs, w->dCs (the chunk is staged). */
+static void backward_chunk(const mk_scan_args *a, workspace *w, block k, int64_t c, vec *carry) {
     const int64_t L = a->len, N = a->dstate, K = a->chunk, nchunks = (L + K - 1) / K;
     const int64_t t0 = c * K, row0 = k.b * a->dim + k.c0;
     const int len = (int)(L - t0 < K ? L - t0 : K), nl = k.nl;
@@ -579,18 +630,19 @@ static void backward_chunk(const mk_scan_args *a, workspace *w, block k, int64_t
     }
 
     load_states(w->X, a->ckpt + (row0 * nchunks + c) * N, nchunks * N, N, nl);
-    if (a->z) recompute_chunk(w, Bg + t0, Cg + t0, L, N, len, Dv, 1);
-    else recompute_chunk(w, Bg + t0, Cg + t0, L, N, len, Dv, 0);
+    const int64_t rs = w->rs;
+    if (a->z) recompute_chunk(w, w->Bs, w->Cs, rs, N, len, Dv, 1);
+    else recompute_chunk(w, w->Bs, w->Cs, rs, N, len, Dv, 0);
 
     /* dC[n, t] = sum over the block's channels of dy_t x_t[n] (before X is overwritten). */
-    lane_dots(dCg + t0, L, w->X, N, w->dy, len);
+    lane_dots(w->dCs, rs, w->X, N, w->dy, len);
 
     int64_t n0 = 0;
-    for (; n0 + 4 <= N; n0 += 4) reverse_group(w, dx, dAs, Bg + t0, Cg + t0, L, N, len, n0, 4);
-    for (; n0 < N; n0++) reverse_group(w, dx, dAs, Bg + t0, Cg + t0, L, N, len, n0, 1);
+    for (; n0 + 4 <= N; n0 += 4) reverse_group(w, dx, dAs, w->Bs, w->Cs, rs, N, len, n0, 4);
+    for (; n0 < N; n0++) reverse_group(w, dx, dAs, w->Bs, w->Cs, rs, N, len, n0, 1);
 
     /* dB[n, t] = sum over the block's channels of dLoss/dx_t[n] dt_t u_t. */
-    lane_dots(dBg + t0, L, w->X, N, w->dtu, len);
+    lane_dots(w->dBs, rs, w->X, N, w->dtu, len);
 
     for (int t = 0; t < len; t++) {
         const vec s = w->s[t], u = w->u[t], dy = w->dy[t];
@@ -607,22 +659,34 @@ static void backward_chunk(const mk_scan_args *a, workspace *w, block k, int64_t
     if (a->z) store_view(a, S_DZ, a->dz, w->z, k, t0, len);
 }
 
-/* Blocks j0 .. j1 - 1 of (batch b, group g), last chunk first, chunk by chunk across the blocks (B, C and
- * the dB, dC slices of a chunk stay in cache for all of them); dB, dC are added into dB_acc, dC_acc. */
+/* rows[n * L + t] += staged[n * rs + t] for n < N, t < len. */
+static void add_staged(real *rows, int64_t L, const real *staged, int64_t rs, int64_t N, int len) {
+    for (int64_t n = 0; n < N; n++)
+        for (int t = 0; t < len; t++) rows[n * L + t] += staged[n * rs + t];
+}
+
+/* Blocks j0 .. j1 - 1 of (batch b, group g), last chunk first, chunk by chunk across the blocks (the staged
+ * B, C and dB, dC rows of a chunk stay in cache for all of them); dB, dC are added into dB_acc, dC_acc. */
 static void backward_blocks(const mk_scan_args *a, workspace *w, int64_t b, int64_t g, int64_t j0, int64_t j1,
                             real *dB_acc, real *dC_acc, partials part) {
-    const int64_t L = a->len, N = a->dstate, nchunks = (L + a->chunk - 1) / a->chunk, bg = b * a->groups + g;
-    const real *Bg = a->B + bg * N * L, *Cg = a->C + bg * N * L;
+    const int64_t L = a->len, N = a->dstate, K = a->chunk, nchunks = (L + K - 1) / K, bg = b * a->groups + g;
     for (int64_t j = j0; j < j1; j++) {
         block k = make_block(a, b, g, j);
         vec *carry = w->carry + (j - j0) * CARRY_BWD(N);
         load_states(carry, a->dlast ? a->dlast + (b * a->dim + k.c0) * N : NULL, N, N, k.nl);
         for (int64_t i = N; i < CARRY_BWD(N); i++) carry[i] = vsplat(0);
     }
-    for (int64_t c = nchunks - 1; c >= 0; c--)
+    for (int64_t c = nchunks - 1; c >= 0; c--) {
+        const int64_t t0 = c * K;
+        const int len = (int)(L - t0 < K ? L - t0 : K);
+        stage_chunk(a, w, b, g, t0, len);
+        memset(w->dBs, 0, (size_t)(N * w->rs) * sizeof(real));
+        memset(w->dCs, 0, (size_t)(N * w->rs) * sizeof(real));
         for (int64_t j = j0; j < j1; j++)
-            backward_chunk(a, w, make_block(a, b, g, j), c, w->carry + (j - j0) * CARRY_BWD(N), Bg, Cg,
-                           dB_acc + bg * N * L, dC_acc + bg * N * L);
+            backward_chunk(a, w, make_block(a, b, g, j), c, w->carry + (j - j0) * CARRY_BWD(N));
+        add_staged(dB_acc + bg * N * L + t0, L, w->dBs, w->rs, N, len);
+        add_staged(dC_acc + bg * N * L + t0, L, w->dCs, w->rs, N, len);
+    }
     for (int64_t j = j0; j < j1; j++) {
         block k = make_block(a, b, g, j);
         const int64_t row0 = b * a->dim + k.c0;
