@@ -222,23 +222,27 @@ class SelectiveSSM(nn.Module):
 
     def _branch(self, x: torch.Tensor, z: torch.Tensor, suffix: str = "", *, conv_state: torch.Tensor | None = None,
                 ssm_state: torch.Tensor | None = None, lengths: torch.Tensor | None = None,
-                return_states: bool = False, reverse: bool = False):
+                return_states: bool = False, reverse: bool = False, accumulate_into: torch.Tensor | None = None):
         """One order's SSM on x, z (b, d_inner, L) in scan order -> gated y (b, d_inner, L) in x's layout.
 
         conv_state / ssm_state: continue from cached states (None: start from zeros). With return_states,
         also return the new (conv_state (b, d_inner, d_conv), ssm_state (b, d_inner, N)), taken at each
         sample's own last valid token when lengths are given. reverse: scan the tokens last to first
-        (`flip(_branch(flip(x), flip(z)))`, without the flips); not with states.
+        (`flip(_branch(flip(x), flip(z)))`, without the flips); not with states. accumulate_into: add y into this
+        tensor in place and return it (inference only: where the scan is the fused CPU kernel, the kernel adds
+        its output as it writes it, so a multi-order mixer sums its orders without a buffer per order).
         """
         if reverse and (conv_state is not None or ssm_state is not None or return_states):
             raise ValueError("SelectiveSSM._branch: a reverse branch does not take or return recurrent states")
+        if accumulate_into is not None and return_states:
+            raise ValueError("SelectiveSSM._branch: accumulate_into does not go with return_states")
         L = x.shape[-1]
         new_conv_state = last_conv_window(x, conv_state, lengths, self.d_conv) if return_states else None
         prefix = conv_state[..., 1:] if conv_state is not None else None
         _, u = self._conv_silu(x, suffix, prefix, reverse=reverse)
         x_dbl = self._x_dbl(u, suffix)
         if not return_states and ssm_state is None and self._projected_scan(u):
-            return self._scan_projected(u, x_dbl, z, suffix, reverse=reverse)
+            return self._scan_projected(u, x_dbl, z, suffix, reverse=reverse, accumulate_into=accumulate_into)
         dt = self._dt(x_dbl, suffix)
         delta_bias, softplus = None, True
         if return_states and lengths is not None:
@@ -249,6 +253,8 @@ class SelectiveSSM(nn.Module):
             softplus = False
         out = self._scan(u, dt, x_dbl, z, suffix, delta_softplus=softplus, with_bias=softplus,
                          return_last_state=return_states, initial_state=ssm_state, reverse=reverse)
+        if accumulate_into is not None:
+            return accumulate_into.add_(out)
         if return_states:
             y, last = out
             return y, (new_conv_state, last)
@@ -289,7 +295,8 @@ class SelectiveSSM(nn.Module):
         a Vim-Ti forward at 1024 px) and, in training, a (b, d_inner, L) tensor kept for the backward."""
         return runs_fused_cpu_kernel(self.scan_backend, u.device)
 
-    def _scan_projected(self, u, x_dbl, z, suffix: str, reverse: bool = False) -> torch.Tensor:
+    def _scan_projected(self, u, x_dbl, z, suffix: str, reverse: bool = False,
+                        accumulate_into: torch.Tensor | None = None) -> torch.Tensor:
         from mambakit.kernels.cpu_scan import selective_scan_cpu_projected
 
         _, _, dt_proj, A_log, D = self._params(suffix)
@@ -297,12 +304,15 @@ class SelectiveSSM(nn.Module):
         ct = compute_dtype(A_log)
         return selective_scan_cpu_projected(u, dt_proj.weight.to(ct), dt, -torch.exp(A_log.to(ct)), B, C, D.to(ct),
                                             z=z, delta_bias=dt_proj.bias.to(ct), delta_softplus=True,
-                                            reverse=reverse)
+                                            reverse=reverse, accumulate_into=accumulate_into)
+
+    def _records_grad(self, x: torch.Tensor) -> bool:
+        """Whether autograd records this forward: a backward can follow."""
+        return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
 
     def _lean(self, x: torch.Tensor) -> bool:
         """Whether to take the memory-efficient path: asked for, and a backward can follow."""
-        return self.memory_efficient and torch.is_grad_enabled() and (
-            x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        return self.memory_efficient and self._records_grad(x)
 
     def _branch_lean(self, x: torch.Tensor, z: torch.Tensor, suffix: str = "", idx: OrderIndices | None = None,
                      reverse: bool = False):

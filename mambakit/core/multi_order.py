@@ -41,7 +41,7 @@ from torch import nn
 
 from mambakit.core.layout import channel_major_linear
 from mambakit.core.mamba import (MEMORY_EFFICIENT, Mamba, SelectiveSSM, check_hidden, check_lengths,
-                                 length_mask)
+                                 compute_dtype, length_mask)
 from mambakit.core.orders import OrderIndices, ScanOrder, StrideOrder, orders_from, reorder, restore
 
 __all__ = ["MultiOrderMamba", "PerOrderMamba", "default_suffixes", "MERGES"]
@@ -159,6 +159,11 @@ class MultiOrderMamba(SelectiveSSM):
             ys = [self._branch_lean(x, z, s, reverse=idx.is_flip) for s, idx in zip(self.suffixes, idxs)]
         elif self._lean(x):
             ys = [self._branch_lean(x, z, s, idx) for s, idx in zip(self.suffixes, idxs)]
+        elif token_major and self._sums_in_place(x):
+            y = self._branch(x, z, self.suffixes[0], reverse=idxs[0].is_flip)
+            for s, idx in zip(self.suffixes[1:], idxs[1:]):
+                self._branch(x, z, s, reverse=idx.is_flip, accumulate_into=y)
+            ys = [y.div_(len(idxs)) if self.merge == "mean" else y]
         elif token_major:
             ys = [self._branch(x, z, s, reverse=idx.is_flip) for s, idx in zip(self.suffixes, idxs)]
         else:
@@ -170,6 +175,12 @@ class MultiOrderMamba(SelectiveSSM):
         if lengths is not None:
             out = out.masked_fill(~length_mask(lengths, L)[..., None], 0.0)
         return out
+
+    def _sums_in_place(self, x: torch.Tensor) -> bool:
+        """Whether the orders' outputs are summed as they are written (each order after the first adds into the
+        first's output): at inference, for a sum or mean merge, where the scan is the fused CPU kernel."""
+        return (len(self.orders) > 1 and self.merge in ("sum", "mean") and not self._records_grad(x)
+                and self._projected_scan(x) and x.dtype == compute_dtype(self._params(self.suffixes[0])[3]))
 
     def _merge(self, ys: list[torch.Tensor]) -> torch.Tensor:
         """K outputs (b, d_inner, L) -> (b, d_inner, L)."""

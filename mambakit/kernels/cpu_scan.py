@@ -49,7 +49,7 @@ DEFAULT_CHUNK = 64
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
 _SOURCES = ("selective_scan_cpu.c", "vmath.h")
-_ABI_VERSION = 5
+_ABI_VERSION = 6
 # No -ffast-math: reassociation would break exp's range reduction, and finite-math-only would turn NaN
 # inputs into garbage instead of NaN outputs. Contraction into FMA is allowed (it only adds accuracy).
 _FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-fno-math-errno", "-fno-trapping-math",
@@ -81,7 +81,8 @@ class _ScanArgs(ctypes.Structure):
         "du", "ddelta", "dz", "dA", "dB", "dC", "dD", "dbias", "dinit", "dt_w", "dt_in")]
     _fields_ += [(name, ctypes.c_int64) for name in ("batch", "dim", "len", "dstate", "groups", "chunk", "dt_rank",
                                                      "dt_in_bstride")]
-    _fields_ += [("st", Stride * len(_STRIDED)), ("softplus", ctypes.c_int32), ("nthreads", ctypes.c_int32)]
+    _fields_ += [("st", Stride * len(_STRIDED)), ("softplus", ctypes.c_int32), ("nthreads", ctypes.c_int32),
+                 ("accumulate", ctypes.c_int32)]
 
 
 def strided(t: torch.Tensor | None, reverse: bool = False) -> tuple[int | None, Stride]:
@@ -492,7 +493,8 @@ def flipped(scan, reverse: bool, u, delta, A, B, C, D=None, z=None, **kwargs):
 
 
 def selective_scan_cpu_projected(u, dt_weight, dt_in, A, B, C, D=None, z=None, delta_bias=None,
-                                 delta_softplus=False, *, reverse: bool = False, chunk: int = DEFAULT_CHUNK):
+                                 delta_softplus=False, *, reverse: bool = False, chunk: int = DEFAULT_CHUNK,
+                                 accumulate_into: torch.Tensor | None = None):
     """`selective_scan_cpu` with delta = dt_weight @ dt_in (per batch element) computed inside the kernel, chunk
     by chunk, instead of materialised (Mamba's dt_proj without its bias, which stays the scan's delta_bias).
     dt_weight: (d, R); dt_in: (b, R, L), e.g. the first R rows of x_proj's output (a view whose rows are
@@ -500,6 +502,10 @@ def selective_scan_cpu_projected(u, dt_weight, dt_in, A, B, C, D=None, z=None, d
     gradients of dt_weight and dt_in, so training neither writes nor keeps a (b, d, L) delta. Where the kernel
     is unavailable, delta is computed explicitly and the ordinary scan runs. `reverse`, `chunk` and layouts as
     in `selective_scan_cpu`. Returns out (b, d, L) in u's dtype.
+
+    accumulate_into: a (b, d, L) tensor in the compute dtype (any layout) that the output is added to in place,
+    and returned: how a multi-order mixer sums its orders at inference without writing each order's output and
+    adding them up afterwards. Not differentiable: only where no gradient is being recorded.
     """
     tensors = (u, dt_weight, dt_in, A, B, C, D, z, delta_bias)
     b, d, L = u.shape
@@ -509,6 +515,9 @@ def selective_scan_cpu_projected(u, dt_weight, dt_in, A, B, C, D=None, z=None, d
                          f"{tuple(dt_in.shape)} must be (d, R) and (b, R, L) for u of shape {tuple(u.shape)}")
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"selective_scan_cpu_projected: chunk must be a positive int, got {chunk!r}")
+    if accumulate_into is not None:
+        return _accumulate_projected(accumulate_into, u, dt_weight, dt_in, A, B, C, D, z, delta_bias,
+                                     delta_softplus, reverse, chunk)
     usable = b > 0 and d > 0 and L > 0 and A.shape[1] > 0 and dt_weight.shape[1] > 0
     if usable:
         try:
@@ -523,6 +532,37 @@ def selective_scan_cpu_projected(u, dt_weight, dt_in, A, B, C, D=None, z=None, d
         out, _ = _SelectiveScanCPU.apply(u, None, dt_weight, dt_in, A, B, C, D, z, delta_bias, None,
                                          bool(delta_softplus), chunk, bool(reverse))
     return out
+
+
+def _accumulate_projected(acc, u, dt_weight, dt_in, A, B, C, D, z, delta_bias, softplus, reverse, chunk):
+    tensors = (u, dt_weight, dt_in, A, B, C, D, z, delta_bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors + (acc,)):
+        raise RuntimeError("selective_scan_cpu_projected: accumulate_into is not differentiable; use it under "
+                           "torch.no_grad() or on tensors that do not require grad")
+    ct = _compute_dtype(*tensors)
+    if acc.shape != u.shape or acc.dtype != ct:
+        raise ValueError(f"selective_scan_cpu_projected: accumulate_into must be {tuple(u.shape)} in {ct}, got "
+                         f"{tuple(acc.shape)} in {acc.dtype}")
+    b, d, L = u.shape
+    try:
+        lib = load_library(ct)
+        usable = b > 0 and d > 0 and L > 0 and A.shape[1] > 0 and dt_weight.shape[1] > 0
+    except KernelUnavailable:
+        usable = False
+    if not usable:
+        return acc.add_(selective_scan_cpu_projected(u, dt_weight, dt_in, A, B, C, D, z, delta_bias, softplus,
+                                                     reverse=reverse, chunk=chunk))
+    # every tensor the kernel reads stays referenced here until it returns (the args hold bare addresses)
+    u_, z_ = _as_is(u, ct), _as_is(z, ct)
+    B_, C_, G = _prep_BC(B, C, ct, reverse)
+    A_, D_, bias_, w_ = (_prep(t, ct) for t in (A, D, delta_bias, dt_weight))
+    rows = _dt_rows(dt_in, ct, reverse)
+    args = _scan_args(reverse, u=u_, z=z_, A=A_, B=B_, C=C_, D=D_, delta_bias=bias_, out=acc, batch=b, dim=d,
+                      len=L, dstate=A.shape[1], groups=G, chunk=chunk, **_projection_args(w_, rows),
+                      softplus=int(bool(softplus)), nthreads=torch.get_num_threads(), accumulate=1)
+    with torch.profiler.record_function("SelectiveScanCPUProjected"):
+        _check(lib.mk_scan_fwd(ctypes.byref(args)), "forward")
+    return acc
 
 
 def vexp_bench(n: int = 4096, reps: int = 10000, dtype: torch.dtype = torch.float32) -> float:

@@ -39,6 +39,32 @@ def test_vim_bimamba_v2_is_flip_composition_of_two_causal_mixers(if_divide_out):
     torch.testing.assert_close(bi(x), expected, rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("orders,merge", [(("identity", "flip"), "mean"), (("identity", "flip"), "sum"),
+                                          (("flip", "identity", "flip"), "mean")])
+def test_inference_sums_the_orders_in_place_with_the_same_numbers(orders, merge, dtype, monkeypatch):
+    """At inference on the fused CPU kernel each order after the first adds its output into the first's as the
+    kernel writes it: bit for bit the per-order outputs summed (the path taken under autograd)."""
+    from mambakit.core.mamba import SelectiveSSM
+    m = randomize(MultiOrderMamba(24, orders=orders, merge=merge, d_state=4, dtype=dtype)).eval()
+    x = torch.randn(2, 37, 24, dtype=dtype)
+    if not m._projected_scan(x):
+        pytest.skip("needs the fused CPU scan kernel")
+    calls = []
+    branch = SelectiveSSM._branch
+
+    def spy(self, *args, accumulate_into=None, **kw):
+        calls.append(accumulate_into is not None)
+        return branch(self, *args, accumulate_into=accumulate_into, **kw)
+    monkeypatch.setattr(SelectiveSSM, "_branch", spy)
+    with torch.no_grad():
+        got = m(x)
+    assert calls == [False] + [True] * (len(orders) - 1)
+    want = m(x)                                          # parameters require grad: one output per order, merged
+    assert calls[len(orders):] == [False] * len(orders)
+    assert torch.equal(got, want.detach())
+
+
 def vim_state_dict_keys(d_model, d_state=16, expand=2, d_conv=4):
     import math
     di, r = expand * d_model, math.ceil(d_model / 16)

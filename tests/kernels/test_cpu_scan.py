@@ -425,6 +425,55 @@ def test_projected_delta_trains_against_the_reference(b, d, L, N, R, G, reverse,
         assert rel_err(got_g[name], ref_g[name]) <= TOL[dtype] * 10, name
 
 
+@pytest.mark.parametrize("layout", ["token_major", "rows"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("b,d,L,N,R,reverse", [(1, 16, 300, 16, 12, True), (2, 13, 70, 5, 3, False)],
+                         ids=["vim_flip", "partial_block"])
+def test_projected_scan_accumulates_into_a_given_output(b, d, L, N, R, reverse, dtype, layout):
+    """accumulate_into adds the scan's output into the given tensor in place, bit for bit what adding the
+    returned output would give, in either time direction and layout, and returns that tensor."""
+    torch.manual_seed(b * d + L)
+    inputs = make_inputs(b, d, L, N)
+    kw = {k: inputs[k].to(dtype) for k in ("A", "B", "C", "D", "z", "delta_bias")}
+    u, W, dt_in = inputs["u"].to(dtype), (torch.randn(d, R) / math.sqrt(R)).to(dtype), torch.randn(b, R, L, dtype=dtype)
+    with torch.no_grad():
+        y = cpu_scan.selective_scan_cpu_projected(u, W, dt_in, **kw, delta_softplus=True, reverse=reverse)
+        base = torch.randn(b, d, L, dtype=dtype)
+        acc = base.transpose(1, 2).contiguous().transpose(1, 2) if layout == "token_major" else base.clone()
+        got = cpu_scan.selective_scan_cpu_projected(u, W, dt_in, **kw, delta_softplus=True, reverse=reverse,
+                                                    accumulate_into=acc)
+    assert got is acc and torch.equal(acc, base + y)
+
+
+def test_projected_scan_accumulation_refuses_grad_and_mismatches():
+    inputs = make_inputs(1, 8, 30, 4)
+    kw = {k: inputs[k] for k in ("A", "B", "C", "D", "z", "delta_bias")}
+    u, W, dt_in = inputs["u"], torch.randn(8, 3), torch.randn(1, 3, 30)
+    with pytest.raises(RuntimeError, match="accumulate_into is not differentiable"):
+        cpu_scan.selective_scan_cpu_projected(u, W.requires_grad_(), dt_in, **kw, accumulate_into=torch.zeros(1, 8, 30))
+    with torch.no_grad(), pytest.raises(ValueError, match=r"accumulate_into must be \(1, 8, 30\) in torch.float32, "
+                                                          r"got \(1, 8, 29\) in torch.float64"):
+        cpu_scan.selective_scan_cpu_projected(u, W, dt_in, **kw, accumulate_into=torch.zeros(1, 8, 29, dtype=torch.float64))
+
+
+def test_projected_scan_accumulation_falls_back_without_the_kernel(monkeypatch):
+    inputs = make_inputs(2, 8, 40, 4)
+    kw = {k: inputs[k] for k in ("A", "B", "C", "D", "z", "delta_bias")}
+    u, W, dt_in = inputs["u"], torch.randn(8, 3), torch.randn(2, 3, 40)
+    with torch.no_grad():
+        want = cpu_scan.selective_scan_cpu_projected(u, W, dt_in, **kw, delta_softplus=True, reverse=True)
+
+        def unavailable(dtype=torch.float32):
+            raise cpu_scan.KernelUnavailable("disabled for the test")
+        monkeypatch.setattr(cpu_scan, "load_library", unavailable)
+        acc = torch.ones(2, 8, 40)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)         # the reference scan's one-time warning
+            cpu_scan.selective_scan_cpu_projected(u, W, dt_in, **kw, delta_softplus=True, reverse=True,
+                                                  accumulate_into=acc)
+    assert rel_err(acc - 1, want) <= TOL[torch.float32]
+
+
 def test_projected_delta_checks_its_shapes():
     inputs = make_inputs(1, 8, 30, 4)
     kw = {k: inputs[k] for k in ("A", "B", "C", "D", "z", "delta_bias")}

@@ -51,7 +51,7 @@ typedef ureal uvec __attribute__((vector_size(W * sizeof(real))));
 
 #include "vmath.h"
 
-#define MK_ABI_VERSION 5
+#define MK_ABI_VERSION 6
 
 /* The (batch, dim, len) tensors u, delta, z, out and their gradients are read and written through strides
  * (mk_stride: elements between batch elements, channels, time steps; any sign), so channel-major rows,
@@ -85,6 +85,7 @@ typedef struct {
     int64_t dt_rank, dt_in_bstride;
     mk_stride st[S_COUNT];           /* strides of u, delta, z, out, dout, du, ddelta, dz (see the enum) */
     int32_t softplus, nthreads;
+    int32_t accumulate;              /* forward: out += the scan's output instead of out = (a sum of orders) */
 } mk_scan_args;
 
 /* ---------------------------------------------------------------------------------------------------- */
@@ -475,6 +476,10 @@ static void forward_chunk(const mk_scan_args *a, workspace *w, block k, int64_t 
     recur_chunk(w, xs, xs, w->Bs, w->Cs, w->rs, N, len, NULL, 1);
     if (a->z)
         for (int t = 0; t < len; t++) w->y[t] = w->y[t] * (w->z[t] * vsigmoid(w->z[t]));
+    if (a->accumulate) {                                 /* the u tile is free now */
+        load_view(a, S_OUT, a->out, w->u, k, t0, len);
+        for (int t = 0; t < len; t++) w->y[t] = w->u[t] + w->y[t];
+    }
     store_view(a, S_OUT, a->out, w->y, k, t0, len);
 }
 
