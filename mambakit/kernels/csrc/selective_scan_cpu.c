@@ -352,6 +352,21 @@ static void project_delta(const mk_scan_args *a, workspace *w, block k, int len)
     }
 }
 
+/* dt[t .. t + n - 1] = softplus(dt), and with want_dsp d softplus / d input into dsp. */
+static inline __attribute__((always_inline)) void softplus_steps(workspace *w, int t, const int n, int want_dsp) {
+    vec *raw = w->dt + t;
+    if (want_dsp) {
+        vec sig[4], dt[4];
+        vsoftplus_n(dt, sig, raw, n);
+        for (int j = 0; j < n; j++) {
+            w->dsp[t + j] = vsel(raw[j] > 20.0f, vsplat(1.0f), sig[j]);
+            raw[j] = dt[j];
+        }
+    } else {
+        vsoftplus_n(raw, NULL, raw, n);
+    }
+}
+
 /* Loads the chunk's u and delta tiles and turns delta into dt = softplus(delta + bias) (softplus optional)
  * and dt * u; with want_dsp also d softplus / d input (1 above torch's threshold 20, like torch). */
 static void load_steps(const mk_scan_args *a, workspace *w, block k, int64_t t0, int len, int want_dsp) {
@@ -361,19 +376,13 @@ static void load_steps(const mk_scan_args *a, workspace *w, block k, int64_t t0,
         project_delta(a, w, k, len);
     else
         load_view(a, S_DELTA, a->delta, w->dt, k, t0, len);
-    for (int t = 0; t < len; t++) {
-        vec raw = w->dt[t] + bias;
-        vec dt = raw;
-        if (a->softplus && want_dsp) {
-            vec sig;
-            dt = vsoftplus_sigmoid(raw, &sig);
-            w->dsp[t] = vsel(raw > 20.0f, vsplat(1.0f), sig);
-        } else if (a->softplus) {
-            dt = vsoftplus(raw);
-        }
-        w->dt[t] = dt;
-        w->dtu[t] = dt * w->u[t];
+    for (int t = 0; t < len; t++) w->dt[t] += bias;
+    if (a->softplus) {                                   /* four steps at a time (see vmath.h) */
+        int t = 0;
+        for (; t + 4 <= len; t += 4) softplus_steps(w, t, 4, want_dsp);
+        for (; t < len; t++) softplus_steps(w, t, 1, want_dsp);
     }
+    for (int t = 0; t < len; t++) w->dtu[t] = w->dt[t] * w->u[t];
 }
 
 /* The rows every block of a (batch, group) reads in a chunk (B, C and dt_in; steps t0 .. t0 + len - 1) are
@@ -410,7 +419,7 @@ static void chunk_decays(workspace *w, int64_t N, int len) {
         int64_t n = 0;
         for (; n + 4 <= N; n += 4) {
             vec arg[4] = {dt * A2[n], dt * A2[n + 1], dt * A2[n + 2], dt * A2[n + 3]};
-            vexp2_4(da + n, arg);
+            vexp2_n(da + n, arg, 4);
         }
         for (; n < N; n++) da[n] = vexp2(dt * A2[n]);
     }
@@ -461,6 +470,13 @@ static inline __attribute__((always_inline)) void recur_chunk(workspace *w, cons
     }
 }
 
+/* y[t .. t + n - 1] *= silu(z). */
+static inline __attribute__((always_inline)) void gate_steps(workspace *w, int t, const int n) {
+    vec sig[4];
+    vsigmoid_n(sig, w->z + t, n);
+    for (int j = 0; j < n; j++) w->y[t + j] = w->y[t + j] * (w->z[t + j] * sig[j]);
+}
+
 /* Chunk c of block k, continuing from the block's state xs (N vectors, updated); the chunk is staged. */
 static void forward_chunk(const mk_scan_args *a, workspace *w, block k, int64_t c, vec *xs) {
     const int64_t L = a->len, N = a->dstate, K = a->chunk, nchunks = (L + K - 1) / K;
@@ -474,8 +490,11 @@ static void forward_chunk(const mk_scan_args *a, workspace *w, block k, int64_t 
     for (int t = 0; t < len; t++) w->y[t] = Dv * w->u[t];
     chunk_decays(w, N, len);
     recur_chunk(w, xs, xs, w->Bs, w->Cs, w->rs, N, len, NULL, 1);
-    if (a->z)
-        for (int t = 0; t < len; t++) w->y[t] = w->y[t] * (w->z[t] * vsigmoid(w->z[t]));
+    if (a->z) {                                          /* the gate, four steps at a time (see vmath.h) */
+        int t = 0;
+        for (; t + 4 <= len; t += 4) gate_steps(w, t, 4);
+        for (; t < len; t++) gate_steps(w, t, 1);
+    }
     if (a->accumulate) {                                 /* the u tile is free now */
         load_view(a, S_OUT, a->out, w->u, k, t0, len);
         for (int t = 0; t < len; t++) w->y[t] = w->u[t] + w->y[t];
@@ -1096,6 +1115,31 @@ static inline void conv_window_at(vec *win, const real *x, int64_t cs, int64_t t
 
 /* Steps t0 .. t1-1 of one block (K and silu compile-time constants at each call, see conv_span_fwd), so the
  * window lives in registers. */
+/* Steps t .. t + n - 1 of conv_steps_fwd, the window `win` slid along; the silu of the n steps together
+ * (interleaved, see vmath.h). */
+static inline __attribute__((always_inline)) void conv_block(const real *x, int64_t xc, int64_t xt, real *out,
+                                                             int64_t oc, int64_t ot, int nl, int64_t t, vec *win,
+                                                             const vec *w, vec bias, const int K, const int silu,
+                                                             int fast, const int n) {
+    vec pre[4], y[4];
+    for (int j = 0; j < n; j++) {
+        for (int k = 0; k + 1 < K; k++) win[k] = win[k + 1];
+        win[K - 1] = fast ? vload(x + (t + j) * xt) : lanes_at(x + (t + j) * xt, xc, nl);
+        pre[j] = bias;
+        for (int k = 0; k < K; k++) pre[j] += w[k] * win[k];
+    }
+    if (silu) {
+        vsigmoid_n(y, pre, n);
+        for (int j = 0; j < n; j++) y[j] = pre[j] * y[j];
+    } else {
+        for (int j = 0; j < n; j++) y[j] = pre[j];
+    }
+    for (int j = 0; j < n; j++) {
+        if (fast) vstore(out + (t + j) * ot, y[j]);
+        else lanes_to(out + (t + j) * ot, oc, nl, y[j]);
+    }
+}
+
 static inline __attribute__((always_inline)) void conv_steps_fwd(const real *x, int64_t xc, int64_t xt, real *out,
                                                                  int64_t oc, int64_t ot, int nl, int64_t t0,
                                                                  int64_t t1, const vec *w, vec bias, const int K,
@@ -1103,15 +1147,9 @@ static inline __attribute__((always_inline)) void conv_steps_fwd(const real *x, 
     vec win[MAX_CONV_K];
     conv_window_at(win, x, xc, xt, nl, t0, K);
     const int fast = nl == W && xc == 1 && oc == 1;
-    for (int64_t t = t0; t < t1; t++) {
-        for (int k = 0; k + 1 < K; k++) win[k] = win[k + 1];
-        win[K - 1] = fast ? vload(x + t * xt) : lanes_at(x + t * xt, xc, nl);
-        vec pre = bias;
-        for (int k = 0; k < K; k++) pre += w[k] * win[k];
-        const vec y = silu ? pre * vsigmoid(pre) : pre;
-        if (fast) vstore(out + t * ot, y);
-        else lanes_to(out + t * ot, oc, nl, y);
-    }
+    int64_t t = t0;
+    for (; t + 4 <= t1; t += 4) conv_block(x, xc, xt, out, oc, ot, nl, t, win, w, bias, K, silu, fast, 4);
+    for (; t < t1; t++) conv_block(x, xc, xt, out, oc, ot, nl, t, win, w, bias, K, silu, fast, 1);
 }
 
 static void conv_span_fwd(const mk_conv_args *a, int64_t b, int64_t t0, int64_t t1) {
