@@ -19,6 +19,10 @@ fit in `--min-seconds`; a single timed step where the warm-up takes over `--slow
 `--breakdowns` points are profiled (self CPU time per op, grouped: selective scan, attention, matmul, layout
 copies, convolution, other), which says where the time goes. Writes benchmarks/results/vision.{json,md}.
 
+`--scan-free` (forward only) replaces the Mamba models' fused CPU selective scan by a no-op that returns an
+uninitialised output: the Mamba times are then those of everything else in the model, and the speed-ups the
+most that any faster scan kernel could give against the same peers.
+
 `--rounds R` runs the whole grid R times, the Mamba model first in odd rounds and its peers first in even
 ones, and reports each time as the median over rounds and each speed-up as the median of the per-round
 speed-ups with their range: on a machine whose speed drifts by tens of percent within minutes, a ratio of
@@ -56,6 +60,7 @@ TITLES = {"vim_tiny_patch16_224": "Vim-Ti", "deit_tiny_patch16_224": "DeiT-Ti",
 RESOLUTIONS = (224, 512, 768, 1024)
 BATCHES = (1, 8)
 MODES = ("forward", "train")
+MAMBA_MODELS = {mamba for mamba, _ in PAIRS.values()}
 
 
 def _vm_kib(field: str) -> int | None:
@@ -87,10 +92,25 @@ def build(name: str, resolution: int):
     return timm.create_model(name, num_classes=1000, **kwargs)
 
 
+def _without_scan() -> None:
+    """--scan-free: the fused CPU scan (plain and with delta projected in the kernel) becomes a no-op."""
+    import torch
+
+    from mambakit.kernels import cpu_scan
+
+    def no_scan(u, *args, accumulate_into=None, return_last_state=False, **kwargs):
+        out = accumulate_into if accumulate_into is not None else torch.empty_like(u)
+        return (out, None) if return_last_state else out
+
+    cpu_scan.selective_scan_cpu = cpu_scan.selective_scan_cpu_projected = no_scan
+
+
 def measure(name: str, resolution: int, batch: int, mode: str, args) -> dict:
     """One point, in this process: times (s) and peak memory (MiB)."""
     import torch
 
+    if args.scan_free and name in MAMBA_MODELS:
+        _without_scan()
     torch.manual_seed(0)
     model = build(name, resolution)
     x = torch.randn(batch, 3, resolution, resolution)
@@ -131,7 +151,7 @@ def run_point(name: str, resolution: int, batch: int, mode: str, args) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_point", f"{name}:{resolution}:{batch}:{mode}",
            "--threads", str(args.threads), "--min-repeats", str(args.min_repeats), "--max-repeats",
            str(args.max_repeats), "--min-seconds", str(args.min_seconds), "--mem-cap-gib", str(args.mem_cap_gib),
-           "--slow-seconds", str(args.slow_seconds)]
+           "--slow-seconds", str(args.slow_seconds)] + (["--scan-free"] if args.scan_free else [])
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     started = time.time()
     try:
@@ -242,7 +262,9 @@ def markdown(points: list[dict], meta: dict) -> str:
         f"Speed-up = peer time / Mamba time; memory ratio = Mamba peak / peer peak."
         + (f" {a.get('rounds', 1)} rounds, alternating which model runs first: times are medians over the "
            f"rounds, speed-ups the median of the per-round speed-ups (range in brackets)."
-           if a.get("rounds", 1) > 1 else ""),
+           if a.get("rounds", 1) > 1 else "")
+        + (" **--scan-free: the Mamba models ran with their selective scan replaced by a no-op; their times are a "
+           "lower bound, the speed-ups the most a faster scan could give.**" if a.get("scan_free") else ""),
         "",
     ]
     by = merge_rounds(points)
@@ -378,6 +400,8 @@ def main(argv=None) -> int:
                    help="profile one point instead (MODEL: vim, effvm or a timm name)")
     p.add_argument("--breakdowns", default="vim:1024:1:forward,deit_tiny_patch16_224:1024:1:forward,vim:1024:1:train",
                    help="points profiled after the grid (comma-separated MODEL:RES:BATCH:MODE; empty: none)")
+    p.add_argument("--scan-free", action="store_true",
+                   help="forward only: time the Mamba models with their selective scan replaced by a no-op (a bound)")
     p.add_argument("--_point", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_breakdown", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -409,6 +433,8 @@ def main(argv=None) -> int:
     resolutions = [int(v) for v in args.resolutions.split(",")]
     batches = [int(v) for v in args.batches.split(",")]
     modes = [m for m in args.modes.split(",") if m]
+    if args.scan_free and modes != ["forward"]:
+        p.error("--scan-free times inference only: use it with --modes forward")
     meta = {"generated": datetime.now().isoformat(timespec="seconds"), "machine": machine(args),
             "args": {**{k: v for k, v in vars(args).items() if not k.startswith("_")}, "pairs": pairs,
                      "resolutions": resolutions, "batches": batches, "modes": modes}}
