@@ -401,7 +401,7 @@ def main(argv=None) -> int:
     p.add_argument("--breakdowns", default="vim:1024:1:forward,deit_tiny_patch16_224:1024:1:forward,vim:1024:1:train",
                    help="points profiled after the grid (comma-separated MODEL:RES:BATCH:MODE; empty: none)")
     p.add_argument("--scan-free", action="store_true",
-                   help="forward only: time the Mamba models with their selective scan replaced by a no-op (a bound)")
+                   help="forward only: time the Mamba models with their selective scan as a no-op (a bound)")
     p.add_argument("--_point", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_breakdown", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -179,8 +179,9 @@ class MultiOrderMamba(SelectiveSSM):
     def _sums_in_place(self, x: torch.Tensor) -> bool:
         """Whether the orders' outputs are summed as they are written (each order after the first adds into the
         first's output): at inference, for a sum or mean merge, where the scan is the fused CPU kernel."""
+        A_log = self._params(self.suffixes[0])[3]
         return (len(self.orders) > 1 and self.merge in ("sum", "mean") and not self._records_grad(x)
-                and self._projected_scan(x) and x.dtype == compute_dtype(self._params(self.suffixes[0])[3]))
+                and self._projected_scan(x) and x.dtype == compute_dtype(A_log))   # the kernel's compute dtype
 
     def _merge(self, ys: list[torch.Tensor]) -> torch.Tensor:
         """K outputs (b, d_inner, L) -> (b, d_inner, L)."""

@@ -358,6 +358,25 @@ def _dt_rows(dt_in: torch.Tensor, ct: torch.dtype, reverse: bool) -> torch.Tenso
     return rows
 
 
+def _run_forward(lib, ct, out, u, delta, dt_w, dt_in, A, B, C, D, z, delta_bias, initial_state, softplus, chunk,
+                 reverse, *, ckpt=None, last=None, accumulate=False):
+    """Runs the forward kernel into `out` (overwritten, or added to with `accumulate`), with the checkpoints
+    and last state where given; returns the inputs as the kernel read them (u, delta, dt_w, dt_in rows, A, B,
+    C, D, z, delta_bias), which is what the backward keeps."""
+    b, d, L = u.shape
+    # every tensor the kernel reads stays referenced here until it returns (the args hold bare addresses)
+    u_, delta_, z_ = (_as_is(t, ct) for t in (u, delta, z))
+    A_, D_, bias_, init_, w_ = (_prep(t, ct) for t in (A, D, delta_bias, initial_state, dt_w))
+    rows = None if dt_in is None else _dt_rows(dt_in, ct, reverse)
+    B_, C_, G = _prep_BC(B, C, ct, reverse)
+    args = _scan_args(reverse, u=u_, delta=delta_, A=A_, B=B_, C=C_, D=D_, delta_bias=bias_, z=z_, init=init_,
+                      out=out, ckpt=ckpt, last=last, batch=b, dim=d, len=L, dstate=A.shape[1], groups=G,
+                      chunk=chunk, **_projection_args(w_, rows), softplus=int(bool(softplus)),
+                      nthreads=torch.get_num_threads(), accumulate=int(accumulate))
+    _check(lib.mk_scan_fwd(ctypes.byref(args)), "forward")
+    return u_, delta_, w_, rows, A_, B_, C_, D_, z_, bias_
+
+
 class _SelectiveScanCPU(torch.autograd.Function):
     """Inputs as validated by `selective_scan`; returns (out in u's dtype, last_state in compute dtype).
 
@@ -371,26 +390,17 @@ class _SelectiveScanCPU(torch.autograd.Function):
                 reverse):
         tensors = (u, delta, dt_w, dt_in, A, B, C, D, z, delta_bias, initial_state)
         ct = _compute_dtype(*tensors)
-        lib = load_library(ct)
         b, d, L = u.shape
         N = A.shape[1]
         shapes = (tuple(B.shape), tuple(C.shape))
-        u_, delta_, z_ = (_as_is(t, ct) for t in (u, delta, z))
-        A_, D_, bias_, init_, w_ = (_prep(t, ct) for t in (A, D, delta_bias, initial_state, dt_w))
-        rows = None if dt_in is None else _dt_rows(dt_in, ct, reverse)
-        B_, C_, G = _prep_BC(B, C, ct, reverse)
-        nchunks = -(-L // chunk)
-        out = empty_like_layout(u_, ct)
+        out = empty_like_layout(u, ct)
         last = torch.empty(b, d, N, dtype=ct)
         needs_grad = any(ctx.needs_input_grad)
-        ckpt = torch.empty(b, d, nchunks, N, dtype=ct) if needs_grad else None
-        args = _scan_args(reverse, u=u_, delta=delta_, A=A_, B=B_, C=C_, D=D_, delta_bias=bias_, z=z_, init=init_,
-                          out=out, ckpt=ckpt, last=last, batch=b, dim=d, len=L, dstate=N, groups=G, chunk=chunk,
-                          **_projection_args(w_, rows), softplus=int(bool(delta_softplus)),
-                          nthreads=torch.get_num_threads())
-        _check(lib.mk_scan_fwd(ctypes.byref(args)), "forward")
+        ckpt = torch.empty(b, d, -(-L // chunk), N, dtype=ct) if needs_grad else None
+        read = _run_forward(load_library(ct), ct, out, u, delta, dt_w, dt_in, A, B, C, D, z, delta_bias,
+                            initial_state, delta_softplus, chunk, reverse, ckpt=ckpt, last=last)
         if needs_grad:
-            ctx.save_for_backward(u_, delta_, w_, rows, A_, B_, C_, D_, z_, bias_, ckpt)
+            ctx.save_for_backward(*read, ckpt)
             ctx.info = (shapes, delta_softplus, chunk, initial_state is not None, reverse,
                         [None if t is None else t.dtype for t in tensors])
         ctx.set_materialize_grads(False)
@@ -536,13 +546,14 @@ def selective_scan_cpu_projected(u, dt_weight, dt_in, A, B, C, D=None, z=None, d
 
 def _accumulate_projected(acc, u, dt_weight, dt_in, A, B, C, D, z, delta_bias, softplus, reverse, chunk):
     tensors = (u, dt_weight, dt_in, A, B, C, D, z, delta_bias)
+    ct = _compute_dtype(*tensors)
+    if not isinstance(acc, torch.Tensor) or acc.shape != u.shape or acc.dtype != ct:
+        raise ValueError(f"selective_scan_cpu_projected: accumulate_into must be {tuple(u.shape)} in {ct}, got "
+                         + (f"{tuple(acc.shape)} in {acc.dtype}" if isinstance(acc, torch.Tensor) else
+                            f"a {type(acc).__name__}"))
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors + (acc,)):
         raise RuntimeError("selective_scan_cpu_projected: accumulate_into is not differentiable; use it under "
                            "torch.no_grad() or on tensors that do not require grad")
-    ct = _compute_dtype(*tensors)
-    if acc.shape != u.shape or acc.dtype != ct:
-        raise ValueError(f"selective_scan_cpu_projected: accumulate_into must be {tuple(u.shape)} in {ct}, got "
-                         f"{tuple(acc.shape)} in {acc.dtype}")
     b, d, L = u.shape
     try:
         lib = load_library(ct)
@@ -552,16 +563,9 @@ def _accumulate_projected(acc, u, dt_weight, dt_in, A, B, C, D, z, delta_bias, s
     if not usable:
         return acc.add_(selective_scan_cpu_projected(u, dt_weight, dt_in, A, B, C, D, z, delta_bias, softplus,
                                                      reverse=reverse, chunk=chunk))
-    # every tensor the kernel reads stays referenced here until it returns (the args hold bare addresses)
-    u_, z_ = _as_is(u, ct), _as_is(z, ct)
-    B_, C_, G = _prep_BC(B, C, ct, reverse)
-    A_, D_, bias_, w_ = (_prep(t, ct) for t in (A, D, delta_bias, dt_weight))
-    rows = _dt_rows(dt_in, ct, reverse)
-    args = _scan_args(reverse, u=u_, z=z_, A=A_, B=B_, C=C_, D=D_, delta_bias=bias_, out=acc, batch=b, dim=d,
-                      len=L, dstate=A.shape[1], groups=G, chunk=chunk, **_projection_args(w_, rows),
-                      softplus=int(bool(softplus)), nthreads=torch.get_num_threads(), accumulate=1)
     with torch.profiler.record_function("SelectiveScanCPUProjected"):
-        _check(lib.mk_scan_fwd(ctypes.byref(args)), "forward")
+        _run_forward(lib, ct, acc, u, None, dt_weight, dt_in, A, B, C, D, z, delta_bias, None, softplus, chunk,
+                     reverse, accumulate=True)
     return acc
 
 

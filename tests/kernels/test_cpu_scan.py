@@ -435,7 +435,8 @@ def test_projected_scan_accumulates_into_a_given_output(b, d, L, N, R, reverse, 
     torch.manual_seed(b * d + L)
     inputs = make_inputs(b, d, L, N)
     kw = {k: inputs[k].to(dtype) for k in ("A", "B", "C", "D", "z", "delta_bias")}
-    u, W, dt_in = inputs["u"].to(dtype), (torch.randn(d, R) / math.sqrt(R)).to(dtype), torch.randn(b, R, L, dtype=dtype)
+    u, dt_in = inputs["u"].to(dtype), torch.randn(b, R, L, dtype=dtype)
+    W = (torch.randn(d, R) / math.sqrt(R)).to(dtype)
     with torch.no_grad():
         y = cpu_scan.selective_scan_cpu_projected(u, W, dt_in, **kw, delta_softplus=True, reverse=reverse)
         base = torch.randn(b, d, L, dtype=dtype)
@@ -450,10 +451,14 @@ def test_projected_scan_accumulation_refuses_grad_and_mismatches():
     kw = {k: inputs[k] for k in ("A", "B", "C", "D", "z", "delta_bias")}
     u, W, dt_in = inputs["u"], torch.randn(8, 3), torch.randn(1, 3, 30)
     with pytest.raises(RuntimeError, match="accumulate_into is not differentiable"):
-        cpu_scan.selective_scan_cpu_projected(u, W.requires_grad_(), dt_in, **kw, accumulate_into=torch.zeros(1, 8, 30))
+        cpu_scan.selective_scan_cpu_projected(u, W.requires_grad_(), dt_in, **kw,
+                                              accumulate_into=torch.zeros(1, 8, 30))
     with torch.no_grad(), pytest.raises(ValueError, match=r"accumulate_into must be \(1, 8, 30\) in torch.float32, "
                                                           r"got \(1, 8, 29\) in torch.float64"):
-        cpu_scan.selective_scan_cpu_projected(u, W, dt_in, **kw, accumulate_into=torch.zeros(1, 8, 29, dtype=torch.float64))
+        cpu_scan.selective_scan_cpu_projected(u, W, dt_in, **kw,
+                                              accumulate_into=torch.zeros(1, 8, 29, dtype=torch.float64))
+    with torch.no_grad(), pytest.raises(ValueError, match=r"accumulate_into must be .* got a list"):
+        cpu_scan.selective_scan_cpu_projected(u, W, dt_in, **kw, accumulate_into=[0.0])
 
 
 def test_projected_scan_accumulation_falls_back_without_the_kernel(monkeypatch):

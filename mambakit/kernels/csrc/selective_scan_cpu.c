@@ -85,7 +85,7 @@ typedef struct {
     int64_t dt_rank, dt_in_bstride;
     mk_stride st[S_COUNT];           /* strides of u, delta, z, out, dout, du, ddelta, dz (see the enum) */
     int32_t softplus, nthreads;
-    int32_t accumulate;              /* forward: out += the scan's output instead of out = (a sum of orders) */
+    int32_t accumulate;              /* forward: add the output into out instead of writing it (orders summed) */
 } mk_scan_args;
 
 /* ---------------------------------------------------------------------------------------------------- */
