@@ -203,6 +203,27 @@ def test_one_and_several_threads_agree(mode):
         torch.testing.assert_close(one[2][k], two[2][k], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["openmp", "pthreads"])
+def test_several_threads_give_the_same_gradients_on_every_run(mode):
+    """With a unit split across threads, dB and dC are sums over the unit's channel ranges; the ranges are
+    dealt to the threads in a fixed way and the per-thread sums added in a fixed order, so every run gives
+    the same bits (claiming ranges first-come-first-served made about half the runs differ)."""
+    inputs = make_inputs(1, 256, 1500, 16)
+    old = torch.get_num_threads()
+    try:
+        assert cpu_scan.set_threading(mode) in (mode, "pthreads")
+        torch.set_num_threads(2)
+        first = run(selective_scan_cpu, inputs, torch.float32, True, (torch.ones(1), torch.ones(1)))
+        for _ in range(10):
+            again = run(selective_scan_cpu, inputs, torch.float32, True, (torch.ones(1), torch.ones(1)))
+            assert torch.equal(first[0], again[0])
+            for k in first[2]:
+                assert torch.equal(first[2][k], again[2][k]), k
+    finally:
+        torch.set_num_threads(old)
+        cpu_scan.set_threading("openmp")
+
+
 def test_threading_mode_is_validated():
     with pytest.raises(ValueError, match="mode must be 'openmp' or 'pthreads', got 'tbb'"):
         cpu_scan.set_threading("tbb")

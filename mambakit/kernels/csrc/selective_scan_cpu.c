@@ -731,8 +731,13 @@ static void backward_blocks(const mk_scan_args *a, workspace *w, int64_t b, int6
 /* an item is a whole unit; otherwise each unit is split into `ranges` ranges. A thread walks its item   */
 /* chunk-major over sub-ranges of at most MAX_SUB blocks (bounding what it carries between chunks).     */
 /* The backward's dB and dC sum over the channels of a unit: with whole units per item a thread adds     */
-/* straight into the output; with split units thread t > 0 adds into its own zeroed copy, summed at the  */
-/* end. No two threads ever write the same address.                                                     */
+/* straight into the output; with split units the items are dealt out to `nslots` slots in a fixed way  */
+/* (slot s runs items s, s + nslots, ... in that order), slot 0 adds into the output and slot s > 0    */
+/* into its own zeroed copy, and the copies are added in slot order at the end: the sums do not depend  */
+/* on which thread got there first, so the gradients are the same bits on every run with the same      */
+/* thread count. (Claiming those items through the counter made dB, dC differ at rounding level from    */
+/* run to run.) Thread t runs slot t; a slot whose thread did not start, or could not allocate its      */
+/* workspace, is run afterwards by the caller. No two threads ever write the same address.             */
 
 #define MAX_SUB 64
 
@@ -742,8 +747,10 @@ typedef struct {
     int64_t ranges;                  /* ranges per unit */
     int64_t nitems;
     int64_t next;
-    real *acc;                       /* split units: (nthreads - 1) copies of dB then dC */
+    real *acc;                       /* split units: (nslots - 1) copies of dB then dC */
     partials part;
+    int nslots;                      /* > 0: items dealt out to this many slots (split backward) */
+    unsigned char done[256];         /* slots finished */
 } job;
 
 typedef struct {
@@ -758,7 +765,7 @@ static int64_t ranges_per_unit(const mk_scan_args *a, int nthreads) {
     return r < bpg ? r : bpg;
 }
 
-static void run_item(job *j, workspace *w, int64_t item, int tid) {
+static void run_item(job *j, workspace *w, int64_t item, int slot) {
     const mk_scan_args *a = j->a;
     const int64_t unit = item / j->ranges, r = item % j->ranges, bpg = blocks_per_group(a);
     const int64_t b = unit / a->groups, g = unit % a->groups;
@@ -768,9 +775,9 @@ static void run_item(job *j, workspace *w, int64_t item, int tid) {
         const int64_t NL = a->dstate * a->len;
         memset(a->dB + unit * NL, 0, NL * sizeof(real));
         memset(a->dC + unit * NL, 0, NL * sizeof(real));
-    } else if (j->backward && tid > 0) {
+    } else if (j->backward && slot > 0) {
         const int64_t size = a->batch * a->groups * a->dstate * a->len;
-        dB = j->acc + (int64_t)(tid - 1) * 2 * size;
+        dB = j->acc + (int64_t)(slot - 1) * 2 * size;
         dC = dB + size;
     }
     for (int64_t j0 = first; j0 < end; j0 += MAX_SUB) {
@@ -789,18 +796,45 @@ typedef int (*omp_thread_num_fn)(void);
 static gomp_parallel_fn gomp_parallel = NULL;
 static omp_thread_num_fn omp_thread_num = NULL;
 
+static int alloc_for(job *j, workspace *w, int keep) {
+    const int64_t carry = j->backward ? CARRY_BWD(j->a->dstate) : j->a->dstate;
+    return workspace_alloc(w, j->a->chunk, j->a->dstate, j->a->dt_w ? j->a->dt_rank : 0, j->backward,
+                           MAX_SUB * carry, keep);
+}
+
+static void run_slot(job *j, workspace *w, int slot) {
+    for (int64_t item = slot; item < j->nitems; item += j->nslots) run_item(j, w, item, slot);
+    j->done[slot] = 1;
+}
+
 static void work(job *j, int tid, int keep) {
     workspace w;
-    const int64_t carry = j->backward ? CARRY_BWD(j->a->dstate) : j->a->dstate;
-    if (workspace_alloc(&w, j->a->chunk, j->a->dstate, j->a->dt_w ? j->a->dt_rank : 0, j->backward, MAX_SUB * carry,
-                        keep))
-        return;
-    for (;;) {
-        int64_t item = __atomic_fetch_add(&j->next, 1, __ATOMIC_RELAXED);
-        if (item >= j->nitems) break;
-        run_item(j, &w, item, tid);
+    if (j->nslots > 0 && tid >= j->nslots) return;
+    if (alloc_for(j, &w, keep)) return;
+    if (j->nslots > 0) {
+        run_slot(j, &w, tid);
+    } else {
+        for (;;) {
+            int64_t item = __atomic_fetch_add(&j->next, 1, __ATOMIC_RELAXED);
+            if (item >= j->nitems) break;
+            run_item(j, &w, item, tid);
+        }
     }
     if (!keep) free(w.mem);
+}
+
+/* Slots that no thread ran (fewer threads than asked for, or a workspace that could not be allocated),
+ * run by the caller; 0, or 1 if one is still left (no memory). */
+static int finish_slots(job *j) {
+    workspace w;
+    int allocated = 0;
+    for (int s = 0; s < j->nslots; s++) {
+        if (j->done[s]) continue;
+        if (!allocated && alloc_for(j, &w, 1)) return 1;
+        allocated = 1;
+        run_slot(j, &w, s);
+    }
+    return 0;
 }
 
 static void *pthread_body(void *p) {
@@ -827,6 +861,7 @@ static int run_threads(job *j, int nthreads) {
         work(j, 0, 1);
         for (int i = 1; i <= started; i++) pthread_join(threads[i], NULL);
     }
+    if (j->nslots > 0) return finish_slots(j);
     /* A claimed item is always finished; items are left only if every thread failed to allocate. */
     return j->next < j->nitems ? 1 : 0;
 }
@@ -852,7 +887,7 @@ static int run_forward(const mk_scan_args *a) {
     if (check_args(a)) return 2;
     const int64_t units = a->batch * a->groups;
     const int nthreads = clamp_threads(a, a->nthreads, units * blocks_per_group(a));
-    job j = {a, 0, ranges_per_unit(a, nthreads), 0, 0, NULL, {NULL, NULL, NULL}};
+    job j = {a, 0, ranges_per_unit(a, nthreads), 0, 0, NULL, {NULL, NULL, NULL}, 0, {0}};
     j.nitems = units * j.ranges;
     return run_threads(&j, clamp_threads(a, nthreads, j.nitems));
 }
@@ -862,7 +897,7 @@ static int run_backward(const mk_scan_args *a) {
     const int64_t b = a->batch, d = a->dim, N = a->dstate;
     const int64_t size = b * a->groups * N * a->len;
     int nthreads = clamp_threads(a, a->nthreads, b * a->groups * blocks_per_group(a));
-    job j = {a, 1, ranges_per_unit(a, nthreads), 0, 0, NULL, {NULL, NULL, NULL}};
+    job j = {a, 1, ranges_per_unit(a, nthreads), 0, 0, NULL, {NULL, NULL, NULL}, 0, {0}};
     j.nitems = b * a->groups * j.ranges;
     nthreads = clamp_threads(a, nthreads, j.nitems);
     real *part = malloc((size_t)(b * d * (N + 2)) * sizeof(real) + 1);
@@ -875,10 +910,11 @@ static int run_backward(const mk_scan_args *a) {
             j.acc = calloc((size_t)(nthreads - 1) * 2 * size + 1, sizeof(real));
             if (!j.acc) nthreads = 1;                    /* no room for copies: run on one thread */
         }
+        j.nslots = nthreads;
     }
     int rc = run_threads(&j, nthreads);
     if (j.acc) {
-        for (int t = 0; t < nthreads - 1; t++) {
+        for (int t = 0; t < j.nslots - 1; t++) {          /* in slot order */
             const real *src = j.acc + (int64_t)t * 2 * size;
             for (int64_t i = 0; i < size; i++) a->dB[i] += src[i];
             for (int64_t i = 0; i < size; i++) a->dC[i] += src[size + i];
