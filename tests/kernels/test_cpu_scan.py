@@ -286,6 +286,21 @@ def test_vector_exp_and_softplus_accuracy():
     assert math.isnan(special[0]) and 0 <= special[1] < 1e-37 and math.isfinite(special[2]) and special[2] > 1e38
 
 
+@pytest.mark.parametrize("softplus, delta, A, h0, expected", [
+    (False, -200.0, -1.0, 2.0 ** -126, 1.0),      # dt < 0: dt A log2 e = 288.5, clamped to 2^126
+    (True, 200.0, 1.0, 2.0 ** -126, 1.0),         # A > 0: the same through softplus
+    (True, 200.0, -1.0, 2.0 ** 100, 2.0 ** -25),  # dt > 0, A < 0 (every Mamba layer): -288.5, clamped to 2^-125
+])
+def test_decays_beyond_the_exponent_range_are_clamped(softplus, delta, A, h0, expected):
+    """The decay 2^(dt A log2 e) is clamped to [2^-125, 2^126]; the kernel drops the upper clamp only where
+    softplus and A <= 0 make every argument <= 0. One step, B = 0: y = C decay h0, exact powers of two."""
+    b, d, N = 1, 8, 4
+    out = selective_scan_cpu(torch.zeros(b, d, 1), torch.full((b, d, 1), delta), torch.full((d, N), A),
+                             torch.zeros(b, N, 1), torch.full((b, N, 1), 1.0 / N), delta_softplus=softplus,
+                             initial_state=torch.full((b, d, N), h0))
+    assert torch.equal(out, torch.full((b, d, 1), expected))
+
+
 def test_vector_exp_float64_accuracy():
     lib = load_library(torch.float64)
     x = torch.linspace(-700, 700, 100001, dtype=torch.float64)

@@ -97,6 +97,7 @@ typedef struct {
     vec *Wdt;                                                     /* dt_rank entries: the block's rows of dt_w */
     vec *X;                                                       /* (K + 1) * N recomputed states */
     vec *DA;                                                      /* K * N decays of the chunk */
+    int decays_nonpos;                                            /* dt >= 0 and A <= 0: dt A <= 0 */
     vec *carry;                                                   /* what blocks carry between chunks */
     real *Bs, *Cs, *dts, *dBs, *dCs;                              /* staged rows of a chunk (stage_chunk) */
     int64_t rs;                                                   /* their row stride */
@@ -305,7 +306,13 @@ static block make_block(const mk_scan_args *a, int64_t b, int64_t g, int64_t j) 
  * the block's rows are a tile like the (channel, time) ones. */
 static void load_A(const mk_scan_args *a, workspace *w, block k) {
     load_rows(w->A, a->A + k.c0 * a->dstate, a->dstate, k.nl, (int)a->dstate);
-    for (int64_t n = 0; n < a->dstate; n++) w->A2[n] = w->A[n] * (real)1.4426950408889634074;
+    /* softplus makes dt >= 0 (or NaN); with the block's A <= 0 every decay argument is <= 0 */
+    int nonpos = a->softplus != 0;
+    for (int64_t n = 0; n < a->dstate; n++) {
+        w->A2[n] = w->A[n] * (real)1.4426950408889634074;
+        for (int lane = 0; lane < W; lane++) nonpos &= w->A2[n][lane] <= 0;
+    }
+    w->decays_nonpos = nonpos;
 }
 
 /* Steps t0 .. t0 + len - 1 of block k of the strided tensor `which` into / from a tile. */
@@ -411,7 +418,7 @@ static void stage_chunk(const mk_scan_args *a, workspace *w, int64_t b, int64_t 
  * registers (recur_group). Against exps interleaved with the recurrence: forward 8-27% and forward+backward
  * 1-17% faster at the Vim-Ti layer and a 20k-token bag on 2 AVX2 cores (benchmarks/README.md); the exps are
  * still about half of the forward's time. */
-static void chunk_decays(workspace *w, int64_t N, int len) {
+static inline __attribute__((always_inline)) void decays_pass(workspace *w, int64_t N, int len, const int nonpos) {
     const vec *A2 = w->A2;
     for (int t = 0; t < len; t++) {
         const vec dt = w->dt[t];
@@ -419,10 +426,17 @@ static void chunk_decays(workspace *w, int64_t N, int len) {
         int64_t n = 0;
         for (; n + 4 <= N; n += 4) {
             vec arg[4] = {dt * A2[n], dt * A2[n + 1], dt * A2[n + 2], dt * A2[n + 3]};
-            vexp2_n(da + n, arg, 4);
+            if (nonpos) vexp2_nonpos_n(da + n, arg, 4);
+            else vexp2_n(da + n, arg, 4);
         }
         for (; n < N; n++) da[n] = vexp2(dt * A2[n]);
     }
+}
+
+/* Every Mamba layer has A = -exp(A_log) <= 0 and softplus on, so the variant without the upper clamp runs. */
+static void chunk_decays(workspace *w, int64_t N, int len) {
+    if (w->decays_nonpos) decays_pass(w, N, len, 1);
+    else decays_pass(w, N, len, 0);
 }
 
 /* The recurrence for states n0 .. n0 + G - 1 through the chunk (G <= 8 is a compile-time constant at each
