@@ -24,6 +24,7 @@ from mambakit.core.mamba import Mamba
 from mambakit.core.mamba2 import Mamba2
 from mambakit.core.multi_order import MultiOrderMamba, PerOrderMamba
 from mambakit.core.norm import RMSNorm
+from mambakit.core.recompute import norm_recomputed
 
 __all__ = ["Block", "MixerModel", "GatedMLP", "DropPath", "init_weights", "create_block", "MIXERS",
            "drop_path_schedule"]
@@ -99,11 +100,26 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def _add_norm(self, hidden: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module):
-        residual = hidden if residual is None else residual + self.drop_path(hidden)
-        hidden = norm(residual.to(dtype=norm.weight.dtype))
+        residual = self._add(hidden, residual)
+        return self._normalise(norm, residual), self._upcast(residual)
+
+    def _add(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        return hidden if residual is None else residual + self.drop_path(hidden)
+
+    @staticmethod
+    def _normalise(norm: nn.Module, residual: torch.Tensor) -> torch.Tensor:
+        return norm(residual.to(dtype=norm.weight.dtype))
+
+    def _upcast(self, residual: torch.Tensor) -> torch.Tensor:
         if self.residual_in_fp32 and residual.dtype in (torch.float16, torch.bfloat16):
             residual = residual.to(torch.float32)      # an upcast only: a float64 stream stays float64
-        return hidden, residual
+        return residual
+
+    def _recomputes_norm(self, residual: torch.Tensor) -> bool:
+        """Whether the norm's output is recomputed in the backward rather than kept (`norm_recomputed`): with a
+        memory-efficient mixer, when a backward can follow."""
+        return (getattr(self.mixer, "memory_efficient", False) and torch.is_grad_enabled()
+                and (residual.requires_grad or any(p.requires_grad for p in self.parameters())))
 
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None,
                 inference_params: InferenceParams | None = None, **mixer_kwargs):
@@ -113,11 +129,17 @@ class Block(nn.Module):
         if residual is not None and residual.shape != hidden_states.shape:
             raise ValueError(f"Block: residual has shape {tuple(residual.shape)}, expected "
                              f"{tuple(hidden_states.shape)} (the shape of hidden_states)")
-        hidden_states, residual = self._add_norm(hidden_states, residual, self.norm)
+        residual = self._add(hidden_states, residual)
         kwargs = {k: v for k, v in mixer_kwargs.items() if v is not None}
         if inference_params is not None:
             kwargs["inference_params"] = inference_params
-        hidden_states = self.mixer(hidden_states, **kwargs)
+        normalise = partial(self._normalise, self.norm)
+        if inference_params is None and self._recomputes_norm(residual):
+            hidden_states = norm_recomputed(normalise, residual, lambda h: self.mixer(h, **kwargs),
+                                            tuple(self.norm.parameters()))
+        else:
+            hidden_states = self.mixer(normalise(residual), **kwargs)
+        residual = self._upcast(residual)
         if self.mlp is not None:
             hidden_states, residual = self._add_norm(hidden_states, residual, self.norm2)
             hidden_states = self.mlp(hidden_states)

@@ -32,11 +32,12 @@ an error, as autograd's own version check makes it for saved tensors.
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable
 
 import torch
 
-__all__ = ["SavedActivations"]
+__all__ = ["SavedActivations", "norm_recomputed"]
 
 
 def _storage_key(t: torch.Tensor):
@@ -59,7 +60,7 @@ def _autocast_state(device: torch.device):
 class _Saved:
     """One tensor an op saved for its backward: held, or (after `release`) a place in a recomputed tensor."""
 
-    __slots__ = ("tensor", "version", "name", "view")
+    __slots__ = ("tensor", "version", "name", "view", "__weakref__")
 
     def __init__(self, tensor: torch.Tensor):
         self.tensor = tensor
@@ -83,7 +84,7 @@ class SavedActivations:
     """
 
     def __init__(self):
-        self._packed: list[_Saved] = []
+        self._packed: list[_Saved] = []          # until `release`; then weak references to the kept ones
         self._released = False
         self._recompute: Callable[[], dict[str, torch.Tensor]] | None = None
         self._autocast = None
@@ -147,7 +148,9 @@ class SavedActivations:
             self._dropped += 1
             self._uses[hit[0]] = self._uses.get(hit[0], 0) + 1
         self._pending = dict(self._uses)
-        self._packed = [saved for saved in self._packed if saved.tensor is not None]   # what stays held
+        # What stays held is held by the graph alone: a saved tensor is freed when its op's backward has run,
+        # as without hooks, not when the last recomputed one is used.
+        self._packed = [weakref.ref(saved) for saved in self._packed if saved.tensor is not None]
         self._released = True
         self._recompute = recompute
         self._inputs = tuple((t, t._version) for t in inputs)
@@ -155,9 +158,10 @@ class SavedActivations:
         self._autocast = _autocast_state(first.device) if first is not None else None
 
     def held(self) -> list[torch.Tensor]:
-        """The tensors this object holds for the backward: before `release` every saved tensor, after it the kept
-        ones and the recomputation's inputs."""
-        return [saved.tensor for saved in self._packed] + [t for t, _ in self._inputs]
+        """The tensors held for the backward: before `release` every saved tensor, after it the kept ones whose
+        op has not run its backward yet, and the recomputation's inputs."""
+        saved = self._packed if not self._released else [ref() for ref in self._packed]
+        return [s.tensor for s in saved if s is not None and s.tensor is not None] + [t for t, _ in self._inputs]
 
     @property
     def dropped(self) -> int:
@@ -177,3 +181,22 @@ class SavedActivations:
         kind, enabled, dtype = self._autocast
         with torch.autocast(kind, dtype=dtype, enabled=enabled):
             return self._recompute(name)
+
+
+def norm_recomputed(norm: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                    consumer: Callable[[torch.Tensor], torch.Tensor], params: tuple[torch.Tensor, ...] = ()):
+    """consumer(norm(x)), keeping the normalised tensor out of what the backward holds.
+
+    A pre-norm block's norm keeps its input x for its own backward, and the first op of the consumer (a mixer's
+    in_proj) keeps its input norm(x) for the weight gradient: two tensors of x's size for one. Here the
+    consumer's saved copies of norm(x) are dropped after the forward and norm(x) is recomputed, when the
+    consumer's backward first asks for it, from x (held by the norm anyway) and `params` (the norm's weights):
+    the same op on the same input, so the same values and gradients. The consumer's own memory-efficient
+    paths nest inside (their saved tensors go to their own hooks). x modified in place before the backward is
+    an error."""
+    acts = SavedActivations()
+    with torch.autograd.graph.saved_tensors_hooks(acts.pack, acts.unpack):
+        normed = norm(x)
+        out = consumer(normed)
+    acts.release({"normed": normed}, lambda name: {"normed": norm(x)}, inputs=(x, *params))
+    return out

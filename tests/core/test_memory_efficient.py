@@ -3,6 +3,8 @@ and gradients as the plain path (Mamba, Vim's bimamba v2, SR-Mamba with padding,
 lengths; float64 and float32; the fused CPU kernel and the reference scan), and, between forward and backward,
 none of the branch's (b, d_inner, L) intermediates held: only the token-order x, z and out_proj's input."""
 
+import weakref
+
 import pytest
 import torch
 
@@ -218,3 +220,86 @@ def test_autocast_forward_backward_outside_it():
     torch.testing.assert_close(dx_l, dx_p, rtol=1e-5, atol=1e-6)
     for a, b in zip(g_l, g_p):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The norm in front of a memory-efficient mixer (core Block, MambaMIL's layers)
+
+def test_norm_recomputed_gives_the_same_values_and_gradients_and_does_not_keep_the_norm_output():
+    torch.manual_seed(0)
+    norm, lin = torch.nn.LayerNorm(8, dtype=F64), torch.nn.Linear(8, 5, dtype=F64)
+    x = torch.randn(3, 7, 8, dtype=F64, requires_grad=True)
+    g = torch.randn(3, 7, 5, dtype=F64)
+    plain = lin(norm(x))
+    want = torch.autograd.grad((plain * g).sum(), [x, *norm.parameters(), *lin.parameters()])
+
+    seen = []
+
+    def consumer(y):
+        seen.append(weakref.ref(y))
+        return lin(y)
+    out = recompute.norm_recomputed(norm, x, consumer, tuple(norm.parameters()))
+    assert seen[0]() is None                  # Linear saved norm(x) for its weight gradient; it was dropped
+    got = torch.autograd.grad((out * g).sum(), [x, *norm.parameters(), *lin.parameters()])
+    assert torch.equal(out, plain)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)              # norm(x) recomputed by the same op: the same bits
+
+
+def test_norm_recomputed_refuses_an_input_modified_in_place():
+    norm, lin = torch.nn.LayerNorm(8), torch.nn.Linear(8, 5)
+    x = torch.randn(2, 4, 8, requires_grad=True)
+    h = x * 1.0
+    out = recompute.norm_recomputed(norm, h, lin, tuple(norm.parameters()))
+    with torch.no_grad():
+        h.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation|modified in place"):
+        out.sum().backward()
+
+
+def test_kept_tensors_are_freed_when_their_op_has_run_its_backward():
+    """After `release`, what is kept is held by the graph alone: exp's saved output is gone once exp's backward
+    has run, while a dropped tensor of the same forward is still to be recomputed (it used to stay until the
+    whole forward's backward was over)."""
+    x = torch.randn(1000, dtype=F64, requires_grad=True)
+    alive = []
+
+    def forward():
+        acts = recompute.SavedActivations()
+        with torch.autograd.graph.saved_tensors_hooks(acts.pack, acts.unpack):
+            scaled = x * 3.0
+            a = scaled.sin()                  # saves `scaled`: dropped, recomputed later
+            k = a.exp()                       # saves its output k: kept
+        acts.release({"scaled": scaled}, lambda name: {"scaled": x * 3.0}, inputs=(x,))
+        a.register_hook(lambda grad: alive.append(kref() is not None))    # between exp's and sin's backward
+        kref = weakref.ref(k)
+        return (k * 2.0).sum()
+    out = forward()
+    out.backward()
+    assert alive == [False]
+    torch.testing.assert_close(x.grad, 2.0 * torch.exp(torch.sin(3.0 * x)) * torch.cos(3.0 * x) * 3.0)
+
+
+@pytest.mark.parametrize("kind", ["vim_mean", "sr_pad_sum"])
+def test_block_with_a_memory_efficient_mixer_recomputes_its_norm(kind):
+    """core Block (Add -> norm -> mixer): with a memory-efficient mixer the norm's output is not kept either;
+    values equal, gradients equal to the plain block's (float64)."""
+    from mambakit.core import Block
+    plain_mixer, lean_mixer = pair(kind, F64)
+    blocks = [Block(D_MODEL, lambda d, m=m: m, norm_cls=lambda d: torch.nn.LayerNorm(d, dtype=F64))
+              for m in (plain_mixer, lean_mixer)]
+    blocks[1].norm.load_state_dict(blocks[0].norm.state_dict())
+    h = torch.randn(2, 23, D_MODEL, dtype=F64)
+    r = torch.randn(2, 23, D_MODEL, dtype=F64)
+    results = []
+    for block in blocks:
+        hh, rr = h.clone().requires_grad_(), r.clone().requires_grad_()
+        out, res = block(hh, rr)
+        g = torch.randn(out.shape, dtype=F64, generator=torch.Generator().manual_seed(2))
+        ((out * g).sum() + res.sum()).backward()
+        results.append((out.detach(), hh.grad, rr.grad, [p.grad for p in block.parameters()]))
+    (o_p, dh_p, dr_p, gp_p), (o_l, dh_l, dr_l, gp_l) = results
+    assert torch.equal(o_p, o_l)
+    for a, b in zip([dh_l, dr_l, *gp_l], [dh_p, dr_p, *gp_p]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert blocks[1]._recomputes_norm(r.requires_grad_()) and not blocks[0]._recomputes_norm(r)

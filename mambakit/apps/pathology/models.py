@@ -32,6 +32,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from mambakit.apps.pathology.heads import activation, attention_mlp, attention_pool, gated_attention_mlps, xavier_init
+from mambakit.core.recompute import norm_recomputed
 
 __all__ = ["MambaMIL", "MeanMIL", "MaxMIL", "ABMIL", "TransMIL", "NystromAttention", "PPEG",
            "moore_penrose_iter_pinv", "as_bag", "MIXER_TYPES", "build_mil_model"]
@@ -118,6 +119,8 @@ class MambaMIL(nn.Module):
         for block in self.layers:
             if self.checkpoint_layers and torch.is_grad_enabled() and h.requires_grad:
                 h = h + torch.utils.checkpoint.checkpoint(block, h, use_reentrant=False)
+            elif block[1].memory_efficient and torch.is_grad_enabled():    # the norm's output recomputed too
+                h = h + norm_recomputed(block[0], h, block[1], tuple(block[0].parameters()))
             else:
                 h = h + block(h)
         h = self.norm(h)
