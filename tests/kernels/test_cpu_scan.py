@@ -6,6 +6,7 @@ Over 5 seeds of this file's cases the worst float32 errors were 5.2e-7 (outputs,
 (gradients, dA), so float32 uses 1e-5; float64 reached 4.2e-15, so it uses 5e-13.
 """
 
+import contextlib
 import math
 import os
 import subprocess
@@ -182,22 +183,29 @@ def test_inference_mode_matches_grad_mode():
     assert torch.equal(out, out2.detach()) and torch.equal(last, last2.detach())
 
 
+@contextlib.contextmanager
+def threading(mode: str):
+    """The kernel on torch's OpenMP pool or on its own pthreads; the thread count and mode restored after."""
+    old = torch.get_num_threads()
+    try:
+        assert cpu_scan.set_threading(mode) in (mode, "pthreads")
+        yield
+    finally:
+        torch.set_num_threads(old)
+        cpu_scan.set_threading("openmp")
+
+
 @pytest.mark.parametrize("mode", ["openmp", "pthreads"])
 def test_one_and_several_threads_agree(mode):
     """One thread owns each (batch, group) unit; with few units, threads split the blocks of a unit and
     sum private copies of dB/dC: the paths must agree, on torch's OpenMP pool and on our own threads.
     (2^18 state updates: calls under 2^17 updates per thread stay on one thread.)"""
     inputs = make_inputs(1, 64, 512, 8)
-    old = torch.get_num_threads()
-    try:
-        assert cpu_scan.set_threading(mode) in (mode, "pthreads")
+    with threading(mode):
         torch.set_num_threads(1)
         one = run(selective_scan_cpu, inputs, torch.float32, True, (torch.ones(1), torch.ones(1)))
         torch.set_num_threads(2)
         two = run(selective_scan_cpu, inputs, torch.float32, True, (torch.ones(1), torch.ones(1)))
-    finally:
-        torch.set_num_threads(old)
-        cpu_scan.set_threading("openmp")
     assert torch.equal(one[0], two[0])
     for k in one[2]:
         torch.testing.assert_close(one[2][k], two[2][k], rtol=1e-5, atol=1e-6)
@@ -209,9 +217,7 @@ def test_several_threads_give_the_same_gradients_on_every_run(mode):
     dealt to the threads in a fixed way and the per-thread sums added in a fixed order, so every run gives
     the same bits (claiming ranges first-come-first-served made about half the runs differ)."""
     inputs = make_inputs(1, 256, 1500, 16)
-    old = torch.get_num_threads()
-    try:
-        assert cpu_scan.set_threading(mode) in (mode, "pthreads")
+    with threading(mode):
         torch.set_num_threads(2)
         first = run(selective_scan_cpu, inputs, torch.float32, True, (torch.ones(1), torch.ones(1)))
         for _ in range(10):
@@ -219,9 +225,6 @@ def test_several_threads_give_the_same_gradients_on_every_run(mode):
             assert torch.equal(first[0], again[0])
             for k in first[2]:
                 assert torch.equal(first[2][k], again[2][k]), k
-    finally:
-        torch.set_num_threads(old)
-        cpu_scan.set_threading("openmp")
 
 
 def test_threading_mode_is_validated():
