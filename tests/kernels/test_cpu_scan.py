@@ -227,6 +227,34 @@ def test_several_threads_give_the_same_gradients_on_every_run(mode):
                 assert torch.equal(first[2][k], again[2][k]), k
 
 
+def test_slots_the_runtime_gives_no_thread_for_run_on_the_caller(tmp_path):
+    """The backward deals a split unit's ranges to one slot per requested thread; where OpenMP gives fewer
+    threads (here OMP_THREAD_LIMIT=1 against two asked for), the caller runs the slots left over afterwards,
+    and the gradients are the same bits as with two threads (skipping them would drop their dB, dC terms)."""
+    code = textwrap.dedent("""
+        import sys, torch
+        torch.get_num_threads = lambda: 2          # the kernel asks for two threads
+        from mambakit.kernels.cpu_scan import selective_scan_cpu
+        torch.manual_seed(0)
+        u, delta = torch.randn(1, 256, 1500), torch.randn(1, 256, 1500)
+        B, C = torch.randn(1, 16, 1500, requires_grad=True), torch.randn(1, 16, 1500, requires_grad=True)
+        A = -torch.rand(256, 16) - 0.5
+        selective_scan_cpu(u, delta, A, B, C, delta_softplus=True).sum().backward()
+        torch.save([B.grad, C.grad], sys.argv[1])
+    """)
+    grads = []
+    for limit in (None, "1"):
+        env = {k: v for k, v in os.environ.items() if k != "OMP_THREAD_LIMIT"}
+        if limit:
+            env["OMP_THREAD_LIMIT"] = limit
+        out = tmp_path / f"grads_{limit}.pt"
+        proc = subprocess.run([sys.executable, "-c", code, str(out)], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        grads.append(torch.load(out))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
 def test_threading_mode_is_validated():
     with pytest.raises(ValueError, match="mode must be 'openmp' or 'pthreads', got 'tbb'"):
         cpu_scan.set_threading("tbb")
