@@ -15,13 +15,15 @@
  * small time-major tiles first, so the inner loop reads contiguous vectors. A thread takes a range of
  * blocks of one (batch, group) and walks it chunk-major (chunk 0 of every block, then chunk 1, ...), so a
  * chunk of B and C, and of dB and dC in the backward, is reused from cache by all the blocks: on long
- * sequences that is most of the memory traffic. Work is handed to threads through an atomic counter.
+ * sequences that is most of the memory traffic. Work is handed to threads through an atomic counter,
+ * except where threads share a (batch, group) in the backward: there the ranges go to fixed slots (see
+ * the threads section), so that the sums over them, and the gradients, are the same bits on every run.
  *
  * Backward: the forward stores the state at the start of every chunk (b, d, ceil(L/K), N). The backward
  * walks the chunks last to first, recomputes the chunk's K states and decays from its checkpoint into a
  * tile, then runs the adjoint recurrence backwards through the tile. Extra memory: O(b d N L / K) for the
  * checkpoints, plus O(threads K N W) of workspace (and, when threads share a (batch, group), one private
- * dB/dC copy per extra thread: O(threads b G N L)). Gradients that sum over channels (B, C) are reduced
+ * dB/dC copy per extra slot: O(threads b G N L)). Gradients that sum over channels (B, C) are reduced
  * across lanes W steps at a time; per-channel sums over the batch (A, D, delta_bias) are written per batch
  * element and summed at the end in batch order. No two threads ever write the same address.
  */
