@@ -303,3 +303,36 @@ def test_block_with_a_memory_efficient_mixer_recomputes_its_norm(kind):
     for a, b in zip([dh_l, dr_l, *gp_l], [dh_p, dr_p, *gp_p]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert blocks[1]._recomputes_norm(r.requires_grad_()) and not blocks[0]._recomputes_norm(r)
+
+
+def test_block_norm_recompute_under_checkpointing_and_autocast():
+    """Inside non-reentrant activation checkpointing (nested saved-tensor hooks) and under CPU bf16 autocast
+    (the recomputed norm runs in the forward's autocast state): gradients equal to the plain block's."""
+    from mambakit.core import Block
+    torch.manual_seed(0)
+
+    def block(memory_efficient, dtype):
+        return Block(D_MODEL, lambda d: MultiOrderMamba.vim(D_MODEL, d_state=4, dtype=dtype,
+                                                            memory_efficient=memory_efficient),
+                     norm_cls=lambda d: torch.nn.LayerNorm(d, dtype=dtype))
+    plain, lean = block(False, F64), block(True, F64)
+    lean.load_state_dict(plain.state_dict())
+    h = torch.randn(2, 19, D_MODEL, dtype=F64, requires_grad=True)
+    r = torch.randn(2, 19, D_MODEL, dtype=F64, requires_grad=True)
+    o_p, r_p = plain(h, r)
+    want = torch.autograd.grad(o_p.sum() + r_p.sum(), [h, r, *plain.parameters()])
+    o_l, r_l = torch.utils.checkpoint.checkpoint(lean, h, r, use_reentrant=False)
+    got = torch.autograd.grad(o_l.sum() + r_l.sum(), [h, r, *lean.parameters()])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+    plain, lean = block(False, F32), block(True, F32)
+    lean.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 19, D_MODEL, requires_grad=True)
+    grads = []
+    for m in (plain, lean):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = m(x)
+        grads.append(torch.autograd.grad(out.float().sum(), [x, *m.parameters()]))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
