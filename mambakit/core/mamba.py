@@ -36,7 +36,7 @@ from torch import nn
 from mambakit.core.cache import InferenceParams, states_from_cache
 from mambakit.core.layout import channel_major_linear, same_layout_linear, token_major_linear
 from mambakit.core.orders import OrderIndices, reorder, restore
-from mambakit.core.recompute import SavedActivations
+from mambakit.core.recompute import SavedActivations, SharedRecompute, backward_source
 from mambakit.core.scan import runs_fused_cpu_kernel, selective_scan, selective_state_update
 from mambakit.kernels.cpu_conv import causal_conv1d
 
@@ -314,12 +314,20 @@ class SelectiveSSM(nn.Module):
         """Whether to take the memory-efficient path: asked for, and a backward can follow."""
         return self.memory_efficient and self._records_grad(x)
 
-    def _branch_lean(self, x: torch.Tensor, z: torch.Tensor, suffix: str = "", idx: OrderIndices | None = None,
-                     reverse: bool = False):
+    def _in_proj_source(self, hidden_states: torch.Tensor, token_major: bool | None = None) -> SharedRecompute:
+        """in_proj's x, z as the memory-efficient branches recompute them in the backward: from hidden_states,
+        which in_proj's own backward keeps anyway (or which an enclosing `norm_recomputed` recomputes), so
+        the (b, L, 2 d_inner) in_proj output is not held between forward and backward."""
+        hidden = backward_source(hidden_states)
+        return SharedRecompute(lambda: self._in_proj(hidden(), token_major))
+
+    def _branch_lean(self, x: torch.Tensor, z: torch.Tensor, source: SharedRecompute, suffix: str = "",
+                     idx: OrderIndices | None = None, reverse: bool = False):
         """`restore(_branch(reorder(x), reorder(z)))` from token-order x, z (b, d_inner, L), keeping between
-        forward and backward only x, z, x_dbl and what the scan keeps besides its inputs (its state
-        checkpoints); the reordered x and z, the conv output, its silu and delta (where the kernel does not
-        project it itself) are recomputed in the backward (see `mambakit.core.recompute`). reverse: as in
+        forward and backward only x_dbl and what the scan keeps besides its inputs (its state checkpoints):
+        x and z themselves, the reordered x and z, the conv output, its silu and delta (where the kernel does not
+        project it itself) are recomputed in the backward, x and z from `source` (`_in_proj_source`, shared by
+        the orders of a multi-order mixer), the rest from them (see `mambakit.core.recompute`). reverse: as in
         `_branch`, instead of a flip order."""
         acts = SavedActivations()
         with torch.autograd.graph.saved_tensors_hooks(acts.pack, acts.unpack):
@@ -338,17 +346,19 @@ class SelectiveSSM(nn.Module):
 
         def recompute(name: str) -> dict[str, torch.Tensor]:
             # each piece when the backward first needs it: the scan's u, delta, z, then the conv's input
+            if name == "dt":
+                return {"dt": self._dt(x_dbl, suffix)}
+            x, z = source.get()
             if name in ("xr", "zr"):
                 t = x if name == "xr" else z
                 return {name: t if idx is None else reorder(t, idx, dim=-1)}
-            if name == "dt":
-                return {"dt": self._dt(x_dbl, suffix)}
             c, u = self._conv_silu(x if idx is None else reorder(x, idx, dim=-1), suffix, reverse=reverse)
             return {"u": u} if c is None else {"c": c, "u": u}
 
-        inputs = (x, z, x_dbl, conv.weight, dt_proj.weight) + ((conv.bias,) if conv.bias is not None else ())
+        inputs = (x_dbl, conv.weight, dt_proj.weight) + ((conv.bias,) if conv.bias is not None else ())
         named = {"xr": xr, "zr": zr, "c": c, "u": u, "dt": dt}
-        acts.release({k: v for k, v in named.items() if v is not None}, recompute, inputs=inputs)
+        acts.release({k: v for k, v in named.items() if v is not None}, recompute, inputs=inputs,
+                     on_done=source.user())
         return y
 
     def _branch_step(self, x: torch.Tensor, z: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor,
@@ -395,11 +405,13 @@ class Mamba(SelectiveSSM):
     bias=False); `use_fast_path` is accepted for config compatibility and has no effect. `scan_backend`
     goes to `selective_scan` ("auto", "reference", "cpu", "triton").
 
-    memory_efficient: in training, keep between forward and backward only the branch input x, z, the small
-    x_dbl and the scan's state checkpoints, and recompute conv1d + silu and delta in the backward (as
-    mamba_ssm's `mamba_inner_fn`): 12 bytes x d_inner per token and order less held (float32; 20 for a
-    reordered order), the same values, a few elementwise passes more in the backward. Default off
-    (`MEMORY_EFFICIENT`); `set_memory_efficient(model)` switches every such mixer of a built model.
+    memory_efficient: in training, keep between forward and backward only the small x_dbl and the scan's
+    state checkpoints besides the mixer's input (which in_proj's backward keeps anyway), and recompute
+    in_proj's x, z, conv1d + silu and delta in the backward (mamba_ssm's `mamba_inner_fn` does the same but
+    keeps x, z): 8 bytes x d_inner per token (x, z) plus 12 per token and order (20 for a reordered order)
+    less held in float32, the same values, one in_proj GEMM and a few elementwise passes more in the
+    backward. Default off (`MEMORY_EFFICIENT`); `set_memory_efficient(model)` switches every such mixer of a
+    built model.
 
     forward(hidden_states, inference_params=None, lengths=None):
       lengths (b,): right-padded batches; outputs past a sample's length are zero and valid outputs equal
@@ -425,7 +437,7 @@ class Mamba(SelectiveSSM):
         lengths = check_lengths("Mamba", lengths, b, L, hidden_states.device)
         if inference_params is None:
             x, z = self._in_proj(hidden_states)
-            y = self._branch_lean(x, z) if self._lean(x) else self._branch(x, z)
+            y = self._branch_lean(x, z, self._in_proj_source(hidden_states)) if self._lean(x) else self._branch(x, z)
         else:
             conv_state, ssm_state = states_from_cache(self, inference_params, b, self._allocate)
             continuing = inference_params.seqlen_offset > 0

@@ -86,9 +86,9 @@ class MultiOrderMamba(SelectiveSSM):
 
     orders: names or ScanOrder objects (see mambakit.core.orders); merge: "sum" | "mean" | "concat" | "gate".
     init_layer_scale: Vim's optional layer scale (a parameter `gamma` (d_model,) multiplying the output).
-    Other arguments as `Mamba` (memory_efficient: each order's branch keeps only the shared token-order x, z,
-    its x_dbl and the scan's checkpoints; its reordered x / z, conv output, silu and delta are recomputed in
-    the backward). Every order's dt_proj gets mamba_ssm's dt initialisation (as MambaMIL does;
+    Other arguments as `Mamba` (memory_efficient: each order's branch keeps only its x_dbl and the scan's
+    checkpoints; in_proj's x, z are recomputed once in the backward and shared by the orders, and each
+    order's reordered x / z, conv output, silu and delta are recomputed from them). Every order's dt_proj gets mamba_ssm's dt initialisation (as MambaMIL does;
     Vim's code leaves `dt_proj_b` at PyTorch's default Linear init, with its bias later zeroed by
     `_init_weights`).
 
@@ -155,10 +155,10 @@ class MultiOrderMamba(SelectiveSSM):
                               order_indices)
         token_major = self._token_major(hidden_states) and all(i.is_identity or i.is_flip for i in idxs)
         x, z = self._in_proj(hidden_states, token_major)
-        if self._lean(x) and token_major:
-            ys = [self._branch_lean(x, z, s, reverse=idx.is_flip) for s, idx in zip(self.suffixes, idxs)]
-        elif self._lean(x):
-            ys = [self._branch_lean(x, z, s, idx) for s, idx in zip(self.suffixes, idxs)]
+        if self._lean(x):
+            source = self._in_proj_source(hidden_states, token_major)
+            ys = [self._branch_lean(x, z, source, s, reverse=idx.is_flip) if token_major
+                  else self._branch_lean(x, z, source, s, idx) for s, idx in zip(self.suffixes, idxs)]
         elif token_major and self._sums_in_place(x):
             y = self._branch(x, z, self.suffixes[0], reverse=idxs[0].is_flip)
             for s, idx in zip(self.suffixes[1:], idxs[1:]):

@@ -4,7 +4,10 @@ mamba_ssm's `mamba_inner_fn` keeps, between forward and backward, only the branc
 (dt_rank + 2 d_state rows) and the scan's state checkpoints, and recomputes conv1d + silu and the delta
 projection in its backward before the scan's backward runs. The (b, d_inner, L) intermediates (the reordered
 x and z, the conv output, its silu, delta) are therefore never held between the passes; each of them costs
-4 bytes x d_inner per token and per order in float32.
+4 bytes x d_inner per token and per order in float32. Here xz itself is not held either: it is recomputed
+from the mixer's input, which in_proj's backward keeps anyway (`SharedRecompute`, once per backward for
+all the orders of a multi-order mixer), and a pre-norm block's norm output is recomputed from the block's
+input (`norm_recomputed`, which hands it to the mixer through `backward_source`).
 
 `SavedActivations` does the same for any scan backend, without duplicating kernel code: the branch's forward
 runs under `torch.autograd.graph.saved_tensors_hooks`, so every tensor an op saves for its backward (the
@@ -12,7 +15,7 @@ conv's input, silu's input, the x_proj GEMM's input, the scan Function's u / del
 When the forward is done, `release(recomputable)` drops the wrapped tensors that live in the memory of one of
 the named intermediates, keeping only where in that memory they sit. In the backward, a dropped wrapper
 that is unpacked calls `recompute(name)`, which redoes that part of the branch's cheap work (reorder,
-conv1d + silu, dt_proj) from the kept token-order x, z and x_dbl, in the forward's autocast state, and is
+conv1d + silu, dt_proj) from the recomputed x, z and the kept x_dbl, in the forward's autocast state, and is
 served a view of the recomputed memory at the same offset, sizes and strides. A recomputed tensor is kept
 until its last use in this backward and no longer: the scan's backward sees u, delta, z and the conv output
 (computed with u), while the conv's input is recomputed only when the conv's backward asks for it, so the
@@ -32,12 +35,17 @@ an error, as autograd's own version check makes it for saved tensors.
 
 from __future__ import annotations
 
+import contextvars
 import weakref
 from typing import Callable
 
 import torch
 
-__all__ = ["SavedActivations", "norm_recomputed"]
+__all__ = ["SavedActivations", "SharedRecompute", "norm_recomputed", "backward_source"]
+
+# (tensor, getter) pairs of the enclosing `norm_recomputed` calls: a consumer that recomputes from its input
+# gets that input back in the backward through the getter instead of holding it (see `backward_source`).
+_RECOMPUTED_INPUTS: contextvars.ContextVar[tuple] = contextvars.ContextVar("recomputed_inputs", default=())
 
 
 def _storage_key(t: torch.Tensor):
@@ -93,6 +101,7 @@ class SavedActivations:
         self._uses: dict[str, int] = {}          # name -> how many dropped saves live in it
         self._pending: dict[str, int] = {}       # name -> uses left in the current backward
         self._dropped = 0
+        self._on_done: Callable[[], None] | None = None
 
     # -- hooks --------------------------------------------------------------------------------------------
     def pack(self, tensor: torch.Tensor) -> _Saved:
@@ -125,12 +134,26 @@ class SavedActivations:
         if all(n <= 0 for n in self._pending.values()):
             self._cache.clear()
             self._pending = dict(self._uses)       # a further backward (retain_graph) starts over
+            if self._on_done is not None:
+                self._on_done()
         return out
+
+    def value(self, name: str) -> torch.Tensor:
+        """A dropped intermediate in the backward, for a recomputation elsewhere that starts from it: the cached
+        one, or recomputed (and cached until this object's own last use of it, if one is still to come)."""
+        if name in self._cache:
+            return self._cache[name]
+        computed = self._run_recompute(name)
+        for other, t in computed.items():
+            if self._pending.get(other, 0) > 0 and other not in self._cache:
+                self._cache[other] = t
+        return computed[name]
 
     # -- after the forward ----------------------------------------------------------------------------------
     def release(self, recomputable: dict[str, torch.Tensor], recompute: Callable[[str], dict[str, torch.Tensor]],
-                inputs: tuple[torch.Tensor, ...] = ()) -> None:
-        """Drop every saved tensor that lives in the memory of one of `recomputable` (same dtype)."""
+                inputs: tuple[torch.Tensor, ...] = (), on_done: Callable[[], None] | None = None) -> None:
+        """Drop every saved tensor that lives in the memory of one of `recomputable` (same dtype). `on_done` is
+        called each time a backward has served every dropped tensor (a `SharedRecompute`'s `done`)."""
         by_storage = {}
         for name, t in recomputable.items():
             key = _storage_key(t)
@@ -153,6 +176,7 @@ class SavedActivations:
         self._packed = [weakref.ref(saved) for saved in self._packed if saved.tensor is not None]
         self._released = True
         self._recompute = recompute
+        self._on_done = on_done
         self._inputs = tuple((t, t._version) for t in inputs)
         first = next(iter(recomputable.values()), None)
         self._autocast = _autocast_state(first.device) if first is not None else None
@@ -183,6 +207,60 @@ class SavedActivations:
             return self._recompute(name)
 
 
+class SharedRecompute:
+    """A value several `SavedActivations` recompute their dropped tensors from (a mixer's in_proj output x, z,
+    from which each order's branch recomputes its reordered x, z and conv output): computed once, when the
+    first of them needs it in the backward, and kept until the last of them has served every dropped tensor.
+    Each user registers with `user()` and passes the callback it returns as `release(..., on_done=...)`; a
+    further backward (retain_graph) recomputes it again."""
+
+    def __init__(self, compute: Callable[[], object]):
+        self._compute = compute
+        self._value = None
+        self._users = 0
+        self._left = 0
+
+    def user(self) -> Callable[[], None]:
+        self._users += 1
+        self._left += 1
+        return self._done
+
+    def get(self):
+        if self._value is None:
+            self._value = self._compute()
+        return self._value
+
+    def _done(self) -> None:
+        self._left -= 1
+        if self._left <= 0:
+            self._value = None
+            self._left = self._users
+
+    @property
+    def held(self) -> bool:
+        """Whether the value is in memory now."""
+        return self._value is not None
+
+
+def backward_source(t: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """How a recomputation in the backward gets `t`, the input of the forward it repeats: from the enclosing
+    `norm_recomputed` when t is the normalised tensor it passes to its consumer (so t is not held twice: that
+    call drops it and recomputes it), else t itself, held, and an error if it was modified in place."""
+    for tensor, getter in _RECOMPUTED_INPUTS.get():
+        if tensor is t:
+            return getter
+    version = t._version
+
+    def held() -> torch.Tensor:
+        if t._version != version:
+            raise RuntimeError(
+                "memory-efficient Mamba branch: its input hidden_states (shape "
+                f"{tuple(t.shape)}) was modified in place between the forward and the backward (version "
+                f"{version} -> {t._version}); modify it after the backward, or use memory_efficient=False")
+        return t
+    return held
+
+
 def norm_recomputed(norm: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                     consumer: Callable[[torch.Tensor], torch.Tensor], params: tuple[torch.Tensor, ...] = ()):
     """consumer(norm(x)), keeping the normalised tensor out of what the backward holds.
@@ -192,11 +270,15 @@ def norm_recomputed(norm: Callable[[torch.Tensor], torch.Tensor], x: torch.Tenso
     consumer's saved copies of norm(x) are dropped after the forward and norm(x) is recomputed, when the
     consumer's backward first asks for it, from x (held by the norm anyway) and `params` (the norm's weights):
     the same op on the same input, so the same values and gradients. The consumer's own memory-efficient
-    paths nest inside (their saved tensors go to their own hooks). x modified in place before the backward is
-    an error."""
+    paths nest inside (their saved tensors go to their own hooks) and get norm(x) back through
+    `backward_source`. x modified in place before the backward is an error."""
     acts = SavedActivations()
     with torch.autograd.graph.saved_tensors_hooks(acts.pack, acts.unpack):
         normed = norm(x)
-        out = consumer(normed)
+        token = _RECOMPUTED_INPUTS.set(_RECOMPUTED_INPUTS.get() + ((normed, lambda: acts.value("normed")),))
+        try:
+            out = consumer(normed)
+        finally:
+            _RECOMPUTED_INPUTS.reset(token)
     acts.release({"normed": normed}, lambda name: {"normed": norm(x)}, inputs=(x, *params))
     return out

@@ -1,7 +1,7 @@
 """The memory-efficient training path of the Mamba-1 mixers (`memory_efficient=True`): the same forward values
 and gradients as the plain path (Mamba, Vim's bimamba v2, SR-Mamba with padding, concat and gate merges,
 lengths; float64 and float32; the fused CPU kernel and the reference scan), and, between forward and backward,
-none of the branch's (b, d_inner, L) intermediates held: only the token-order x, z and out_proj's input."""
+none of the branch's (b, d_inner, L) intermediates held, in_proj's output x, z included: only out_proj's input."""
 
 import weakref
 
@@ -104,10 +104,11 @@ class _Recorder:
 
 
 @pytest.mark.parametrize("kind", ["mamba", "vim_mean", "sr_pad_sum"])
-def test_only_token_order_x_z_and_out_proj_input_are_held(kind, monkeypatch):
-    """Between forward and backward, the lean path holds three (b, d_inner, L) tensors' worth of memory whatever
-    the number of orders: x, z (on the CPU the two halves of one token-major in_proj output) and the merged y
-    (out_proj's input); the plain path holds every branch's intermediates."""
+def test_only_out_proj_input_is_held(kind, monkeypatch):
+    """Between forward and backward, the lean path holds one (b, d_inner, L) tensor's worth of memory whatever
+    the number of orders: the merged y (out_proj's input). in_proj's output x, z is recomputed from the mixer's
+    input (which in_proj's backward keeps anyway), once per backward for all orders, and freed after the last
+    order's backward; the plain path holds every branch's intermediates."""
     plain, lean = pair(kind, F32)
     b, L = 2, 40
     h = torch.randn(b, L, D_MODEL, requires_grad=True)
@@ -118,13 +119,22 @@ def test_only_token_order_x_z_and_out_proj_input_are_held(kind, monkeypatch):
     # only its input, which is x itself or the dropped reordered x; the fused scan projects delta itself)
     assert len(rec.branches) == K and all(acts.dropped >= 2 for acts in rec.branches)
     unit = b * D_INNER * L * 4
-    assert sum(rec.big_storages(b * D_INNER * L).values()) == 3 * unit
-    out.sum().backward()                                        # the dropped tensors come back for the backward
+    assert sum(rec.big_storages(b * D_INNER * L).values()) == unit
+    held_input = [t for t in rec.outer.held() if t.untyped_storage().data_ptr() == h.untyped_storage().data_ptr()]
+    assert held_input                                           # in_proj's input, which x, z come back from
+
+    in_proj_calls = []
+    real_in_proj = type(lean)._in_proj
+    monkeypatch.setattr(type(lean), "_in_proj", lambda m, *a: in_proj_calls.append(1) or real_in_proj(m, *a))
+    out.sum().backward(retain_graph=True)                       # the dropped tensors come back for the backward
+    assert len(in_proj_calls) == 1                              # x, z recomputed once, shared by the orders
     assert all(not acts._cache for acts in rec.branches)        # and none is kept after its last use
+    out.sum().backward()                                        # a second backward recomputes them again
+    assert len(in_proj_calls) == 2
 
     rec_plain = _Recorder(monkeypatch)
     rec_plain.forward(plain, h)
-    # + u per order (the fused CPU kernel projects delta itself, so no delta is held on either path)
+    # x, z + u per order (the fused CPU kernel projects delta itself, so no delta is held on either path)
     assert sum(rec_plain.big_storages(b * D_INNER * L).values()) >= (3 + K) * unit
 
 
@@ -303,6 +313,32 @@ def test_block_with_a_memory_efficient_mixer_recomputes_its_norm(kind):
     for a, b in zip([dh_l, dr_l, *gp_l], [dh_p, dr_p, *gp_p]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert blocks[1]._recomputes_norm(r.requires_grad_()) and not blocks[0]._recomputes_norm(r)
+
+
+def test_block_recomputes_its_norm_once_for_in_proj_and_the_branches(monkeypatch):
+    """The branches recompute x, z from the norm's output before in_proj's backward asks for it: the norm runs
+    once in the forward and once in the backward, and no (b, L, d_model) copy of its output is held in between."""
+    from mambakit.core import Block
+    _, lean_mixer = pair("sr_pad_sum", F64)
+    block = Block(D_MODEL, lambda d: lean_mixer, norm_cls=lambda d: torch.nn.LayerNorm(d, dtype=F64))
+    calls, outputs = [], []
+    block.norm.register_forward_hook(lambda m, args, out: calls.append(1) or outputs.append(weakref.ref(out)))
+    h = torch.randn(2, 23, D_MODEL, dtype=F64, requires_grad=True)
+    out, _ = block(h)
+    assert len(calls) == 1 and outputs[0]() is None
+    out.sum().backward()
+    assert len(calls) == 2 and outputs[1]() is None
+
+
+def test_mixer_input_modified_in_place_before_backward_is_an_error():
+    _, lean = pair("vim_mean", F64)
+    x = torch.randn(2, 11, D_MODEL, dtype=F64, requires_grad=True)
+    h = x * 1.0
+    out = lean(h)
+    with torch.no_grad():
+        h.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation|modified in place"):
+        out.sum().backward()
 
 
 def test_block_norm_recompute_under_checkpointing_and_autocast():
