@@ -114,8 +114,19 @@ class MambaMIL(nn.Module):
             for block in self.layers:
                 xavier_init(block[0])
 
+    def _memory_efficient(self) -> bool:
+        """Whether training recomputes activations in the backward (`core.set_memory_efficient` on the mixers)."""
+        return any(getattr(block[1], "memory_efficient", False) for block in self.layers)
+
     def forward(self, x: torch.Tensor, return_scores: bool = False):
-        h = self._fc1(as_bag(x, self.in_dim, "MambaMIL", self._fc1[0].weight.dtype))
+        x = as_bag(x, self.in_dim, "MambaMIL", self._fc1[0].weight.dtype)
+        if self._memory_efficient() and torch.is_grad_enabled():
+            # the activation's input (the projection's output, a quarter of the bag's size) is recomputed from
+            # the bag in the backward rather than kept, as a norm's output in front of a memory-efficient mixer
+            linear, rest = self._fc1[0], self._fc1[1:]
+            h = norm_recomputed(linear, x, rest, tuple(linear.parameters()))
+        else:
+            h = self._fc1(x)
         for block in self.layers:
             if self.checkpoint_layers and torch.is_grad_enabled() and h.requires_grad:
                 h = h + torch.utils.checkpoint.checkpoint(block, h, use_reentrant=False)
