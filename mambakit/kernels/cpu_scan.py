@@ -49,7 +49,7 @@ DEFAULT_CHUNK = 64
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
 _SOURCES = ("selective_scan_cpu.c", "vmath.h")
-_ABI_VERSION = 6
+_ABI_VERSION = 7
 # No -ffast-math: reassociation would break exp's range reduction, and finite-math-only would turn NaN
 # inputs into garbage instead of NaN outputs. Contraction into FMA is allowed (it only adds accuracy).
 _FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-fno-math-errno", "-fno-trapping-math",
@@ -78,7 +78,7 @@ class _ScanArgs(ctypes.Structure):
 
     _fields_ = [(name, ctypes.c_void_p) for name in (
         "u", "delta", "A", "B", "C", "D", "delta_bias", "z", "init", "out", "ckpt", "last", "dout", "dlast",
-        "du", "ddelta", "dz", "dA", "dB", "dC", "dD", "dbias", "dinit", "dt_w", "dt_in")]
+        "du", "ddelta", "dz", "dA", "dB", "dC", "dD", "dbias", "dinit", "dt_w", "dt_in", "ddt_w", "ddt_in")]
     _fields_ += [(name, ctypes.c_int64) for name in ("batch", "dim", "len", "dstate", "groups", "chunk", "dt_rank",
                                                      "dt_in_bstride")]
     _fields_ += [("st", Stride * len(_STRIDED)), ("softplus", ctypes.c_int32), ("nthreads", ctypes.c_int32),
@@ -382,8 +382,9 @@ class _SelectiveScanCPU(torch.autograd.Function):
 
     Either delta is given, or its projection delta = dt_w @ dt_in (dt_w (d, R), dt_in (b, R, L)), which the
     kernel computes chunk by chunk in the forward and again in the backward, so no (b, d, L) delta is written,
-    read or kept between the passes. Its gradient ddelta is then a temporary of the backward, turned into
-    those of dt_w and dt_in by two GEMMs with R rows."""
+    read or kept between the passes. The backward projects ddelta back onto dt_w and dt_in chunk by chunk as
+    well, so no (b, d, L) gradient of delta is written either (on a long sequence it was one of the largest
+    buffers of the backward's peak)."""
 
     @staticmethod
     def forward(ctx, u, delta, dt_w, dt_in, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk,
@@ -417,7 +418,12 @@ class _SelectiveScanCPU(torch.autograd.Function):
         N, G = A_.shape[1], B_.shape[1]
         dout_ = torch.zeros(b, d, L, dtype=ct) if dout is None else dout.to(ct)
         dlast_ = None if dlast is None else dlast.to(ct).contiguous()
-        du, ddelta = empty_like_layout(u_, ct), empty_like_layout(u_ if delta_ is None else delta_, ct)
+        du = empty_like_layout(u_, ct)
+        ddelta = empty_like_layout(delta_, ct) if delta_ is not None else None
+        # projected: the kernel sums dt_in's gradient per (batch, group) (a group's channels meet only its own
+        # share of it where dt_w is block-diagonal) and dt_w's over the batch
+        ddt_w = torch.empty(d, w_.shape[1], dtype=ct) if w_ is not None else None
+        ddt_in = torch.empty(b, G, w_.shape[1], L, dtype=ct) if w_ is not None else None
         dz = empty_like_layout(z_, ct) if z_ is not None else None
         dA = torch.empty(d, N, dtype=ct)
         dB, dC = torch.empty(b, G, N, L, dtype=ct), torch.empty(b, G, N, L, dtype=ct)
@@ -426,21 +432,16 @@ class _SelectiveScanCPU(torch.autograd.Function):
         dinit = torch.empty(b, d, N, dtype=ct) if has_init else None
         args = _scan_args(reverse, u=u_, delta=delta_, A=A_, B=B_, C=C_, D=D_, delta_bias=bias_, z=z_, ckpt=ckpt,
                           dout=dout_, dlast=dlast_, du=du, ddelta=ddelta, dz=dz, dA=dA, dB=dB, dC=dC, dD=dD,
-                          dbias=dbias, dinit=dinit, batch=b, dim=d, len=L, dstate=N, groups=G, chunk=chunk,
-                          **_projection_args(w_, rows), softplus=int(bool(softplus)),
+                          dbias=dbias, dinit=dinit, ddt_w=ddt_w, ddt_in=ddt_in, batch=b, dim=d, len=L, dstate=N,
+                          groups=G, chunk=chunk, **_projection_args(w_, rows), softplus=int(bool(softplus)),
                           nthreads=torch.get_num_threads())
         _check(lib.mk_scan_bwd(ctypes.byref(args)), "backward")
+        if ddt_in is not None:
+            ddt_in = ddt_in[:, 0] if G == 1 else ddt_in.sum(1)
         if reverse:                                   # the kernel's time order back to the tokens'
             dB, dC = dB.flip(-1), dC.flip(-1)
+            ddt_in = ddt_in.flip(-1) if ddt_in is not None else None
         dB, dC = _ungrouped(dB, shapes[0]), _ungrouped(dC, shapes[1])
-        ddt_w = ddt_in = None
-        if w_ is not None:                            # delta = dt_w @ dt_in: ddelta is a temporary
-            need_w, need_in = ctx.needs_input_grad[2:4]
-            if need_w:
-                ddt_w = torch.matmul(ddelta, (rows.flip(-1) if reverse else rows).transpose(1, 2)).sum(0)
-            if need_in:
-                ddt_in = torch.matmul(w_.t(), ddelta)
-            ddelta = None
         grads = [du, ddelta, ddt_w, ddt_in, dA, dB, dC, dD, dz, dbias, dinit]
         grads = [None if g is None or not need else g.to(dt)
                  for g, need, dt in zip(grads, ctx.needs_input_grad, dtypes)]

@@ -460,7 +460,9 @@ def test_projected_delta_matches_the_reference_on_the_projection(b, d, L, N, R, 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("b,d,L,N,R,G,reverse", [(1, 16, 100, 16, 12, None, False), (2, 13, 70, 5, 3, None, True),
-                                                 (2, 40, 257, 8, 33, 5, False)], ids=["vim", "reverse", "R33_groups"])
+                                                 (2, 40, 257, 8, 33, 5, False), (3, 24, 131, 4, 6, 3, True),
+                                                 (1, 96, 700, 8, 7, None, True)],
+                         ids=["vim", "reverse", "R33_groups", "groups_reverse", "split_units"])
 def test_projected_delta_trains_against_the_reference(b, d, L, N, R, G, reverse, dtype):
     """Under autograd the kernel projects delta = W @ dt_in itself in the forward and again in the backward:
     the output and the gradients of every input (W and dt_in included, dt_in a strided view of x_proj's
@@ -490,6 +492,54 @@ def test_projected_delta_trains_against_the_reference(b, d, L, N, R, G, reverse,
     assert got.dtype == dtype and rel_err(got, ref) <= TOL[dtype]
     for name in ref_g:
         assert rel_err(got_g[name], ref_g[name]) <= TOL[dtype] * 10, name
+
+
+def _projected_grads(inputs, W, dt_in, reverse=False):
+    """Gradients of every input of the projected scan (W and dt_in included) for a fixed output weighting."""
+    x = {k: v.detach().clone().requires_grad_() for k, v in dict(inputs, W=W, dt_in=dt_in).items()}
+    kw = {k: x[k] for k in ("A", "B", "C", "D", "z", "delta_bias")}
+    out = cpu_scan.selective_scan_cpu_projected(x["u"], x["W"], x["dt_in"], **kw, delta_softplus=True,
+                                                reverse=reverse)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    return dict(zip(x, torch.autograd.grad((out * weight).sum(), list(x.values()))))
+
+
+@pytest.mark.parametrize("mode", ["openmp", "pthreads"])
+def test_projected_backward_threads_agree_and_repeat_bitwise(mode):
+    """The kernel projects ddelta back onto W and dt_in itself; with a unit's channels split across threads,
+    dt_in's gradient is summed over per-slot copies in a fixed order: one and two threads agree, and every
+    two-thread run gives the same bits."""
+    torch.manual_seed(0)
+    inputs = {k: v for k, v in make_inputs(1, 256, 1500, 16).items() if k not in ("delta", "initial_state")}
+    W, dt_in = torch.randn(256, 16) / 4, torch.randn(1, 16, 1500)
+    with threading(mode):
+        torch.set_num_threads(1)
+        one = _projected_grads(inputs, W, dt_in, reverse=True)
+        torch.set_num_threads(2)
+        two = [_projected_grads(inputs, W, dt_in, reverse=True) for _ in range(4)]
+    for k in one:
+        torch.testing.assert_close(two[0][k], one[k], rtol=1e-4, atol=1e-5)
+        assert all(torch.equal(two[0][k], again[k]) for again in two[1:]), k
+
+
+def test_projected_backward_writes_no_delta_sized_gradient(monkeypatch):
+    """The backward allocates du and dz, and no (b, d, L) gradient of delta: the kernel projects it back onto
+    W and dt_in chunk by chunk."""
+    sizes = []
+    real_empty = torch.empty
+
+    def spy(*shape, **kw):
+        sizes.append(tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape)
+        return real_empty(*shape, **kw)
+    inputs = {k: v for k, v in make_inputs(2, 24, 90, 4).items() if k not in ("delta", "initial_state")}
+    x = {k: v.detach().clone().requires_grad_() for k, v in dict(inputs, W=torch.randn(24, 5),
+                                                                 dt_in=torch.randn(2, 5, 90)).items()}
+    kw = {k: x[k] for k in ("A", "B", "C", "D", "z", "delta_bias")}
+    out = cpu_scan.selective_scan_cpu_projected(x["u"], x["W"], x["dt_in"], **kw, delta_softplus=True)
+    monkeypatch.setattr(torch, "empty", spy)
+    out.sum().backward()
+    big = [s for s in sizes if math.prod(s) >= 2 * 24 * 90]
+    assert len(big) == 2, sizes                                # du and dz
 
 
 @pytest.mark.parametrize("layout", ["token_major", "rows"])

@@ -53,7 +53,7 @@ typedef ureal uvec __attribute__((vector_size(W * sizeof(real))));
 
 #include "vmath.h"
 
-#define MK_ABI_VERSION 6
+#define MK_ABI_VERSION 7
 
 /* The (batch, dim, len) tensors u, delta, z, out and their gradients are read and written through strides
  * (mk_stride: elements between batch elements, channels, time steps; any sign), so channel-major rows,
@@ -61,8 +61,9 @@ typedef ureal uvec __attribute__((vector_size(W * sizeof(real))));
  * stride) all run without a copy. Every other pointer is to a contiguous array of `real` (dt_in: rows of
  * `len`, batch elements dt_in_bstride apart). Optional inputs and unwanted outputs are NULL. Forward and
  * backward take either delta or its projection delta = dt_w @ dt_in (per batch element), computed chunk by
- * chunk and never stored; the backward still writes ddelta (the caller turns it into dt_w's and dt_in's
- * gradients). */
+ * chunk and never stored; the backward then either writes ddelta (the caller turns it into dt_w's and
+ * dt_in's gradients) or, given ddt_w and ddt_in, projects it back chunk by chunk itself, so that no (batch,
+ * dim, len) gradient of delta is stored either. */
 typedef struct { int64_t b, c, t; } mk_stride;
 enum { S_U, S_DELTA, S_Z, S_OUT, S_DOUT, S_DU, S_DDELTA, S_DZ, S_COUNT };
 
@@ -83,6 +84,9 @@ typedef struct {
     real *dD, *dbias;                /* (dim,); may be NULL when D / delta_bias are absent */
     real *dinit;                     /* (batch, dim, dstate) */
     const real *dt_w, *dt_in;        /* instead of delta: (dim, dt_rank), (batch, dt_rank, len) */
+    real *ddt_w;                     /* backward with dt_w, instead of ddelta: (dim, dt_rank) */
+    real *ddt_in;                    /* and (batch, groups, dt_rank, len): each group's channels' share, in the
+                                        kernel's time order */
     int64_t batch, dim, len, dstate, groups, chunk;
     int64_t dt_rank, dt_in_bstride;
     mk_stride st[S_COUNT];           /* strides of u, delta, z, out, dout, du, ddelta, dz (see the enum) */
@@ -101,7 +105,7 @@ typedef struct {
     vec *DA;                                                      /* K * N decays of the chunk */
     int decays_nonpos;                                            /* dt >= 0 and A <= 0: dt A <= 0 */
     vec *carry;                                                   /* what blocks carry between chunks */
-    real *Bs, *Cs, *dts, *dBs, *dCs;                              /* staged rows of a chunk (stage_chunk) */
+    real *Bs, *Cs, *dts, *dBs, *dCs, *ddts;                       /* staged rows of a chunk (stage_chunk) */
     int64_t rs;                                                   /* their row stride */
     void *mem;
 } workspace;
@@ -121,7 +125,7 @@ static int64_t staged_stride(int64_t K) {
 
 static int workspace_alloc(workspace *w, int64_t K, int64_t N, int64_t R, int backward, int64_t ncarry,
                            int keep) {
-    const int64_t rs = staged_stride(K), staged_rows = 2 * N + R + (backward ? 2 * N : 0);
+    const int64_t rs = staged_stride(K), staged_rows = 2 * N + R + (backward ? 2 * N + R : 0);
     int64_t nvec = 11 * K + 2 * N + R + (backward ? (K + 1) * N : 0) + K * N + ncarry + staged_rows * rs / W;
     size_t bytes = (size_t)nvec * sizeof(vec) + 64;
     bytes = (bytes + 63) / 64 * 64;
@@ -148,7 +152,8 @@ static int workspace_alloc(workspace *w, int64_t K, int64_t N, int64_t R, int ba
     w->Cs = r;   r += N * rs;
     w->dts = r;  r += R * rs;
     w->dBs = backward ? r : NULL;  r += backward ? N * rs : 0;
-    w->dCs = backward ? r : NULL;
+    w->dCs = backward ? r : NULL;  r += backward ? N * rs : 0;
+    w->ddts = backward ? r : NULL;
     return 0;
 }
 
@@ -543,7 +548,16 @@ static void forward_blocks(const mk_scan_args *a, workspace *w, int64_t b, int64
 /* Per-channel gradients summed over the batch are first written per batch element. */
 typedef struct {
     real *dA, *dD, *dbias;           /* (batch, dim, dstate), (batch, dim), (batch, dim) */
+    real *ddt_w;                     /* (batch, dim, dt_rank) when the kernel projects ddelta back */
 } partials;
+
+/* Whether the backward projects ddelta back onto dt_w and dt_in itself (rather than writing ddelta). */
+static int projects_back(const mk_scan_args *a) { return a->dt_w && a->ddt_w && a->ddt_in; }
+
+/* What a block carries from chunk to chunk in the backward: [dLoss/dx (N) | dLoss/dA (N) | dD | dbias] and,
+ * projecting back, its channels' dt_w gradient (dt_rank vectors). */
+static int64_t carry_bwd(const mk_scan_args *a) { return 2 * a->dstate + 2 + (projects_back(a) ? a->dt_rank : 0); }
+
 
 /* dst[i] += sum of the lanes of p[i], i < W. */
 static inline void reduce_lanes_add(real *dst, const vec p[W]) {
@@ -594,6 +608,43 @@ static void lane_dots(real *rows, int64_t L, const vec *P, int64_t N, const vec 
         }
 }
 
+/* ddt_in's staged rows: rows[r * rs + t] += sum over the block's channels of dt_w[c, r] ddt[t] (Wdt holds the
+ * block's rows of dt_w, zero in lanes past the block's channels). */
+static void project_back_in(real *rows, int64_t rs, const vec *Wdt, int64_t R, const vec *ddt, int len) {
+    int t = 0;
+    for (; t + W <= len; t += W)
+        for (int64_t r = 0; r < R; r++) {
+            vec p[W];
+            for (int j = 0; j < W; j++) p[j] = Wdt[r] * ddt[t + j];
+            reduce_lanes_add(rows + r * rs + t, p);
+        }
+    for (; t < len; t++)
+        for (int64_t r = 0; r < R; r++) {
+            const vec p = Wdt[r] * ddt[t];
+            real s = 0;
+            for (int lane = 0; lane < W; lane++) s += p[lane];
+            rows[r * rs + t] += s;
+        }
+}
+
+/* The block's dt_w gradient: dW[r] += sum over the chunk's steps of ddt[t] dt_in[r, t] (staged rows), four
+ * steps at a time into separate sums, added in a fixed order. */
+static void project_back_w(vec *dW, const vec *ddt, const real *rows, int64_t rs, int64_t R, int len) {
+    for (int64_t r = 0; r < R; r++) {
+        const real *row = rows + r * rs;
+        vec s0 = vsplat(0), s1 = vsplat(0), s2 = vsplat(0), s3 = vsplat(0);
+        int t = 0;
+        for (; t + 4 <= len; t += 4) {
+            s0 += ddt[t] * row[t];
+            s1 += ddt[t + 1] * row[t + 1];
+            s2 += ddt[t + 2] * row[t + 2];
+            s3 += ddt[t + 3] * row[t + 3];
+        }
+        for (; t < len; t++) s0 += ddt[t] * row[t];
+        dW[r] += (s0 + s1) + (s2 + s3);
+    }
+}
+
 /* Recompute the chunk's decays DA[t] and states X[t + 1] (X[0] is the checkpoint); with_y: also the pre-gate
  * output sum_n x C + D u into w->y (needed for dz). */
 static inline __attribute__((always_inline)) void recompute_chunk(workspace *w, const real *Bc, const real *Cc,
@@ -642,11 +693,8 @@ static inline __attribute__((always_inline)) void reverse_group(workspace *w, ve
     }
 }
 
-/* What a block carries from chunk to chunk in the backward: 2 N + 2 vectors. */
-#define CARRY_BWD(N) (2 * (N) + 2)
-
-/* Chunk c of block k: carry = [dLoss/dx (N) | dLoss/dA (N) | dD | dbias] of the block, updated; adds the
- * chunk's dB, dC into the staged rows w->dBs, w->dCs (the chunk is staged). */
+/* Chunk c of block k: carry (see carry_bwd) of the block, updated; adds the chunk's dB, dC (and, projecting
+ * back, dt_in's gradient) into the staged rows w->dBs, w->dCs (w->ddts) (the chunk is staged). */
 static void backward_chunk(const mk_scan_args *a, workspace *w, block k, int64_t c, vec *carry) {
     const int64_t L = a->len, N = a->dstate, K = a->chunk, nchunks = (L + K - 1) / K;
     const int64_t t0 = c * K, row0 = k.b * a->dim + k.c0;
@@ -695,7 +743,11 @@ static void backward_chunk(const mk_scan_args *a, workspace *w, block k, int64_t
         w->dt[t] = ddt;                                          /* ddelta (tile reused) */
     }
     store_view(a, S_DU, a->du, w->y, k, t0, len);
-    store_view(a, S_DDELTA, a->ddelta, w->dt, k, t0, len);
+    if (projects_back(a)) {
+        project_back_in(w->ddts, rs, w->Wdt, a->dt_rank, w->dt, len);
+        project_back_w(carry + 2 * N + 2, w->dt, w->dts, rs, a->dt_rank, len);
+    }
+    if (a->ddelta) store_view(a, S_DDELTA, a->ddelta, w->dt, k, t0, len);
     if (a->z) store_view(a, S_DZ, a->dz, w->z, k, t0, len);
 }
 
@@ -708,13 +760,14 @@ static void add_staged(real *rows, int64_t L, const real *staged, int64_t rs, in
 /* Blocks j0 .. j1 - 1 of (batch b, group g), last chunk first, chunk by chunk across the blocks (the staged
  * B, C and dB, dC rows of a chunk stay in cache for all of them); dB, dC are added into dB_acc, dC_acc. */
 static void backward_blocks(const mk_scan_args *a, workspace *w, int64_t b, int64_t g, int64_t j0, int64_t j1,
-                            real *dB_acc, real *dC_acc, partials part) {
+                            real *dB_acc, real *dC_acc, real *dI_acc, partials part) {
     const int64_t L = a->len, N = a->dstate, K = a->chunk, nchunks = (L + K - 1) / K, bg = b * a->groups + g;
+    const int64_t nc = carry_bwd(a), R = a->dt_rank, back = projects_back(a);
     for (int64_t j = j0; j < j1; j++) {
         block k = make_block(a, b, g, j);
-        vec *carry = w->carry + (j - j0) * CARRY_BWD(N);
+        vec *carry = w->carry + (j - j0) * nc;
         load_states(carry, a->dlast ? a->dlast + (b * a->dim + k.c0) * N : NULL, N, N, k.nl);
-        for (int64_t i = N; i < CARRY_BWD(N); i++) carry[i] = vsplat(0);
+        for (int64_t i = N; i < nc; i++) carry[i] = vsplat(0);
     }
     for (int64_t c = nchunks - 1; c >= 0; c--) {
         const int64_t t0 = c * K;
@@ -722,15 +775,20 @@ static void backward_blocks(const mk_scan_args *a, workspace *w, int64_t b, int6
         stage_chunk(a, w, b, g, t0, len);
         memset(w->dBs, 0, (size_t)(N * w->rs) * sizeof(real));
         memset(w->dCs, 0, (size_t)(N * w->rs) * sizeof(real));
+        if (back) memset(w->ddts, 0, (size_t)(R * w->rs) * sizeof(real));
         for (int64_t j = j0; j < j1; j++)
-            backward_chunk(a, w, make_block(a, b, g, j), c, w->carry + (j - j0) * CARRY_BWD(N));
+            backward_chunk(a, w, make_block(a, b, g, j), c, w->carry + (j - j0) * nc);
         add_staged(dB_acc + bg * N * L + t0, L, w->dBs, w->rs, N, len);
         add_staged(dC_acc + bg * N * L + t0, L, w->dCs, w->rs, N, len);
+        if (back) add_staged(dI_acc + bg * R * L + t0, L, w->ddts, w->rs, R, len);
     }
     for (int64_t j = j0; j < j1; j++) {
         block k = make_block(a, b, g, j);
         const int64_t row0 = b * a->dim + k.c0;
-        const vec *carry = w->carry + (j - j0) * CARRY_BWD(N);
+        const vec *carry = w->carry + (j - j0) * nc;
+        if (back)
+            for (int lane = 0; lane < k.nl; lane++)
+                for (int64_t r = 0; r < R; r++) part.ddt_w[(row0 + lane) * R + r] = carry[2 * N + 2 + r][lane];
         if (a->dinit) store_states(a->dinit + row0 * N, carry, N, N, k.nl);
         store_states(part.dA + row0 * N, carry + N, N, N, k.nl);
         for (int lane = 0; lane < k.nl; lane++) {
@@ -763,7 +821,7 @@ typedef struct {
     int64_t ranges;                  /* ranges per unit */
     int64_t nitems;
     int64_t next;
-    real *acc;                       /* split units: (nslots - 1) copies of dB then dC */
+    real *acc;                       /* split units: (nslots - 1) copies of dB, dC and ddt_in */
     partials part;
     int nslots;                      /* > 0: items dealt out to this many slots (split backward) */
     unsigned char done[256];         /* slots finished */
@@ -781,24 +839,31 @@ static int64_t ranges_per_unit(const mk_scan_args *a, int nthreads) {
     return r < bpg ? r : bpg;
 }
 
+/* A split backward's private copy per extra slot: dB, dC and, projecting back, ddt_in. */
+static int64_t slot_copy_size(const mk_scan_args *a) {
+    return a->batch * a->groups * (2 * a->dstate + (projects_back(a) ? a->dt_rank : 0)) * a->len;
+}
+
 static void run_item(job *j, workspace *w, int64_t item, int slot) {
     const mk_scan_args *a = j->a;
     const int64_t unit = item / j->ranges, r = item % j->ranges, bpg = blocks_per_group(a);
     const int64_t b = unit / a->groups, g = unit % a->groups;
     const int64_t first = r * bpg / j->ranges, end = (r + 1) * bpg / j->ranges;
-    real *dB = a->dB, *dC = a->dC;
-    if (j->backward && j->ranges == 1) {          /* this item owns the unit's dB, dC slices */
-        const int64_t NL = a->dstate * a->len;
+    real *dB = a->dB, *dC = a->dC, *dI = a->ddt_in;
+    if (j->backward && j->ranges == 1) {          /* this item owns the unit's dB, dC (ddt_in) slices */
+        const int64_t NL = a->dstate * a->len, RL = a->dt_rank * a->len;
         memset(a->dB + unit * NL, 0, NL * sizeof(real));
         memset(a->dC + unit * NL, 0, NL * sizeof(real));
+        if (projects_back(a)) memset(a->ddt_in + unit * RL, 0, RL * sizeof(real));
     } else if (j->backward && slot > 0) {
         const int64_t size = a->batch * a->groups * a->dstate * a->len;
-        dB = j->acc + (int64_t)(slot - 1) * 2 * size;
+        dB = j->acc + (int64_t)(slot - 1) * slot_copy_size(a);
         dC = dB + size;
+        dI = dC + size;
     }
     for (int64_t j0 = first; j0 < end; j0 += MAX_SUB) {
         const int64_t j1 = j0 + MAX_SUB < end ? j0 + MAX_SUB : end;
-        if (j->backward) backward_blocks(a, w, b, g, j0, j1, dB, dC, j->part);
+        if (j->backward) backward_blocks(a, w, b, g, j0, j1, dB, dC, dI, j->part);
         else forward_blocks(a, w, b, g, j0, j1);
     }
 }
@@ -813,7 +878,7 @@ static gomp_parallel_fn gomp_parallel = NULL;
 static omp_thread_num_fn omp_thread_num = NULL;
 
 static int alloc_for(job *j, workspace *w, int keep) {
-    const int64_t carry = j->backward ? CARRY_BWD(j->a->dstate) : j->a->dstate;
+    const int64_t carry = j->backward ? carry_bwd(j->a) : j->a->dstate;
     return workspace_alloc(w, j->a->chunk, j->a->dstate, j->a->dt_w ? j->a->dt_rank : 0, j->backward,
                            MAX_SUB * carry, keep);
 }
@@ -903,7 +968,7 @@ static int run_forward(const mk_scan_args *a) {
     if (check_args(a)) return 2;
     const int64_t units = a->batch * a->groups;
     const int nthreads = clamp_threads(a, a->nthreads, units * blocks_per_group(a));
-    job j = {a, 0, ranges_per_unit(a, nthreads), 0, 0, NULL, {NULL, NULL, NULL}, 0, {0}};
+    job j = {a, 0, ranges_per_unit(a, nthreads), 0, 0, NULL, {NULL, NULL, NULL, NULL}, 0, {0}};
     j.nitems = units * j.ranges;
     return run_threads(&j, clamp_threads(a, nthreads, j.nitems));
 }
@@ -913,17 +978,19 @@ static int run_backward(const mk_scan_args *a) {
     const int64_t b = a->batch, d = a->dim, N = a->dstate;
     const int64_t size = b * a->groups * N * a->len;
     int nthreads = clamp_threads(a, a->nthreads, b * a->groups * blocks_per_group(a));
-    job j = {a, 1, ranges_per_unit(a, nthreads), 0, 0, NULL, {NULL, NULL, NULL}, 0, {0}};
+    job j = {a, 1, ranges_per_unit(a, nthreads), 0, 0, NULL, {NULL, NULL, NULL, NULL}, 0, {0}};
     j.nitems = b * a->groups * j.ranges;
     nthreads = clamp_threads(a, nthreads, j.nitems);
-    real *part = malloc((size_t)(b * d * (N + 2)) * sizeof(real) + 1);
+    const int64_t R = projects_back(a) ? a->dt_rank : 0, isize = b * a->groups * R * a->len;
+    real *part = malloc((size_t)(b * d * (N + 2 + R)) * sizeof(real) + 1);
     if (!part) return 1;
-    j.part = (partials){part, part + b * d * N, part + b * d * N + b * d};
+    j.part = (partials){part, part + b * d * N, part + b * d * N + b * d, part + b * d * (N + 2)};
     if (j.ranges > 1) {
         memset(a->dB, 0, (size_t)size * sizeof(real));
         memset(a->dC, 0, (size_t)size * sizeof(real));
+        if (R) memset(a->ddt_in, 0, (size_t)isize * sizeof(real));
         if (nthreads > 1) {
-            j.acc = calloc((size_t)(nthreads - 1) * 2 * size + 1, sizeof(real));
+            j.acc = calloc((size_t)((nthreads - 1) * slot_copy_size(a)) + 1, sizeof(real));
             if (!j.acc) nthreads = 1;                    /* no room for copies: run on one thread */
         }
         j.nslots = nthreads;
@@ -931,9 +998,10 @@ static int run_backward(const mk_scan_args *a) {
     int rc = run_threads(&j, nthreads);
     if (j.acc) {
         for (int t = 0; t < j.nslots - 1; t++) {          /* in slot order */
-            const real *src = j.acc + (int64_t)t * 2 * size;
+            const real *src = j.acc + (int64_t)t * slot_copy_size(a);
             for (int64_t i = 0; i < size; i++) a->dB[i] += src[i];
             for (int64_t i = 0; i < size; i++) a->dC[i] += src[size + i];
+            for (int64_t i = 0; i < isize; i++) a->ddt_in[i] += src[2 * size + i];
         }
         free(j.acc);
     }
@@ -951,6 +1019,11 @@ static int run_backward(const mk_scan_args *a) {
         }
         if (a->dD) a->dD[c] = sD;
         if (a->dbias) a->dbias[c] = sb;
+    }
+    for (int64_t i = 0; i < d * R; i++) {
+        real s = 0;
+        for (int64_t bb = 0; bb < b; bb++) s += j.part.ddt_w[bb * d * R + i];
+        a->ddt_w[i] = s;
     }
     free(part);
     return rc;
@@ -980,8 +1053,8 @@ int mk_scan_fwd(const mk_scan_args *a) {
 }
 
 int mk_scan_bwd(const mk_scan_args *a) {
-    if (!has_delta(a) || !a->dout || !a->ckpt || !a->du || !a->ddelta || !a->dA || !a->dB || !a->dC ||
-        (a->z && !a->dz))
+    if (!has_delta(a) || !a->dout || !a->ckpt || !a->du || !(a->ddelta || projects_back(a)) || !a->dA ||
+        !a->dB || !a->dC || (a->z && !a->dz))
         return 3;
     return run_backward(a);
 }
