@@ -87,10 +87,10 @@ class MultiOrderMamba(SelectiveSSM):
     orders: names or ScanOrder objects (see mambakit.core.orders); merge: "sum" | "mean" | "concat" | "gate".
     init_layer_scale: Vim's optional layer scale (a parameter `gamma` (d_model,) multiplying the output).
     Other arguments as `Mamba` (memory_efficient: each order's branch keeps only its x_dbl and the scan's
-    checkpoints; in_proj's x, z are recomputed once in the backward and shared by the orders, and each
-    order's reordered x / z, conv output, silu and delta are recomputed from them). Every order's dt_proj gets mamba_ssm's dt initialisation (as MambaMIL does;
-    Vim's code leaves `dt_proj_b` at PyTorch's default Linear init, with its bias later zeroed by
-    `_init_weights`).
+    checkpoints; in_proj's x, z are recomputed in the backward (`InProjSource`: x once, shared by the orders)
+    and each order's reordered x / z, conv output, silu and delta from them). Every order's dt_proj gets
+    mamba_ssm's dt initialisation (as MambaMIL does; Vim's code leaves `dt_proj_b` at PyTorch's default Linear
+    init, with its bias later zeroed by `_init_weights`).
 
     forward(hidden_states, lengths=None, hw=None, coords=None, order_indices=None, inference_params=None):
       lengths (b,) right padding; hw=(H, W) for grid orders; coords (b, L, 3) for point orders;

@@ -102,10 +102,11 @@ class TrainConfig:
     clip_grad_norm: float | None = None
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"   # autocast; fp16 only on CUDA (with a scaler)
     ema_decay: float | None = None        # keep an EMA of the weights; evaluated alongside the model
-    # Mamba-1 mixers recompute their per-order intermediates in backward instead of keeping them, and the norm
-    # in front of each its output (core.set_memory_efficient): a quarter to a third less peak memory (MambaMIL,
-    # 100k patches: 5.8 instead of 8.5 GiB; Vim-Ti training at 1024 px: 11-13% less), same numbers; time from
-    # +11% (SR-Mamba, 20k tokens, one thread) to -18% (MambaMIL, 100k patches; benchmarks/README.md).
+    # Mamba-1 mixers recompute their in_proj output and per-order intermediates in backward instead of keeping
+    # them, and the norm in front of each its output (core.set_memory_efficient): up to half the peak memory
+    # (MambaMIL, 100k patches: 4.6 instead of 8.5 GiB; Vim-Ti training at 1024 px, batch 1: 0.9 instead of
+    # 1.25 GiB), same numbers; time from +11% (SR-Mamba, 20k tokens, one thread) to -18% (MambaMIL, 100k
+    # patches; benchmarks/README.md).
     memory_efficient: bool = False
     eval_every_epochs: int = 1
     checkpoint_every_steps: int | None = None   # in addition to every epoch end
