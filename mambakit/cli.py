@@ -10,7 +10,8 @@
 Exit codes: 0 ok, 2 usage error (unknown app / verb / name, bad arguments), 1 failure. A ConfigError,
 DownloadError or ValueError raised by a command prints its message without a traceback, unless
 MAMBAKIT_DEBUG=1. The command first asks torch for huge pages (THP_MEM_ALLOC_ENABLE=1 unless set) and tunes
-glibc's malloc for reused buffers (`mambakit.runtime`; MAMBAKIT_MALLOC=default leaves malloc alone).
+glibc's malloc for reused buffers (`mambakit.runtime`; MAMBAKIT_MALLOC=default leaves malloc alone,
+MAMBAKIT_MALLOC=heap also keeps blocks above 32 MiB for reuse).
 `python -m mambakit` and `torchrun -m mambakit` run the same thing.
 """
 

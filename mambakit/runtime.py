@@ -25,6 +25,13 @@ do the same for every model they time, so peers get them too):
   1024 px 5-20% slower (every 5-15 MB buffer was a fresh mapping to fill with huge pages); with it they
   cost nothing measurable there (forward 2.29 / 2.16 / 1.76 s with, 2.49 / 2.37 / 1.80 s without,
   alternated).
+- MAMBAKIT_MALLOC=heap (opt-in): "tuned", and no block is mapped per use at all (glibc's M_MMAP_MAX = 0), so
+  the buffers above 32 MiB that large batches at high resolution allocate every step (200-400 MB activations
+  of an EfficientVMamba-T batch of 8 at 1024 px) are reused from the heap too. EfficientVMamba-T forward,
+  batch 8, 1024 px: 2.8 s instead of 4.1-4.4 s (most of the difference was page faults in silu, LayerNorm and
+  the lattice gather); ResNet-18 3.6 instead of 4.7-4.8 s. The price is memory: what a step frees stays
+  resident and fragments (that forward's maximum resident size 3.9 instead of 2.8 GB), so it is not the
+  default.
 
 Measurements and commands: benchmarks/README.md. The benchmark scripts print both settings with their tables
 (`huge_pages_note`, `malloc_note`).
@@ -40,10 +47,10 @@ __all__ = ["huge_pages_note", "HUGE_PAGES_ENV", "prefer_huge_pages", "tune_mallo
 
 HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"
 MALLOC_ENV = "MAMBAKIT_MALLOC"
-MALLOC_MODES = ("tuned", "default")
+MALLOC_MODES = ("tuned", "heap", "default")
 MMAP_THRESHOLD = 32 << 20              # glibc refuses more (HEAP_MAX_SIZE / 2 on 64-bit)
 TRIM_THRESHOLD = (1 << 31) - 1         # mallopt takes a C int
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 _MALLOC_STATE = {"mode": "default"}    # what this process has done: "tuned", "default" or "unavailable"
 
 
@@ -76,27 +83,31 @@ def _glibc():
     return libc
 
 
-def tune_malloc() -> bool:
-    """Make glibc serve blocks up to 32 MiB from its heap and keep freed memory (see the module docstring).
-    Returns False (and changes nothing) where the C library is not glibc or refuses a value."""
+def tune_malloc(heap_only: bool = False) -> bool:
+    """Make glibc serve blocks up to 32 MiB (with heap_only: all blocks) from its heap and keep freed memory
+    (see the module docstring). Returns False (and changes nothing) where the C library is not glibc or
+    refuses a value."""
     libc = _glibc()
     if libc is None:
         _MALLOC_STATE["mode"] = "unavailable"
         return False
     ok = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and libc.mallopt(_M_TRIM_THRESHOLD,
                                                                                TRIM_THRESHOLD) == 1
-    _MALLOC_STATE["mode"] = "tuned" if ok else "unavailable"
+    if ok and heap_only:
+        ok = libc.mallopt(_M_MMAP_MAX, 0) == 1
+    _MALLOC_STATE["mode"] = ("heap" if heap_only else "tuned") if ok else "unavailable"
     return ok
 
 
 def configure_malloc(mode: str | None = None) -> str:
-    """Apply MAMBAKIT_MALLOC (or `mode`): "tuned" (the default) calls `tune_malloc`, "default" leaves
-    glibc's own behaviour. Returns what is in effect: "tuned", "default" or "unavailable"."""
+    """Apply MAMBAKIT_MALLOC (or `mode`): "tuned" (the default) calls `tune_malloc`, "heap" calls it with
+    heap_only, "default" leaves glibc's own behaviour. Returns what is in effect: "tuned", "heap", "default"
+    or "unavailable"."""
     mode = (mode or os.environ.get(MALLOC_ENV, "") or "tuned").strip().lower()
     if mode not in MALLOC_MODES:
         raise ValueError(f"{MALLOC_ENV}={mode!r}: expected one of {MALLOC_MODES}")
-    if mode == "tuned":
-        tune_malloc()
+    if mode in ("tuned", "heap"):
+        tune_malloc(heap_only=mode == "heap")
     return _MALLOC_STATE["mode"]
 
 
@@ -106,6 +117,8 @@ def malloc_note() -> str:
     if mode == "tuned":
         return (f"malloc tuned (glibc mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim threshold 2 GiB; "
                 f"{MALLOC_ENV}=default to opt out)")
+    if mode == "heap":
+        return (f"malloc heap-only ({MALLOC_ENV}=heap: no block mapped per use, trim threshold 2 GiB)")
     if mode == "unavailable":
         return "malloc as the C library does it (not glibc, nothing to tune)"
     return f"malloc as glibc does it ({MALLOC_ENV}=default)"

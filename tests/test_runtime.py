@@ -59,10 +59,9 @@ print(mode, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, malloc_
 """
 
 
-def _realloc_faults(mode: str) -> tuple[str, int, str]:
+def _realloc_faults(mode: str, code: str = _REALLOC_FAULTS) -> tuple[str, int, str]:
     env = dict(os.environ, MAMBAKIT_MALLOC=mode, MALLOC_MMAP_THRESHOLD_="65536", THP_MEM_ALLOC_ENABLE="0")
-    proc = subprocess.run([sys.executable, "-c", _REALLOC_FAULTS], capture_output=True, text=True, timeout=120,
-                          env=env)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     applied, faults, note = proc.stdout.strip().splitlines()[-1].split("|")
     return applied, int(faults), note
@@ -80,11 +79,26 @@ def test_tuned_malloc_reuses_freed_buffers_without_page_faults():
     assert "MAMBAKIT_MALLOC=default" in note
 
 
+_BIG_REALLOC_FAULTS = _REALLOC_FAULTS.replace("2 << 20", "12 << 20").replace("3 << 20", "16 << 20")
+
+
+@pytest.mark.skipif(not _GLIBC, reason="the malloc tuning is for glibc; elsewhere it is a no-op")
+def test_heap_mode_also_reuses_blocks_above_32_mib():
+    """48 and 64 MiB blocks (28,672 pages per iteration): tuned, glibc still maps them afresh every time;
+    MAMBAKIT_MALLOC=heap serves them from the heap, reused."""
+    pages = 5 * (28 << 20) // 4096
+    applied, faults, note = _realloc_faults("heap", _BIG_REALLOC_FAULTS)
+    assert applied == "heap" and faults < pages // 10, faults
+    assert note.startswith("malloc heap-only (MAMBAKIT_MALLOC=heap")
+    applied, faults, _ = _realloc_faults("tuned", _BIG_REALLOC_FAULTS)
+    assert applied == "tuned" and faults >= pages, faults
+
+
 def test_configure_malloc_rejects_an_unknown_mode(monkeypatch):
     from mambakit.runtime import configure_malloc
 
     monkeypatch.setenv("MAMBAKIT_MALLOC", "fast")
-    with pytest.raises(ValueError, match=r"MAMBAKIT_MALLOC='fast': expected one of \('tuned', 'default'\)"):
+    with pytest.raises(ValueError, match=r"MAMBAKIT_MALLOC='fast': expected one of \('tuned', 'heap', 'default'\)"):
         configure_malloc()
 
 
