@@ -28,7 +28,6 @@ The pieces shared with the multi-order mixers live in `SelectiveSSM`: the per-or
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -207,18 +206,15 @@ class SelectiveSSM(nn.Module):
         """hidden_states (b, L, d_model) -> x, z (b, d_inner, L) (in_proj's two halves): token-major, views of
         one GEMM's (b, L, 2 d_inner) output, or contiguous channel-major (token_major False); by default
         token-major where the scan is the fused CPU kernel (`_token_major`)."""
+        w, bias, di = self.in_proj.weight, self.in_proj.bias, self.d_inner
         if self._token_major(hidden_states) if token_major is None else token_major:
             # split, not two slices: its backward concatenates the two gradients in one pass (slicing twice
             # zero-fills and copies a full-size gradient per half, then adds them)
-            x, z = F.linear(hidden_states, self.in_proj.weight, self.in_proj.bias).split(self.d_inner, dim=-1)
+            x, z = F.linear(hidden_states, w, bias).split(di, dim=-1)
             return x.transpose(1, 2), z.transpose(1, 2)
-        return self._in_proj_half(hidden_states, 0), self._in_proj_half(hidden_states, 1)
-
-    def _in_proj_half(self, hidden_states: torch.Tensor, half: int) -> torch.Tensor:
-        """x (half 0) or z (half 1) channel-major: its own GEMM on in_proj's rows of that half."""
-        w, bias, di = self.in_proj.weight, self.in_proj.bias, self.d_inner
-        rows = slice(half * di, (half + 1) * di)
-        return channel_major_linear(hidden_states.transpose(1, 2), w[rows], None if bias is None else bias[rows])
+        h = hidden_states.transpose(1, 2)
+        return (channel_major_linear(h, w[:di], None if bias is None else bias[:di]),
+                channel_major_linear(h, w[di:], None if bias is None else bias[di:]))
 
     def _out_proj(self, y: torch.Tensor) -> torch.Tensor:
         """y (b, d_inner, L) -> out_proj(y) token-major (b, L, d_model)."""
@@ -318,12 +314,14 @@ class SelectiveSSM(nn.Module):
         """Whether to take the memory-efficient path: asked for, and a backward can follow."""
         return self.memory_efficient and self._records_grad(x)
 
-    def _in_proj_source(self, hidden_states: torch.Tensor, token_major: bool | None = None) -> "InProjSource":
-        """in_proj's x, z as the memory-efficient branches recompute them in the backward (`InProjSource`)."""
-        return InProjSource(self, backward_source(hidden_states),
-                            self._token_major(hidden_states) if token_major is None else token_major)
+    def _in_proj_source(self, hidden_states: torch.Tensor, token_major: bool | None = None) -> SharedRecompute:
+        """in_proj's x, z as the memory-efficient branches recompute them in the backward: from hidden_states,
+        which in_proj's own backward keeps anyway (or which an enclosing `norm_recomputed` recomputes), so
+        the (b, L, 2 d_inner) in_proj output is not held between forward and backward."""
+        hidden = backward_source(hidden_states)
+        return SharedRecompute(lambda: self._in_proj(hidden(), token_major))
 
-    def _branch_lean(self, x: torch.Tensor, z: torch.Tensor, source: "InProjSource", suffix: str = "",
+    def _branch_lean(self, x: torch.Tensor, z: torch.Tensor, source: SharedRecompute, suffix: str = "",
                      idx: OrderIndices | None = None, reverse: bool = False):
         """`restore(_branch(reorder(x), reorder(z)))` from token-order x, z (b, d_inner, L), keeping between
         forward and backward only x_dbl and what the scan keeps besides its inputs (its state checkpoints):
@@ -350,12 +348,10 @@ class SelectiveSSM(nn.Module):
             # each piece when the backward first needs it: the scan's u, delta, z, then the conv's input
             if name == "dt":
                 return {"dt": self._dt(x_dbl, suffix)}
-            if name == "zr":
-                z = source.z()
-                return {name: z if idx is None else reorder(z, idx, dim=-1)}
-            x = source.x()
-            if name == "xr":
-                return {name: x if idx is None else reorder(x, idx, dim=-1)}
+            x, z = source.get()
+            if name in ("xr", "zr"):
+                t = x if name == "xr" else z
+                return {name: t if idx is None else reorder(t, idx, dim=-1)}
             c, u = self._conv_silu(x if idx is None else reorder(x, idx, dim=-1), suffix, reverse=reverse)
             return {"u": u} if c is None else {"c": c, "u": u}
 
@@ -385,38 +381,6 @@ class SelectiveSSM(nn.Module):
         ssm_state = torch.zeros(batch_size, self.d_inner, self.d_state, device=device,
                                 dtype=self.dt_proj.weight.dtype if dtype is None else dtype)
         return conv_state, ssm_state
-
-
-class InProjSource:
-    """in_proj's x, z for the memory-efficient branches' recomputation in the backward, from the mixer's input
-    (which in_proj's own backward keeps anyway, or which an enclosing `norm_recomputed` recomputes), so the
-    in_proj output is not held between forward and backward.
-
-    x is computed once, when the first branch needs it, and shared by the orders until the last of them is
-    done with it (`SharedRecompute`). z is needed once per order (its scan's gate): where x and z are two
-    GEMMs (channel-major), z's GEMM is redone for each order that asks and not kept, so that x and z are not
-    both held while the first order's scan backward runs (the backward's peak on long sequences); where
-    they are one GEMM's halves (token-major), they come and go together."""
-
-    def __init__(self, mixer: "SelectiveSSM", hidden: Callable[[], torch.Tensor], token_major: bool):
-        self._mixer, self._hidden, self._token_major = mixer, hidden, token_major
-        self._shared = SharedRecompute(self._compute)
-
-    def _compute(self):
-        if self._token_major:
-            return self._mixer._in_proj(self._hidden(), True)
-        return self._mixer._in_proj_half(self._hidden(), 0)
-
-    def user(self) -> Callable[[], None]:
-        return self._shared.user()
-
-    def x(self) -> torch.Tensor:
-        return self._shared.get()[0] if self._token_major else self._shared.get()
-
-    def z(self) -> torch.Tensor:
-        if self._token_major:
-            return self._shared.get()[1]
-        return self._mixer._in_proj_half(self._hidden(), 1)
 
 
 def set_memory_efficient(model: nn.Module, enabled: bool = True) -> int:

@@ -87,8 +87,8 @@ class MultiOrderMamba(SelectiveSSM):
     orders: names or ScanOrder objects (see mambakit.core.orders); merge: "sum" | "mean" | "concat" | "gate".
     init_layer_scale: Vim's optional layer scale (a parameter `gamma` (d_model,) multiplying the output).
     Other arguments as `Mamba` (memory_efficient: each order's branch keeps only its x_dbl and the scan's
-    checkpoints; in_proj's x, z are recomputed in the backward (`InProjSource`: x once, shared by the orders)
-    and each order's reordered x / z, conv output, silu and delta from them). Every order's dt_proj gets
+    checkpoints; in_proj's x, z are recomputed in the backward, once, shared by the orders, and each order's
+    reordered x / z, conv output, silu and delta from them). Every order's dt_proj gets
     mamba_ssm's dt initialisation (as MambaMIL does; Vim's code leaves `dt_proj_b` at PyTorch's default Linear
     init, with its bias later zeroed by `_init_weights`).
 
