@@ -23,9 +23,10 @@
  * walks the chunks last to first, recomputes the chunk's K states and decays from its checkpoint into a
  * tile, then runs the adjoint recurrence backwards through the tile. Extra memory: O(b d N L / K) for the
  * checkpoints, plus O(threads K N W) of workspace (and, when threads share a (batch, group), one private
- * dB/dC copy per extra slot: O(threads b G N L)). Gradients that sum over channels (B, C) are reduced
- * across lanes W steps at a time; per-channel sums over the batch (A, D, delta_bias) are written per batch
- * element and summed at the end in batch order. No two threads ever write the same address.
+ * dB, dC (and ddt_in) copy per extra slot: O(threads b G (2 N + R) L)). Gradients that sum over channels
+ * (B, C, and dt_in when the kernel projects delta) are reduced across lanes W steps at a time; per-channel
+ * sums over the batch (A, D, delta_bias, dt_w) are written per batch element and summed at the end in batch
+ * order. No two threads ever write the same address.
  */
 #include <math.h>
 #include <pthread.h>
