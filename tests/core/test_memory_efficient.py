@@ -113,6 +113,9 @@ def test_only_out_proj_input_is_held(kind, monkeypatch):
     b, L = 2, 40
     h = torch.randn(b, L, D_MODEL, requires_grad=True)
     rec = _Recorder(monkeypatch)
+    sources = []
+    real_source = type(lean)._in_proj_source
+    monkeypatch.setattr(type(lean), "_in_proj_source", lambda m, *a: sources.append(real_source(m, *a)) or sources[-1])
     out = rec.forward(lean, h)
     K = len(getattr(lean, "orders", [None]))
     # dropped per branch: at least silu's output u, saved by x_proj and by the scan (the fused conv + silu saves
@@ -128,9 +131,10 @@ def test_only_out_proj_input_is_held(kind, monkeypatch):
     monkeypatch.setattr(type(lean), "_in_proj", lambda m, *a: in_proj_calls.append(1) or real_in_proj(m, *a))
     out.sum().backward(retain_graph=True)                       # the dropped tensors come back for the backward
     assert len(in_proj_calls) == 1                              # x, z recomputed once, shared by the orders
-    assert all(not acts._cache for acts in rec.branches)        # and none is kept after its last use
+    assert all(not acts._cache for acts in rec.branches)        # and none is kept after its last use,
+    assert len(sources) == 1 and not sources[0].held            # x, z freed after the last order's
     out.sum().backward()                                        # a second backward recomputes them again
-    assert len(in_proj_calls) == 2
+    assert len(in_proj_calls) == 2 and not sources[0].held
 
     rec_plain = _Recorder(monkeypatch)
     rec_plain.forward(plain, h)
