@@ -51,7 +51,7 @@ MALLOC_MODES = ("tuned", "heap", "default")
 MMAP_THRESHOLD = 32 << 20              # glibc refuses more (HEAP_MAX_SIZE / 2 on 64-bit)
 TRIM_THRESHOLD = (1 << 31) - 1         # mallopt takes a C int
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
-_MALLOC_STATE = {"mode": "default"}    # what this process has done: "tuned", "default" or "unavailable"
+_MALLOC_STATE = {"mode": "default"}    # what this process did: "tuned", "heap", "default" or "unavailable"
 
 
 def prefer_huge_pages() -> str:

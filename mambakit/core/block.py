@@ -24,7 +24,7 @@ from mambakit.core.mamba import Mamba
 from mambakit.core.mamba2 import Mamba2
 from mambakit.core.multi_order import MultiOrderMamba, PerOrderMamba
 from mambakit.core.norm import RMSNorm
-from mambakit.core.recompute import norm_recomputed
+from mambakit.core.recompute import output_recomputed
 
 __all__ = ["Block", "MixerModel", "GatedMLP", "DropPath", "init_weights", "create_block", "MIXERS",
            "drop_path_schedule"]
@@ -116,7 +116,7 @@ class Block(nn.Module):
         return residual
 
     def _recomputes_norm(self, residual: torch.Tensor) -> bool:
-        """Whether the norm's output is recomputed in the backward rather than kept (`norm_recomputed`): with a
+        """Whether the norm's output is recomputed in the backward rather than kept (`output_recomputed`): with a
         memory-efficient mixer, when a backward can follow."""
         return (getattr(self.mixer, "memory_efficient", False) and torch.is_grad_enabled()
                 and (residual.requires_grad or any(p.requires_grad for p in self.parameters())))
@@ -135,7 +135,7 @@ class Block(nn.Module):
             kwargs["inference_params"] = inference_params
         normalise = partial(self._normalise, self.norm)
         if inference_params is None and self._recomputes_norm(residual):
-            hidden_states = norm_recomputed(normalise, residual, lambda h: self.mixer(h, **kwargs),
+            hidden_states = output_recomputed(normalise, residual, lambda h: self.mixer(h, **kwargs),
                                             tuple(self.norm.parameters()))
         else:
             hidden_states = self.mixer(normalise(residual), **kwargs)

@@ -316,7 +316,7 @@ class SelectiveSSM(nn.Module):
 
     def _in_proj_source(self, hidden_states: torch.Tensor, token_major: bool | None = None) -> SharedRecompute:
         """in_proj's x, z as the memory-efficient branches recompute them in the backward: from hidden_states,
-        which in_proj's own backward keeps anyway (or which an enclosing `norm_recomputed` recomputes), so
+        which in_proj's own backward keeps anyway (or which an enclosing `output_recomputed` recomputes), so
         the (b, L, 2 d_inner) in_proj output is not held between forward and backward."""
         hidden = backward_source(hidden_states)
         return SharedRecompute(lambda: self._in_proj(hidden(), token_major))

@@ -7,7 +7,7 @@ x and z, the conv output, its silu, delta) are therefore never held between the 
 4 bytes x d_inner per token and per order in float32. Here xz itself is not held either: it is recomputed
 from the mixer's input, which in_proj's backward keeps anyway (`SharedRecompute`, once per backward for
 all the orders of a multi-order mixer), and a pre-norm block's norm output is recomputed from the block's
-input (`norm_recomputed`, which hands it to the mixer through `backward_source`).
+input (`output_recomputed`, which hands it to the mixer through `backward_source`).
 
 `SavedActivations` does the same for any scan backend, without duplicating kernel code: the branch's forward
 runs under `torch.autograd.graph.saved_tensors_hooks`, so every tensor an op saves for its backward (the
@@ -41,9 +41,9 @@ from typing import Callable
 
 import torch
 
-__all__ = ["SavedActivations", "SharedRecompute", "norm_recomputed", "backward_source"]
+__all__ = ["SavedActivations", "SharedRecompute", "output_recomputed", "backward_source"]
 
-# (tensor, getter) pairs of the enclosing `norm_recomputed` calls: a consumer that recomputes from its input
+# (tensor, getter) pairs of the enclosing `output_recomputed` calls: a consumer that recomputes from its input
 # gets that input back in the backward through the getter instead of holding it (see `backward_source`).
 _RECOMPUTED_INPUTS: contextvars.ContextVar[tuple] = contextvars.ContextVar("recomputed_inputs", default=())
 
@@ -244,8 +244,8 @@ class SharedRecompute:
 
 def backward_source(t: torch.Tensor) -> Callable[[], torch.Tensor]:
     """How a recomputation in the backward gets `t`, the input of the forward it repeats: from the enclosing
-    `norm_recomputed` when t is the normalised tensor it passes to its consumer (so t is not held twice: that
-    call drops it and recomputes it), else t itself, held, and an error if it was modified in place."""
+    `output_recomputed` when t is the tensor it passes to its consumer (a block's normalised input; so t is not
+    held twice: that call drops it and recomputes it), else t itself, held, and an error if it was modified in place."""
     for tensor, getter in _RECOMPUTED_INPUTS.get():
         if tensor is t:
             return getter
@@ -261,24 +261,25 @@ def backward_source(t: torch.Tensor) -> Callable[[], torch.Tensor]:
     return held
 
 
-def norm_recomputed(norm: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                    consumer: Callable[[torch.Tensor], torch.Tensor], params: tuple[torch.Tensor, ...] = ()):
-    """consumer(norm(x)), keeping the normalised tensor out of what the backward holds.
+def output_recomputed(producer: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                      consumer: Callable[[torch.Tensor], torch.Tensor], params: tuple[torch.Tensor, ...] = ()):
+    """consumer(producer(x)), keeping producer(x) out of what the backward holds.
 
     A pre-norm block's norm keeps its input x for its own backward, and the first op of the consumer (a mixer's
-    in_proj) keeps its input norm(x) for the weight gradient: two tensors of x's size for one. Here the
-    consumer's saved copies of norm(x) are dropped after the forward and norm(x) is recomputed, when the
-    consumer's backward first asks for it, from x (held by the norm anyway) and `params` (the norm's weights):
-    the same op on the same input, so the same values and gradients. The consumer's own memory-efficient
-    paths nest inside (their saved tensors go to their own hooks) and get norm(x) back through
-    `backward_source`. x modified in place before the backward is an error."""
+    in_proj) keeps its input norm(x) for the weight gradient: two tensors of x's size for one. Likewise a
+    Linear keeps its input and the activation after it keeps the Linear's output (MambaMIL's input layer).
+    Here the consumer's saved copies of producer(x) are dropped after the forward and producer(x) is
+    recomputed, when the consumer's backward first asks for it, from x (held by the producer anyway) and
+    `params` (the producer's weights): the same op on the same input, so the same values and gradients. The
+    consumer's own memory-efficient paths nest inside (their saved tensors go to their own hooks) and get
+    producer(x) back through `backward_source`. x modified in place before the backward is an error."""
     acts = SavedActivations()
     with torch.autograd.graph.saved_tensors_hooks(acts.pack, acts.unpack):
-        normed = norm(x)
-        token = _RECOMPUTED_INPUTS.set(_RECOMPUTED_INPUTS.get() + ((normed, lambda: acts.value("normed")),))
+        produced = producer(x)
+        token = _RECOMPUTED_INPUTS.set(_RECOMPUTED_INPUTS.get() + ((produced, lambda: acts.value("produced")),))
         try:
-            out = consumer(normed)
+            out = consumer(produced)
         finally:
             _RECOMPUTED_INPUTS.reset(token)
-    acts.release({"normed": normed}, lambda name: {"normed": norm(x)}, inputs=(x, *params))
+    acts.release({"produced": produced}, lambda name: {"produced": producer(x)}, inputs=(x, *params))
     return out

@@ -104,9 +104,9 @@ class TrainConfig:
     ema_decay: float | None = None        # keep an EMA of the weights; evaluated alongside the model
     # Mamba-1 mixers recompute their in_proj output and per-order intermediates in backward instead of keeping
     # them, and the norm in front of each its output (core.set_memory_efficient): up to half the peak memory
-    # (MambaMIL, 100k patches: 4.7 instead of 8.5 GiB; Vim-Ti training at 1024 px, batch 1: 0.9 instead of
-    # 1.25 GiB), same numbers; time from +11% (SR-Mamba, 20k tokens, one thread) to -18% (MambaMIL, 100k
-    # patches; benchmarks/README.md).
+    # (MambaMIL, 100k patches: 4.7 instead of 8.1 GiB; Vim-Ti training at 1024 px, batch 1: 0.9 instead of
+    # 1.25 GiB), same numbers; MambaMIL time +9% at 10k patches, +15% at 50k, the same at 100k (2 threads;
+    # benchmarks/README.md).
     memory_efficient: bool = False
     eval_every_epochs: int = 1
     checkpoint_every_steps: int | None = None   # in addition to every epoch end

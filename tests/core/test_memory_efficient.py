@@ -239,7 +239,7 @@ def test_autocast_forward_backward_outside_it():
 # ------------------------------------------------------------------------------------------------------
 # The norm in front of a memory-efficient mixer (core Block, MambaMIL's layers)
 
-def test_norm_recomputed_gives_the_same_values_and_gradients_and_does_not_keep_the_norm_output():
+def test_output_recomputed_gives_the_same_values_and_gradients_and_does_not_keep_the_norm_output():
     torch.manual_seed(0)
     norm, lin = torch.nn.LayerNorm(8, dtype=F64), torch.nn.Linear(8, 5, dtype=F64)
     x = torch.randn(3, 7, 8, dtype=F64, requires_grad=True)
@@ -252,7 +252,7 @@ def test_norm_recomputed_gives_the_same_values_and_gradients_and_does_not_keep_t
     def consumer(y):
         seen.append(weakref.ref(y))
         return lin(y)
-    out = recompute.norm_recomputed(norm, x, consumer, tuple(norm.parameters()))
+    out = recompute.output_recomputed(norm, x, consumer, tuple(norm.parameters()))
     assert seen[0]() is None                  # Linear saved norm(x) for its weight gradient; it was dropped
     got = torch.autograd.grad((out * g).sum(), [x, *norm.parameters(), *lin.parameters()])
     assert torch.equal(out, plain)
@@ -260,11 +260,11 @@ def test_norm_recomputed_gives_the_same_values_and_gradients_and_does_not_keep_t
         assert torch.equal(a, b)              # norm(x) recomputed by the same op: the same bits
 
 
-def test_norm_recomputed_refuses_an_input_modified_in_place():
+def test_output_recomputed_refuses_an_input_modified_in_place():
     norm, lin = torch.nn.LayerNorm(8), torch.nn.Linear(8, 5)
     x = torch.randn(2, 4, 8, requires_grad=True)
     h = x * 1.0
-    out = recompute.norm_recomputed(norm, h, lin, tuple(norm.parameters()))
+    out = recompute.output_recomputed(norm, h, lin, tuple(norm.parameters()))
     with torch.no_grad():
         h.add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation|modified in place"):

@@ -32,7 +32,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from mambakit.apps.pathology.heads import activation, attention_mlp, attention_pool, gated_attention_mlps, xavier_init
-from mambakit.core.recompute import norm_recomputed
+from mambakit.core.recompute import output_recomputed
 
 __all__ = ["MambaMIL", "MeanMIL", "MaxMIL", "ABMIL", "TransMIL", "NystromAttention", "PPEG",
            "moore_penrose_iter_pinv", "as_bag", "MIXER_TYPES", "build_mil_model"]
@@ -124,14 +124,14 @@ class MambaMIL(nn.Module):
             # the activation's input (the projection's output, a quarter of the bag's size) is recomputed from
             # the bag in the backward rather than kept, as a norm's output in front of a memory-efficient mixer
             linear, rest = self._fc1[0], self._fc1[1:]
-            h = norm_recomputed(linear, x, rest, tuple(linear.parameters()))
+            h = output_recomputed(linear, x, rest, tuple(linear.parameters()))
         else:
             h = self._fc1(x)
         for block in self.layers:
             if self.checkpoint_layers and torch.is_grad_enabled() and h.requires_grad:
                 h = h + torch.utils.checkpoint.checkpoint(block, h, use_reentrant=False)
             elif block[1].memory_efficient and torch.is_grad_enabled():    # the norm's output recomputed too
-                h = h + norm_recomputed(block[0], h, block[1], tuple(block[0].parameters()))
+                h = h + output_recomputed(block[0], h, block[1], tuple(block[0].parameters()))
             else:
                 h = h + block(h)
         h = self.norm(h)

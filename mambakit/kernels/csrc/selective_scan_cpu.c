@@ -610,7 +610,7 @@ static void lane_dots(real *rows, int64_t L, const vec *P, int64_t N, const vec 
 }
 
 /* ddt_in's staged rows: rows[r * rs + t] += sum over the block's channels of dt_w[c, r] ddt[t] (Wdt holds the
- * block's rows of dt_w, zero in lanes past the block's channels). */
+ * block's rows of dt_w, as load_steps left it for this chunk, zero in lanes past the block's channels). */
 static void project_back_in(real *rows, int64_t rs, const vec *Wdt, int64_t R, const vec *ddt, int len) {
     int t = 0;
     for (; t + W <= len; t += W)

@@ -122,7 +122,7 @@ def test_mambamil_checkpointing_gives_the_same_values_and_gradients():
 @pytest.mark.parametrize("dropout", [0.0, 0.25])
 def test_mambamil_memory_efficient_gives_the_same_values_and_gradients(dropout):
     """set_memory_efficient: the mixers recompute their intermediates, the layers their LayerNorm's output and
-    the input projection its output in the backward (`norm_recomputed`, taken: spied); the same values,
+    the input projection its output in the backward (`output_recomputed`, taken: spied); the same values,
     gradients equal to float64 rounding (with dropout after the projection: the same mask, not redrawn)."""
     from mambakit.apps.pathology import models as models_module
     from mambakit.core import set_memory_efficient
@@ -132,8 +132,8 @@ def test_mambamil_memory_efficient_gives_the_same_values_and_gradients(dropout):
     lean.load_state_dict(plain.state_dict())
     assert set_memory_efficient(lean) == 2
     calls = []
-    real = models_module.norm_recomputed
-    models_module.norm_recomputed = lambda *a: calls.append(1) or real(*a)
+    real = models_module.output_recomputed
+    models_module.output_recomputed = lambda *a: calls.append(1) or real(*a)
     x = torch.randn(1, 20, 8, dtype=torch.float64)
     outs = []
     try:
@@ -141,7 +141,7 @@ def test_mambamil_memory_efficient_gives_the_same_values_and_gradients(dropout):
             torch.manual_seed(5)
             outs.append(m(x))
     finally:
-        models_module.norm_recomputed = real
+        models_module.output_recomputed = real
     assert len(calls) == 3 and torch.equal(outs[0], outs[1])
     grads = [torch.autograd.grad(o.sum(), list(m.parameters())) for o, m in zip(outs, (plain, lean))]
     for a, b in zip(*grads):
