@@ -97,8 +97,20 @@ def peak_mib(device, fn) -> float | None:
 
 # ----------------------------------------------------------------------------------------------- peers
 
-def load_mamba_ssm():
-    """(selective_scan_fn, selective_state_update, mamba_chunk_scan_combined, version) or the reason it fails."""
+def load_mamba_ssm(source: str | None = None):
+    """(selective_scan_fn, selective_state_update, mamba_chunk_scan_combined, version) or the reason it fails.
+
+    source: a folder holding an unpacked mamba_ssm sdist's `mamba_ssm` package, used where mamba_ssm cannot be
+    built (no network, no time for its CUDA build): its Triton kernels (state update, SSD) run as published;
+    its CUDA-only selective scan has no extension behind it, so that peer reports an error instead of a time.
+    The language-model module is not loaded (it imports transformers' generation API)."""
+    if source is not None:
+        import types
+        sys.path.insert(0, str(Path(source).resolve()))
+        sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
+        lm = types.ModuleType("mamba_ssm.models.mixer_seq_simple")
+        lm.MambaLMHeadModel = None
+        sys.modules.setdefault("mamba_ssm.models.mixer_seq_simple", lm)
     try:
         import mamba_ssm
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
@@ -449,6 +461,9 @@ def parse_args(argv=None):
                     help="skip the reference loop above this b*d*L*N (default 1e9: it runs at every issue-3 "
                          "shape; the very long one takes minutes and tens of GiB there)")
     ap.add_argument("--sweep", action="store_true", help="also time launch-configuration variants per scan shape")
+    ap.add_argument("--mamba-ssm-src", default=None,
+                    help="folder with an unpacked mamba_ssm source package to compare against where mamba_ssm is "
+                         "not installed (its Triton kernels run; its CUDA selective scan is not built)")
     ap.add_argument("--out", default=None,
                     help="output folder (default benchmarks/results; a temporary folder for --dry-run)")
     return ap.parse_args(argv)
@@ -470,38 +485,49 @@ def main(argv=None) -> int:
         return 1
 
     device = torch.device("cpu" if args.dry_run else "cuda")
-    mamba, mamba_error = (None, "not tried in a dry run") if args.dry_run else load_mamba_ssm()
+    mamba, mamba_error = (None, "not tried in a dry run") if args.dry_run else load_mamba_ssm(args.mamba_ssm_src)
+    mamba_label = None if mamba is None else mamba[3] + (
+        " (Python/Triton sources from --mamba-ssm-src; its CUDA selective scan not built)" if args.mamba_ssm_src else "")
     timer = Timer(device, 1 if args.dry_run else args.repeats, 0.0 if args.dry_run else args.budget_s)
     only = set(args.only.split(","))
     scan_shapes = DRY_SCAN_SHAPES if args.dry_run else SCAN_SHAPES
     if args.shapes:
         wanted = set(args.shapes.split(","))
         scan_shapes = [s for s in scan_shapes if s[0] in wanted]
+    out_dir = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="scan_gpu_dry_")) if args.dry_run
+                                               else RESULTS)
     results = []
+
+    def write_report() -> str:
+        """Rewritten after every measured shape, so a run cut short (a lease's time limit) keeps what it measured."""
+        report = dict(machine=machine_info(device, mamba_label, mamba_error),
+                      args=vars(args), results=results)
+        write_atomic(out_dir / "gpu_scan.json", json.dumps(report, indent=1))
+        text = markdown(report)
+        write_atomic(out_dir / "gpu_scan.md", text)
+        return text
+
     for name, b, d, L, N in scan_shapes if "scan" in only else []:
         groups = 2 if name == "tiny_groups" else None
         print(f"scan {name} (b={b}, d={d}, L={L}, N={N}) ...", flush=True)
         results.append(bench_scan_shape(name, b, d, L, N, args, device, triton_mod, selective_scan_ref, mamba, timer,
                                         groups))
+        write_report()
         if args.sweep:
             results.append(sweep_scan_shape(name, b, d, L, N, args, device, triton_mod, timer))
+            write_report()
     for name, b, d, N in (DRY_STATE_UPDATE_SHAPES if args.dry_run else STATE_UPDATE_SHAPES) \
             if "state_update" in only else []:
         print(f"state update {name} (b={b}, d={d}, N={N}) ...", flush=True)
         results.append(bench_state_update(name, b, d, N, args, device, triton_mod, selective_state_update_ref, mamba,
                                           timer))
+        write_report()
     for shape in (DRY_SSD_SHAPES if args.dry_run else SSD_SHAPES) if "ssd" in only else []:
         print(f"ssd {shape[0]} ...", flush=True)
         results.append(bench_ssd(*shape, args, device, triton_mod, mamba, timer))
+        write_report()
 
-    report = dict(machine=machine_info(device, mamba[3] if mamba else None, mamba_error),
-                  args=vars(args), results=results)
-    out_dir = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="scan_gpu_dry_")) if args.dry_run
-                                               else RESULTS)
-    write_atomic(out_dir / "gpu_scan.json", json.dumps(report, indent=1))
-    text = markdown(report)
-    write_atomic(out_dir / "gpu_scan.md", text)
-    print(text)
+    print(write_report())
     print(f"wrote {out_dir / 'gpu_scan.json'} and {out_dir / 'gpu_scan.md'}")
     return 0
 
