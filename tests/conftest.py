@@ -41,3 +41,23 @@ def _isolated_cache(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _gpus_seen_by_this_process() -> bool:
+    """The CUDA driver reads CUDA_VISIBLE_DEVICES once per process, at its first query: ask here, before any test
+    hides the GPUs from the processes it starts (below), so that this process keeps them for the GPU tests."""
+    return torch.cuda.is_available()
+
+
+@pytest.fixture(autouse=True)
+def _cpu_only_unless_marked_gpu(request, monkeypatch, _gpus_seen_by_this_process):
+    """The suite asserts CPU behaviour (bitwise-repeatable kernels, runs with `train.device: auto`), as CI and a
+    laptop see it; on a machine with a GPU those runs would move to it. So every test not marked `gpu` sees no
+    GPU: torch.cuda.is_available() is False in this process and CUDA_VISIBLE_DEVICES is empty for the processes
+    it starts. The GPU's own behaviour is tested by the `gpu` tests (tests/*/test_*_cuda.py, the compiled
+    Triton kernels), against float64 on the CPU."""
+    if request.node.get_closest_marker("gpu") is not None:
+        return
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")

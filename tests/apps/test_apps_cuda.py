@@ -3,6 +3,7 @@
 EfficientVMamba's atrous lattices, MambaMIL's SR-Mamba with padding, Mamba4Rec, TiM4Rec's time-modulated SSD,
 S-Mamba's bidirectional mixers over variates). Skipped without CUDA."""
 
+import pytest
 import timm
 import torch
 from torch import nn
@@ -13,6 +14,8 @@ from mambakit.apps.pathology.models import MambaMIL
 from mambakit.apps.recsys.config import Mamba4RecConfig, TiM4RecConfig
 from mambakit.apps.recsys.models import build_model as build_recommender
 from mambakit.apps.timeseries.models import SMamba
+
+pytestmark = pytest.mark.gpu
 
 
 def test_vim_on_gpu():

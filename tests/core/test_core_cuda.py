@@ -10,6 +10,8 @@ from cuda_parity import assert_cuda_matches_cpu_float64, cuda_or_skip
 from mambakit.core import InferenceParams, Mamba, Mamba2, MixerModel, MultiOrderMamba, PerOrderMamba
 from mambakit.core import MambaConfig, MambaLMHeadModel
 
+pytestmark = pytest.mark.gpu
+
 MIXERS = {
     "mamba": lambda: Mamba(32, d_state=16),
     "mamba_memory_efficient": lambda: Mamba(32, d_state=16, memory_efficient=True),

@@ -12,6 +12,8 @@ from mambakit.engine.checkpoint import load_checkpoint
 from mambakit.engine.config import load_config
 from mambakit.engine.trainer import Trainer
 
+pytestmark = pytest.mark.gpu
+
 COMMON = ["run.curves=false", "run.progress=false", "train.batch_size=8", "train.epochs=3"]
 
 

@@ -322,6 +322,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available() or compiled_module.is_in
                           reason="needs a CUDA GPU (compiled Triton kernels)")
 
 
+@pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("shape", [(2, 64, 300, 16, None), (3, 96, 1000, 16, 4), (1, 32, 77, 64, None),
                                    (2, 16, 1, 1, None)])
@@ -342,6 +343,7 @@ def test_compiled_kernels_on_gpu_float32(shape):
                                    msg=lambda m, n=name: f"gradient of {n}: {m}")
 
 
+@pytest.mark.gpu
 @cuda
 def test_compiled_state_update_on_gpu():
     inputs = {k: v.cuda() for k, v in _state_update_inputs(4, 64, 16, 4, torch.float32).items()}
