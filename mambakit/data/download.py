@@ -12,6 +12,7 @@ Both functions share the same contract:
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import os
 import re
@@ -32,7 +33,7 @@ from mambakit.data.cache import file_lock, is_offline, mambakit_home, sha256_fil
 
 __all__ = [
     "DownloadError", "ChecksumError", "OfflineError", "UnverifiedDownloadWarning",
-    "download_url", "fetch_package_member", "extract_wheel_member", "verify_sha256",
+    "download_url", "fetch_package_member", "extract_wheel_member", "verify_sha256", "git_blob_id",
 ]
 
 USER_AGENT = "mambakit (+https://github.com/mambakit)"
@@ -72,11 +73,40 @@ def _normalise_sha256(sha256: str | None, what: str) -> str | None:
     return value
 
 
-def verify_sha256(path: Path, expected: str | None, what: str) -> str:
+def normalise_git_blob(git_blob: str | None, what: str) -> str | None:
+    if git_blob is None:
+        return None
+    value = git_blob.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{40}", value):
+        raise ValueError(f"{what}: git_blob must be 40 hex digits (a git blob id), got {git_blob!r}")
+    return value
+
+
+def git_blob_id(path: str | Path) -> str:
+    """The id git gives the file's content (`git hash-object FILE`): sha1 of b"blob <size>\\0" + content."""
+    path = Path(path)
+    digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_sha256(path: Path, expected: str | None, what: str, git_blob: str | None = None) -> str:
     """Check `path` against `expected`; delete it and raise ChecksumError on a mismatch.
-    With `expected=None`, warn loudly with the computed hash. Returns the computed hash."""
+    With `expected=None`, check the git blob id instead when one is pinned (files published in a git
+    repository whose sha256 could not be computed where the registry was written), else warn loudly with the
+    computed hash. Returns the computed sha256."""
     actual = sha256_file(path)
-    if expected is None:
+    if expected is None and git_blob is not None:
+        blob = git_blob_id(path)
+        if blob != git_blob:
+            path.unlink(missing_ok=True)
+            raise ChecksumError(f"{what}: git blob id mismatch: expected {git_blob}, got {blob}. The file was "
+                                f"deleted; the source changed or the transfer was corrupted.")
+        print(f"mambakit: {what} matches its pinned git blob id {git_blob}; its sha256 is {actual}",
+              file=sys.stderr)
+    elif expected is None:
         warnings.warn(
             f"UNVERIFIED download: {what} has no pinned sha256; accepted as is. Its sha256 is {actual} "
             f"(pin it in the registry entry to verify future downloads).",
@@ -121,7 +151,7 @@ def _lock_for(dest: Path) -> Path:
 # URLs
 
 def download_url(url: str, dest: str | Path, sha256: str | None = None, *, progress: bool = True,
-                 timeout: float = 60, retries: int = 3, size: int | None = None) -> Path:
+                 timeout: float = 60, retries: int = 3, size: int | None = None, git_blob: str | None = None) -> Path:
     """Download `url` to `dest` and return `dest`.
 
     A partial `dest.part` left by an earlier attempt is resumed with an HTTP Range request (a server that
@@ -131,6 +161,7 @@ def download_url(url: str, dest: str | Path, sha256: str | None = None, *, progr
     """
     dest = Path(dest)
     expected = _normalise_sha256(sha256, url)
+    git_blob = normalise_git_blob(git_blob, url)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(_lock_for(dest)):
         if _already_there(dest, expected):
@@ -156,7 +187,7 @@ def download_url(url: str, dest: str | Path, sha256: str | None = None, *, progr
             actual = part.stat().st_size
             part.unlink()
             raise ChecksumError(f"{url}: expected {size} bytes, got {actual}; the download was deleted")
-        verify_sha256(part, expected, url)
+        verify_sha256(part, expected, url, git_blob)
         return _place(part, dest)
 
 

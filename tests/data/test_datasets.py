@@ -4,6 +4,7 @@ import gzip
 import hashlib
 import lzma
 import pickle
+import warnings
 
 import pytest
 
@@ -219,3 +220,54 @@ def test_verify_refetches_a_damaged_cached_file(server):
     with pytest.warns(UserWarning, match="differs from the pinned"):
         assert (fetch("toy", verify=True, progress=False) / "series.csv").read_bytes() == CSV
     assert len(server.requests) == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# git blob ids: the pin of a file published in a git repository that could not be hashed here
+
+CSV_BLOB = hashlib.sha1(b"blob %d\0" % len(CSV) + CSV).hexdigest()
+
+
+def test_git_blob_id_is_what_git_hash_object_prints(tmp_path, etth1_csv):
+    from mambakit.data.download import git_blob_id
+    for content, blob in ((b"", "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"),
+                          (b"hello\n", "ce013625030ba8dba906f756967f9e9ca394464a")):
+        (tmp_path / "f").write_bytes(content)
+        assert git_blob_id(tmp_path / "f") == blob
+    # the blob id `git ls-tree` lists for ETT-small/ETTh1.csv in zhouhaoyi/ETDataset@1d16c8f
+    assert git_blob_id(etth1_csv) == "a52c4925778c07c1ef1a2cf6fd01594919717d9e"
+
+
+def test_a_git_blob_id_verifies_a_download_without_sha256(server, capsys):
+    register_dataset(_entry(server, UrlSource(server.url("mirror/series.csv")), sha256=None, git_blob=CSV_BLOB))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")              # no UnverifiedDownloadWarning: the file is pinned
+        assert fetch_file("toy", "series.csv", progress=False).read_bytes() == CSV
+    assert f"its sha256 is {CSV_SHA}" in capsys.readouterr().err     # the hash to pin, printed
+
+
+def test_a_wrong_git_blob_id_is_refused_from_urls_and_local_files(server, tmp_path, monkeypatch):
+    wrong = "0123456789abcdef0123456789abcdef01234567"
+    register_dataset(_entry(server, UrlSource(server.url("mirror/series.csv")), sha256=None, git_blob=wrong))
+    with pytest.raises(DownloadError, match=f"git blob id mismatch: expected {wrong}, got {CSV_BLOB}"):
+        fetch("toy", progress=False)
+    assert not (dataset_dir("toy") / "series.csv").exists()
+    local = tmp_path / "series.csv"
+    local.write_bytes(CSV)
+    monkeypatch.setenv("TOY_DATA_PATH", str(local))
+    register_dataset(_entry(server, LocalSource(env="TOY_DATA_PATH"), sha256=None, git_blob=wrong), replace=True)
+    with pytest.raises(DownloadError, match="git blob id mismatch"):
+        fetch("toy", progress=False)
+    assert local.read_bytes() == CSV and not (dataset_dir("toy") / "series.csv").exists()
+
+
+def test_verify_refetches_a_cached_file_that_no_longer_matches_its_git_blob(server):
+    register_dataset(_entry(server, UrlSource(server.url("mirror/series.csv")), sha256=None, git_blob=CSV_BLOB))
+    fetch_file("toy", "series.csv", progress=False).write_bytes(b"damaged")
+    with pytest.warns(UserWarning, match="git blob id .* differs from the pinned"):
+        assert (fetch("toy", verify=True, progress=False) / "series.csv").read_bytes() == CSV
+
+
+def test_malformed_git_blob_is_a_declaration_error():
+    with pytest.raises(ValueError, match="git_blob must be 40 hex digits"):
+        RemoteFile("x.csv", None, [UrlSource("http://127.0.0.1/x.csv")], git_blob="abc")

