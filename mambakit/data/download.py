@@ -64,22 +64,21 @@ class _Retryable(Exception):
 # --------------------------------------------------------------------------------------------------
 # hashing
 
-def _normalise_sha256(sha256: str | None, what: str) -> str | None:
-    if sha256 is None:
+def _normalise_hex(value: str | None, digits: int, what: str, field: str) -> str | None:
+    if value is None:
         return None
-    value = sha256.strip().lower()
-    if not re.fullmatch(r"[0-9a-f]{64}", value):
-        raise ValueError(f"{what}: sha256 must be 64 hex digits, got {sha256!r}")
-    return value
+    normalised = value.strip().lower()
+    if not re.fullmatch(f"[0-9a-f]{{{digits}}}", normalised):
+        raise ValueError(f"{what}: {field} must be {digits} hex digits, got {value!r}")
+    return normalised
+
+
+def _normalise_sha256(sha256: str | None, what: str) -> str | None:
+    return _normalise_hex(sha256, 64, what, "sha256")
 
 
 def normalise_git_blob(git_blob: str | None, what: str) -> str | None:
-    if git_blob is None:
-        return None
-    value = git_blob.strip().lower()
-    if not re.fullmatch(r"[0-9a-f]{40}", value):
-        raise ValueError(f"{what}: git_blob must be 40 hex digits (a git blob id), got {git_blob!r}")
-    return value
+    return _normalise_hex(git_blob, 40, what, "git_blob")
 
 
 def git_blob_id(path: str | Path) -> str:
