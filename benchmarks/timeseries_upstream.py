@@ -87,15 +87,23 @@ def run_one(args, horizon: int, seed: int) -> dict:
         start = time.time()
         proc = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True)
         wall = time.time() - start
-    final = FINAL.findall(proc.stdout)
-    if proc.returncode != 0 or not final:
+    parsed = parse_run_output(proc.stdout) if proc.returncode == 0 else None
+    if parsed is None:
         raise RuntimeError(f"upstream run H={horizon} seed={seed} failed (exit {proc.returncode}):\n"
                            f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    epochs = [dict(epoch=int(e), train=float(t), val=float(v), test=float(s)) for e, t, v, s in EPOCH.findall(proc.stdout)]
-    best = min(epochs, key=lambda e: e["val"])["epoch"]
-    return dict(horizon=horizon, seed=seed, test_mse=float(final[-1][0]), test_mae=float(final[-1][1]),
-                epochs=len(epochs), best_epoch=best, per_epoch=epochs, wall_s=round(wall, 1), threads=1,
-                device="cuda" if "Use GPU" in proc.stdout else "cpu", finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    return dict(horizon=horizon, seed=seed, **parsed, wall_s=round(wall, 1), threads=1,
+                finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+
+
+def parse_run_output(stdout: str) -> dict | None:
+    """Test MSE / MAE, epochs and per-epoch losses from what upstream's run.py prints; None without a result."""
+    final = FINAL.findall(stdout)
+    epochs = [dict(epoch=int(e), train=float(t), val=float(v), test=float(x)) for e, t, v, x in EPOCH.findall(stdout)]
+    if not final or not epochs:
+        return None
+    return dict(test_mse=float(final[-1][0]), test_mae=float(final[-1][1]), epochs=len(epochs),
+                best_epoch=min(epochs, key=lambda e: e["val"])["epoch"], per_epoch=epochs,
+                device="cuda" if "Use GPU" in stdout else "cpu")
 
 
 def load_runs(path: Path) -> list[dict]:
