@@ -486,8 +486,8 @@ def main(argv=None) -> int:
 
     device = torch.device("cpu" if args.dry_run else "cuda")
     mamba, mamba_error = (None, "not tried in a dry run") if args.dry_run else load_mamba_ssm(args.mamba_ssm_src)
-    mamba_label = None if mamba is None else mamba[3] + (
-        " (Python/Triton sources from --mamba-ssm-src; its CUDA selective scan not built)" if args.mamba_ssm_src else "")
+    from_sources = " (Python/Triton sources from --mamba-ssm-src; its CUDA selective scan not built)"
+    mamba_label = None if mamba is None else mamba[3] + (from_sources if args.mamba_ssm_src else "")
     timer = Timer(device, 1 if args.dry_run else args.repeats, 0.0 if args.dry_run else args.budget_s)
     only = set(args.only.split(","))
     scan_shapes = DRY_SCAN_SHAPES if args.dry_run else SCAN_SHAPES

@@ -145,7 +145,8 @@ def main(argv=None) -> int:
     ap.add_argument("--horizons", default="96,192,336,720")
     ap.add_argument("--seeds", default="2023")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (one thread each)")
-    ap.add_argument("--upstream-extra", default="", help="more run.py arguments (e.g. '--train_epochs 1' for a smoke test)")
+    ap.add_argument("--upstream-extra", default="",
+                    help="more run.py arguments (e.g. '--train_epochs 1' for a smoke test)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="where the runs' JSONL and the table go")
     ap.add_argument("--report-only", action="store_true", help="rewrite the table from the recorded runs")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -1,19 +1,13 @@
 """benchmarks/timeseries_upstream.py without upstream's code: the ETTh1 script's arguments, what is read from
 run.py's output, and the table."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from test_benchmark_rounds import _load as load_benchmark
 
 
 def _load():
-    sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("bench_timeseries_upstream", BENCHMARKS / "timeseries_upstream.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("timeseries_upstream")
 
 
 def _pairs(args):

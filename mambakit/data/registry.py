@@ -114,6 +114,9 @@ class RemoteFile:
             raise ValueError(f"RemoteFile: name must be a plain file name, got {self.name!r}")
         self.sha256 = _normalise_sha256(self.sha256, f"RemoteFile {self.name!r}")
         self.git_blob = normalise_git_blob(self.git_blob, f"RemoteFile {self.name!r}")
+        if self.sha256 is not None and self.git_blob is not None:
+            raise ValueError(f"RemoteFile {self.name!r}: give sha256 or git_blob, not both (git_blob stands in "
+                             f"for a sha256 that could not be computed)")
         self.sources = list(self.sources)
         for source in self.sources:
             if not isinstance(source, (UrlSource, PackageSource, LocalSource)):

@@ -268,6 +268,8 @@ def test_verify_refetches_a_cached_file_that_no_longer_matches_its_git_blob(serv
         assert (fetch("toy", verify=True, progress=False) / "series.csv").read_bytes() == CSV
 
 
-def test_malformed_git_blob_is_a_declaration_error():
+def test_malformed_or_redundant_git_blob_is_a_declaration_error():
     with pytest.raises(ValueError, match="git_blob must be 40 hex digits"):
         RemoteFile("x.csv", None, [UrlSource("http://127.0.0.1/x.csv")], git_blob="abc")
+    with pytest.raises(ValueError, match="give sha256 or git_blob, not both"):
+        RemoteFile("x.csv", CSV_SHA, [UrlSource("http://127.0.0.1/x.csv")], git_blob=CSV_BLOB)
