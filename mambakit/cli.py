@@ -3,9 +3,11 @@
     mambakit --help                       apps (discovered, see mambakit.apps) and built-in commands
     mambakit <app> --help                 the app's verbs
     mambakit <app> <verb> [args]          runs a verb (argparse subparsers built from the App's Verbs)
+    mambakit <app> recipes [NAME]         the app's packaged recipes (every app has this verb); `-c NAME` takes one
     mambakit data list | fetch NAME [--from PATH] | info NAME
     mambakit zoo list | download NAME | info NAME
-    mambakit quickstart [APP ...]         each app's quick recipe, then one results table
+    mambakit quickstart [APP ...]         each app's quick recipe, then one results table (runs and table in
+                                          --out-dir/quickstart-<time>/)
 
 Exit codes: 0 ok, 2 usage error (unknown app / verb / name, bad arguments), 1 failure. A ConfigError,
 DownloadError or ValueError raised by a command prints its message without a traceback, unless
@@ -41,6 +43,11 @@ BUILTIN_HELP = {
     "data": "list the registered datasets and fetch them into the cache",
     "zoo": "list the registered pretrained weights and download them",
     "quickstart": "train every app's quick recipe (or the apps named) and print one results table",
+}
+#: The verb the CLI gives every app (an app's own verb of that name wins).
+RECIPES_HELP = {
+    "recipes": "list the recipes that ship with mambakit for this app (`-c NAME` takes any of them); "
+               "`recipes NAME` prints one to copy and edit",
 }
 
 
@@ -125,7 +132,8 @@ def _top_level_help() -> str:
         "commands:",
         _columns(list(BUILTIN_HELP.items()), width),
         "",
-        "`mambakit <app> --help` lists an app's verbs; `mambakit <command> --help` explains a command.",
+        "`mambakit <app> --help` lists an app's verbs; `mambakit <app> recipes` lists the recipes it ships, which",
+        "`-c NAME` takes from any folder; `mambakit <command> --help` explains a command.",
         "environment: MAMBAKIT_HOME (cache folder, default ~/.cache/mambakit), MAMBAKIT_OFFLINE=1 (use the cache "
         "only),",
         "             MAMBAKIT_DEBUG=1 (show tracebacks).",
@@ -136,11 +144,47 @@ def _top_level_help() -> str:
 # --------------------------------------------------------------------------------------------------
 # apps
 
+def _recipes_verb(app):
+    from mambakit.engine.app import Verb
+
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("name", nargs="?", metavar="RECIPE",
+                            help="print this recipe's YAML (e.g. `... recipes NAME > my.yaml`, then edit and -c my.yaml)")
+
+    def run(args: argparse.Namespace) -> int:
+        from mambakit.engine.recipes import list_recipes, recipe_dirs, resolve_recipe
+
+        if args.name:
+            from mambakit.engine.config import ConfigError
+            try:
+                path = resolve_recipe(args.name, app.name)
+            except ConfigError as e:     # an unknown name is a usage error, like an unknown verb
+                raise UsageError(str(e)) from None
+            sys.stdout.write(path.read_text())
+            return 0
+        recipes = list_recipes(app.name)
+        if not recipes:
+            print(f"app {app.name!r} ships no recipes")
+            return 0
+        print(_text_table(["NAME", "DESCRIPTION"], [[r.name, r.description] for r in recipes]))
+        print(f"\nfrom: {', '.join(map(str, recipe_dirs(app.name)))}")
+        print(f"use:  mambakit {app.name} train -c NAME [key.sub=value ...]   (a path to a YAML file works too)")
+        return 0
+
+    return Verb("recipes", RECIPES_HELP["recipes"], add_arguments, run)
+
+
+def _verbs(app) -> list:
+    """The app's verbs, then the ones the CLI gives every app that it does not define itself."""
+    own = {v.name for v in app.verbs}
+    return [*app.verbs, *(v for v in (_recipes_verb(app),) if v.name not in own)]
+
+
 def _app_parser(app) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"mambakit {app.name}", description=app.description)
     verbs = parser.add_subparsers(dest="_verb", metavar="<verb>", title="verbs")
     verbs.required = True
-    for verb in app.verbs:
+    for verb in _verbs(app):
         sub = verbs.add_parser(verb.name, help=verb.help, description=verb.help)
         verb.add_arguments(sub)
         sub.set_defaults(_run=verb.run)
@@ -152,7 +196,7 @@ def _run_app(app, rest: list[str]) -> int:
     if not rest:
         parser.print_help(sys.stderr)
         return 2
-    names = [v.name for v in app.verbs]
+    names = [v.name for v in _verbs(app)]
     if not rest[0].startswith("-") and rest[0] not in names:
         close = get_close_matches(rest[0], names, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -169,8 +213,8 @@ def _builtin_parser(name: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"mambakit {name}", description=BUILTIN_HELP[name])
     if name == "quickstart":
         parser.add_argument("apps", nargs="*", metavar="APP", help="apps to run (default: every app with a quick recipe)")
-        parser.add_argument("--out-dir", default="runs", help="the table goes to OUT_DIR/quickstart-<timestamp>/ "
-                                                             "(default: runs)")
+        parser.add_argument("--out-dir", default="runs", help="the table and each app's runs (in <app>/) go to "
+                                                             "OUT_DIR/quickstart-<timestamp>/ (default: runs)")
         parser.set_defaults(_run=_quickstart)
         return parser
     sub = parser.add_subparsers(dest="_action", metavar="<action>", title="actions")
@@ -333,13 +377,13 @@ def _new_run_dir(out_dir: str) -> Path:
 
 
 def _run_one_quickstart(app, run_dir: Path) -> dict:
-    from mambakit.engine.app import QuickstartResult
+    from mambakit.engine.app import QuickstartResult, run_quickstart
 
     row = {"app": app.name}
     print(f"mambakit quickstart: {app.name} ...", file=sys.stderr)
     start = time.perf_counter()
     try:
-        result = app.quickstart()
+        result = run_quickstart(app.quickstart, run_dir / app.name)
         if not isinstance(result, QuickstartResult):
             raise TypeError(f"quickstart() returned {type(result).__name__}, expected QuickstartResult")
         row.update(model=result.model, data=result.data, metric=result.metric, value=float(result.value),
@@ -375,15 +419,17 @@ def _quickstart(args) -> int:
         print("mambakit quickstart: no registered app has a quick recipe "
               f"(apps: {', '.join(apps) or 'none registered'})", file=sys.stderr)
         return 1
+    started = time.perf_counter()
     run_dir = _new_run_dir(args.out_dir)
     rows = [_run_one_quickstart(app, run_dir) for app in selected]
+    total = f"total wall time: {time.perf_counter() - started:.1f} s for {len(rows)} app(s)"
     table = _markdown_table(rows)
     (run_dir / "results.md").write_text(table + "\n")
     (run_dir / "results.json").write_text(json.dumps(
         [{k: (_fmt(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()} for r in rows],
         indent=2) + "\n")
-    print(table)
+    print(table)                  # stdout is the table alone (`mambakit quickstart > table.md`)
     failed = [r["app"] for r in rows if r.get("error")]
-    print(f"\nresults: {run_dir / 'results.md'} and results.json"
+    print(f"\n{total}\nresults: {run_dir / 'results.md'} and results.json; runs: {run_dir}/<app>/"
           + (f"; failed: {', '.join(failed)}" if failed else ""), file=sys.stderr)
     return 1 if failed else 0

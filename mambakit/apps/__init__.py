@@ -17,6 +17,7 @@ from importlib.metadata import entry_points
 
 from mambakit.data.registry import UnknownEntryError
 from mambakit.engine.app import App
+from mambakit.engine.recipes import add_recipe_dir
 
 __all__ = ["ENTRY_POINT_GROUP", "BUILTIN_COMMANDS", "register_app", "unregister_app", "discover", "iter_apps",
            "get_app", "broken_apps"]
@@ -81,6 +82,9 @@ def discover(refresh: bool = False) -> dict[str, App]:
         _FROM_ENTRY_POINTS = None
         _BROKEN.clear()
     apps = {**_load_entry_points(), **_IN_PROCESS}
+    for app in apps.values():
+        if app.recipe_dir is not None:
+            add_recipe_dir(app.name, app.recipe_dir)
     return dict(sorted(apps.items()))
 
 

@@ -39,12 +39,14 @@ _MISSING = object()
 
 def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = (),
                 data: dict | None = None) -> T:
-    """Build `schema` from a YAML file (or `data`), after applying `key.sub=value` overrides."""
+    """Build `schema` from a YAML file (or `data`), after applying `key.sub=value` overrides. `path` is a
+    file, or the name of a recipe that ships with mambakit (`mambakit.engine.recipes.resolve_recipe`)."""
     source = str(path) if path is not None else "<config>"
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{source}: config file not found")
+        from .recipes import resolve_recipe      # `path` may also name a packaged recipe (`smamba_custom`)
+
+        path = resolve_recipe(path)
+        source = str(path)
         try:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as e:

@@ -33,7 +33,7 @@ from typing import Any, Callable
 from .app import Verb
 from .config import ConfigError, apply_overrides, from_dict, load_config
 
-__all__ = ["standard_verbs", "train_verb", "eval_verb", "finetune_verb", "format_table"]
+__all__ = ["standard_verbs", "train_verb", "eval_verb", "finetune_verb", "format_table", "add_config_arguments"]
 
 TaskFactory = Callable[[Any], Any]
 
@@ -53,11 +53,26 @@ def _metric_rows(metrics: dict[str, float]) -> list[tuple[str, str]]:
     return [(key, f"{value:.6g}" if isinstance(value, float) else str(value)) for key, value in metrics.items()]
 
 
-def _add_config_arguments(parser: argparse.ArgumentParser, required: bool, default: str | None) -> None:
-    parser.add_argument("-c", "--config", required=required and default is None, default=default,
-                        metavar="RECIPE.yaml", help="the recipe (YAML)" + (f"; default {default}" if default else ""))
+def _add_config_arguments(parser: argparse.ArgumentParser, required: bool, default: str | None,
+                          app: str | None = None) -> None:
+    def recipe(spec: str) -> str:
+        # Resolved while parsing, so a wrong name fails before anything starts, with the app's close matches.
+        from .recipes import resolve_recipe
+        try:
+            return str(resolve_recipe(spec, app))
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    listing = f" (`mambakit {app} recipes` lists them)" if app else ""
+    parser.add_argument("-c", "--config", required=required and default is None, default=default, type=recipe,
+                        metavar="RECIPE", help=f"a recipe name{listing} or a YAML file"
+                                           + (f"; default {default}" if default else ""))
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
                         help="override recipe values, e.g. train.optimizer.lr=3e-4 train.epochs=5")
+
+
+#: For an app's own verbs: `-c RECIPE` (a packaged recipe name of `app` or a YAML path) and the overrides.
+add_config_arguments = _add_config_arguments
 
 
 def _load(recipe: type, args: argparse.Namespace) -> Any:
@@ -77,7 +92,7 @@ def _print_result(result, title: str) -> None:
 
 def train_verb(app: str, recipe: type, task_factory: TaskFactory, default_recipe: str | None = None) -> Verb:
     def add_arguments(parser: argparse.ArgumentParser) -> None:
-        _add_config_arguments(parser, required=True, default=default_recipe)
+        _add_config_arguments(parser, required=True, default=default_recipe, app=app)
         parser.add_argument("--run-dir", default=None, help="run folder (default: run.out_dir/<app>-<recipe>-<time>)")
         parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last "
                                                                    "good checkpoint")
@@ -97,7 +112,7 @@ def finetune_verb(app: str, recipe: type, task_factory: TaskFactory, default_rec
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--pretrained", required=True, metavar="NAME|PATH",
                             help="zoo weights name, checkpoint, run folder or state-dict file")
-        _add_config_arguments(parser, required=True, default=default_recipe)
+        _add_config_arguments(parser, required=True, default=default_recipe, app=app)
         parser.add_argument("--run-dir", default=None)
         parser.add_argument("--resume", action="store_true")
 
@@ -117,7 +132,7 @@ def eval_verb(app: str, recipe: type, task_factory: TaskFactory) -> Verb:
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--checkpoint", required=True, metavar="CKPT|RUN_DIR",
                             help="checkpoint file, or a run folder (its best checkpoint, else its latest)")
-        _add_config_arguments(parser, required=False, default=None)
+        _add_config_arguments(parser, required=False, default=None, app=app)
         parser.add_argument("--split", default="test", choices=["train", "val", "test"])
         parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
         parser.add_argument("--output", default=None, metavar="FILE.json", help="also write the metrics here")

@@ -26,7 +26,7 @@ from .config import MILRecipe
 
 __all__ = ["APP", "quickstart", "QUICK_RECIPES", "COHORT_RECIPES", "CONFIG_DIR"]
 
-CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs" / "pathology"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "pathology"
 QUICK_RECIPES = (CONFIG_DIR / "quick_cohort_mambamil.yaml", CONFIG_DIR / "quick_cohort_meanmil.yaml")
 COHORT_RECIPES = tuple(CONFIG_DIR / f"cohort_{m}.yaml" for m in ("mambamil", "abmil", "transmil", "meanmil"))
 

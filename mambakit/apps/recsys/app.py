@@ -23,7 +23,7 @@ from .datasets import DATASETS
 
 __all__ = ["APP", "QUICK_RECIPE", "quickstart"]
 
-QUICK_RECIPE = Path(__file__).resolve().parents[3] / "configs" / "recsys" / "quick_mamba4rec_ml100k.yaml"
+QUICK_RECIPE = Path(__file__).resolve().parents[2] / "configs" / "recsys" / "quick_mamba4rec_ml100k.yaml"
 
 
 def _task(config):

@@ -23,7 +23,7 @@ from .datasets import DATASETS
 
 __all__ = ["APP", "QUICK_RECIPE", "quickstart"]
 
-QUICK_RECIPE = Path(__file__).resolve().parents[3] / "configs" / "timeseries" / "quick_elecdemand.yaml"
+QUICK_RECIPE = Path(__file__).resolve().parents[2] / "configs" / "timeseries" / "quick_elecdemand.yaml"
 
 
 def _task(config):

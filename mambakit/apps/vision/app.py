@@ -26,7 +26,7 @@ from .weights import WEIGHTS
 
 __all__ = ["APP", "quickstart", "QUICK_RECIPE", "FINETUNE_RECIPE"]
 
-CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "vision"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "vision"
 QUICK_RECIPE = CONFIGS / "quick_vim_mnist.yaml"
 FINETUNE_RECIPE = CONFIGS / "finetune_vim_tiny_folder.yaml"
 
