@@ -335,6 +335,52 @@ def test_make_demo_prints_the_total_wall_time(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
+# registries fed from the app layer
+
+_PLUGIN_CALLS = []
+_TOY_ENTRY = DatasetEntry("plugin-toy", "toyapp", "a toy", [RemoteFile("t.csv", None, [UrlSource("http://x/t.csv")])])
+
+
+def _toy_plugin():
+    _PLUGIN_CALLS.append(1)
+    data_registry.add_dataset_provider(_toy_provider)
+
+
+def _toy_provider():
+    yield _TOY_ENTRY
+
+
+def test_plugins_feed_the_dataset_registry_once(monkeypatch):
+    import importlib.metadata
+
+    group = data_registry.PLUGIN_GROUP
+    fake = [EntryPoint("toy", f"{__name__}:_toy_plugin", group), EntryPoint("broken", "no_such_module_x:f", group)]
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group=None: [e for e in fake if e.group == group])
+    monkeypatch.setattr(data_registry, "_PLUGINS_LOADED", False)
+    monkeypatch.setattr(data_registry, "_PROVIDERS", [])
+    monkeypatch.setattr(data_registry, "_DATASETS", {})
+    _PLUGIN_CALLS.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert data_registry.get_dataset("plugin-toy") is _TOY_ENTRY
+    assert any("mambakit plugin broken = no_such_module_x:f failed: ModuleNotFoundError" in str(w.message)
+               for w in caught)
+    assert [e.name for e in data_registry.list_datasets()] == ["plugin-toy"]
+    assert _PLUGIN_CALLS == [1]                                   # loaded once per process
+
+
+def test_pyproject_names_the_app_layer_as_the_plugin():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert project["entry-points"]["mambakit.plugins"] == {"apps": "mambakit.apps:install"}
+    from mambakit.zoo import registry as zoo_registry
+    app_registry.install()
+    assert app_registry._datasets_of_apps in data_registry._PROVIDERS
+    assert app_registry._weights_of_apps in zoo_registry._PROVIDERS
+    apps, broken = zoo_registry.installed_apps()
+    assert apps == app_registry.discover() and broken == app_registry.broken_apps()
+
+
+# --------------------------------------------------------------------------------------------------
 # the wheel, in a fresh venv, from an empty folder
 
 @pytest.mark.slow

@@ -8,6 +8,13 @@ Two ways in:
 
 Discovery is lazy: nothing is imported until someone asks (`mambakit --help`, `data list`, ...). An app whose
 module fails to import does not break the others: it is reported by `broken_apps()` and shown as such.
+
+This is the layer that knows the apps, so it feeds the registries below it (`install()`, run on import and
+named in the `mambakit.plugins` entry-point group for processes that import only mambakit.data / .zoo): the
+dataset and weight registries get providers, which they ask on a lookup that misses or a full listing (and
+so discover the apps only then), and the zoo learns which apps can rebuild training checkpoints. Discovery
+adds each app's `recipe_dir` to the recipe names `-c` resolves. The data and zoo layers never import the
+apps (kernels <- core <- {engine, data, zoo} <- apps <- cli).
 """
 
 from __future__ import annotations
@@ -15,12 +22,13 @@ from __future__ import annotations
 from difflib import get_close_matches
 from importlib.metadata import entry_points
 
-from mambakit.data.registry import UnknownEntryError
+from mambakit.data.registry import UnknownEntryError, add_dataset_provider
 from mambakit.engine.app import App
 from mambakit.engine.recipes import add_recipe_dir
+from mambakit.zoo.registry import add_weights_provider, set_app_catalogue
 
 __all__ = ["ENTRY_POINT_GROUP", "BUILTIN_COMMANDS", "register_app", "unregister_app", "discover", "iter_apps",
-           "get_app", "broken_apps"]
+           "get_app", "broken_apps", "install"]
 
 ENTRY_POINT_GROUP = "mambakit.apps"
 #: Names the CLI keeps for itself; no app may take them.
@@ -107,3 +115,29 @@ def get_app(name: str) -> App:
     close = get_close_matches(name, list(apps) + list(BUILTIN_COMMANDS), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise UnknownEntryError(f"unknown app {name!r}{hint}; apps: {', '.join(apps) or 'none registered'}")
+
+
+def _datasets_of_apps():
+    for app in iter_apps():
+        yield from getattr(app, "datasets", ()) or ()
+
+
+def _weights_of_apps():
+    for app in iter_apps():
+        yield from getattr(app, "weights", ()) or ()
+
+
+def _catalogue() -> tuple[dict[str, App], dict[str, str]]:
+    return discover(), broken_apps()
+
+
+def install() -> None:
+    """Feed the registries below this layer: the apps' datasets and weights, and the installed apps (whose
+    rebuild_model turns training checkpoints into models). Named in pyproject's `mambakit.plugins` group, so
+    a process that never imports this module still gets them; running it again changes nothing."""
+    add_dataset_provider(_datasets_of_apps)
+    add_weights_provider(_weights_of_apps)
+    set_app_catalogue(_catalogue)
+
+
+install()

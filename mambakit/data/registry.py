@@ -28,7 +28,7 @@ import warnings
 from dataclasses import dataclass, field
 from difflib import get_close_matches
 from pathlib import Path, PurePosixPath
-from typing import Callable, Union
+from typing import Callable, Iterable, Union
 from urllib.parse import urlparse
 
 from mambakit.data.cache import file_lock, is_offline, mambakit_home, sha256_file
@@ -39,7 +39,7 @@ from mambakit.data.transforms import UNSAFE_TRANSFORMS, get_transform
 
 __all__ = [
     "UnknownEntryError", "UrlSource", "PackageSource", "LocalSource", "RemoteFile", "DatasetEntry",
-    "register_dataset", "unregister_dataset", "get_dataset", "list_datasets",
+    "register_dataset", "unregister_dataset", "add_dataset_provider", "load_plugins", "get_dataset", "list_datasets",
     "dataset_dir", "cached_files", "fetch", "fetch_file",
 ]
 
@@ -192,22 +192,54 @@ def unregister_dataset(name: str) -> None:
     _DATASETS.pop(name, None)
 
 
-def _collect_from_apps() -> None:
-    """Register the datasets every discovered app declares. Imported lazily: the data layer does not
-    depend on the apps; asking for the full list is what triggers app discovery."""
-    from mambakit.apps import iter_apps
+# --------------------------------------------------------------------------------------------------
+# providers: how entries declared above this layer get here
 
-    for app in iter_apps():
-        for entry in getattr(app, "datasets", ()) or ():
+# The entries are declared by the apps, a layer above this one, which this layer never imports. Instead the
+# layer that knows the apps adds providers: it does so when it is imported (`mambakit.apps`), and it is
+# named in the `mambakit.plugins` entry-point group (pyproject.toml), which a lookup that misses loads once,
+# so that `fetch("etth1")` works in a process that imported nothing but mambakit.data.
+PLUGIN_GROUP = "mambakit.plugins"
+_PROVIDERS: list[Callable[[], Iterable[DatasetEntry]]] = []
+_PLUGINS_LOADED = False
+
+
+def load_plugins() -> None:
+    """Call every entry point of the `mambakit.plugins` group once per process (each is a function that adds
+    providers to the registries). One that fails is reported as a warning; the others still load."""
+    global _PLUGINS_LOADED
+    if _PLUGINS_LOADED:
+        return
+    _PLUGINS_LOADED = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=PLUGIN_GROUP):
+        try:
+            ep.load()()
+        except Exception as e:  # a broken plugin must not hide the entries of the others
+            warnings.warn(f"mambakit plugin {ep.name} = {ep.value} failed: {type(e).__name__}: {e}")
+
+
+def add_dataset_provider(provider: Callable[[], Iterable[DatasetEntry]]) -> None:
+    """`provider()` yields DatasetEntry objects; they are registered on the first lookup that misses and on
+    every `list_datasets()`. Adding the same provider twice is a no-op."""
+    if provider not in _PROVIDERS:
+        _PROVIDERS.append(provider)
+
+
+def _collect_from_providers() -> None:
+    load_plugins()
+    for provider in list(_PROVIDERS):
+        for entry in provider():
             try:
                 register_dataset(entry)
             except (TypeError, ValueError) as e:
-                warnings.warn(f"app {app.name!r}: dataset not registered: {e}")
+                warnings.warn(f"app {getattr(entry, 'app', '?')!r}: dataset not registered: {e}")
 
 
 def get_dataset(name: str) -> DatasetEntry:
     if name not in _DATASETS:
-        _collect_from_apps()
+        _collect_from_providers()
     try:
         return _DATASETS[name]
     except KeyError:
@@ -218,7 +250,7 @@ def get_dataset(name: str) -> DatasetEntry:
 
 
 def list_datasets() -> list[DatasetEntry]:
-    _collect_from_apps()
+    _collect_from_providers()
     return sorted(_DATASETS.values(), key=lambda e: (e.app, e.name))
 
 

@@ -20,11 +20,13 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from difflib import get_close_matches
+from typing import Any, Callable, Iterable, Mapping
 
 from mambakit.data.download import _normalise_sha256
-from mambakit.data.registry import UnknownEntryError
+from mambakit.data.registry import UnknownEntryError, load_plugins
 
-__all__ = ["WeightEntry", "register_weights", "unregister_weights", "get_weights", "list_weights"]
+__all__ = ["WeightEntry", "register_weights", "unregister_weights", "add_weights_provider", "set_app_catalogue",
+           "installed_apps", "get_weights", "list_weights"]
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
@@ -85,20 +87,50 @@ def unregister_weights(name: str) -> None:
     _WEIGHTS.pop(name, None)
 
 
-def _collect_from_apps() -> None:
-    from mambakit.apps import iter_apps  # lazy: asking for the full list is what triggers app discovery
+# The entries are declared by the apps, a layer above this one, which this layer never imports: the layer
+# that knows the apps adds providers (see mambakit.data.registry.load_plugins for how a fresh process gets
+# them), and a lookup that misses or a full listing asks them.
+_PROVIDERS: list[Callable[[], Iterable[WeightEntry]]] = []
+# Training checkpoints name the app that wrote them, and that app rebuilds their model: the app layer tells
+# this one which apps are installed (name -> App) and which failed to load (name -> reason).
+_APP_CATALOGUE: Callable[[], tuple[Mapping[str, Any], Mapping[str, str]]] | None = None
 
-    for app in iter_apps():
-        for entry in getattr(app, "weights", ()) or ():
+
+def add_weights_provider(provider: Callable[[], Iterable[WeightEntry]]) -> None:
+    """`provider()` yields WeightEntry objects; they are registered on the first lookup that misses and on
+    every `list_weights()`. Adding the same provider twice is a no-op."""
+    if provider not in _PROVIDERS:
+        _PROVIDERS.append(provider)
+
+
+def set_app_catalogue(catalogue: Callable[[], tuple[Mapping[str, Any], Mapping[str, str]]]) -> None:
+    """`catalogue()` returns (installed apps by name, apps that failed to load: name -> reason)."""
+    global _APP_CATALOGUE
+    _APP_CATALOGUE = catalogue
+
+
+def installed_apps() -> tuple[dict[str, Any], dict[str, str]]:
+    """(installed apps by name, broken apps: name -> reason), as the app layer discovers them."""
+    load_plugins()
+    if _APP_CATALOGUE is None:
+        return {}, {}
+    apps, broken = _APP_CATALOGUE()
+    return dict(apps), dict(broken)
+
+
+def _collect_from_providers() -> None:
+    load_plugins()
+    for provider in list(_PROVIDERS):
+        for entry in provider():
             try:
                 register_weights(entry)
             except (TypeError, ValueError) as e:
-                warnings.warn(f"app {app.name!r}: weights not registered: {e}")
+                warnings.warn(f"app {getattr(entry, 'app', '?')!r}: weights not registered: {e}")
 
 
 def get_weights(name: str) -> WeightEntry:
     if name not in _WEIGHTS:
-        _collect_from_apps()
+        _collect_from_providers()
     try:
         return _WEIGHTS[name]
     except KeyError:
@@ -117,5 +149,5 @@ def is_registered(name: str) -> bool:
 
 
 def list_weights() -> list[WeightEntry]:
-    _collect_from_apps()
+    _collect_from_providers()
     return sorted(_WEIGHTS.values(), key=lambda e: (e.app, e.name))
