@@ -149,7 +149,7 @@ def _recipes_verb(app):
 
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("name", nargs="?", metavar="RECIPE",
-                            help="print this recipe's YAML (e.g. `... recipes NAME > my.yaml`, then edit and -c my.yaml)")
+                            help="print this recipe's YAML (`... recipes NAME > my.yaml`, edit, then -c my.yaml)")
 
     def run(args: argparse.Namespace) -> int:
         from mambakit.engine.recipes import list_recipes, recipe_dirs, resolve_recipe

@@ -6,7 +6,11 @@ Each app's `app.py` builds one `App` and names it in pyproject's `mambakit.apps`
     timeseries = "mambakit.apps.timeseries.app:APP"
 
 `mambakit --help` lists every registered app with its one-line description; `mambakit <app> <verb>`
-runs a verb. Keep `app.py` cheap to import: heavy imports go inside the verb functions.
+runs a verb. Keep `app.py` cheap to import: heavy imports go inside the verb functions. Every app also gets
+`recipes` from the CLI (its packaged recipes, mambakit/configs/<name>/, plus `recipe_dir`).
+
+`quickstart(out_dir=FOLDER) -> QuickstartResult` trains the quick recipe with its runs in FOLDER, which
+`mambakit quickstart --out-dir DIR` sets to DIR/quickstart-<time>/<app>/ (`run_quickstart` calls it).
 
 `rebuild_model` lets `mambakit.zoo.load_pretrained("runs/<x>")` turn the app's training checkpoints (format
 "mambakit-checkpoint-v1", whose "app" names the app) back into models:
