@@ -297,13 +297,14 @@ def _read_long(df: pd.DataFrame, source: str, date_column: str, id_column: str, 
     if len(no_id):
         raise DataError(f"{source}: line {_line(no_id[0])}, column '{id_column}': missing series id")
     ids = ids.astype(str).str.strip()
+    groups = ids.groupby(ids, sort=False).indices                  # id -> its file rows, one pass
     names = sorted(ids.unique())
     dates = _parse_dates(source, df[date_column], date_column)
     values = np.stack([_parse_numbers(source, df[c], c, fill != "none") for c in value_columns], axis=1)
 
     series, file_rows = {}, {}
     for name in names:
-        rows = np.flatnonzero((ids == name).to_numpy())
+        rows = np.asarray(groups[name])
         rows = rows[np.argsort(dates[rows], kind="stable")]      # a long file need not be sorted
         _check_order(source, dates[rows], df[date_column], date_column, rows, series=f"{id_column} '{name}': ")
         file_rows[name] = rows

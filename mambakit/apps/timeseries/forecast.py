@@ -12,6 +12,7 @@ are rolled out: the forecast is fed back as input (features M and S only).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,9 +89,12 @@ def read_training_way(csv: str | Path, meta: dict):
                         freq=meta.get("data_freq"), fill=meta.get("fill", "none"))
     if frame.columns != meta["columns"]:
         absent = [c for c in meta["columns"] if c not in frame.columns]
-        what = (f"series {', '.join(absent)} (no rows for them in id column '{frame.id_column}')" if absent
-                else f"columns in the order {frame.columns}")
-        raise DataError(f"{frame.source}: the model was trained on {meta['columns']}; this file gives {what}")
+        if absent:
+            raise DataError(f"{frame.source}: the model was trained on {meta['columns']}; this file gives series "
+                            f"{', '.join(absent)} (no rows for them in id column '{frame.id_column}')")
+        # a long file with more series than the model's: keep the model's, in its order
+        keep = [frame.columns.index(c) for c in meta["columns"]]
+        frame = dataclasses.replace(frame, values=frame.values[:, keep], columns=list(meta["columns"]))
     if frame.fill_note():
         print(f"note: {frame.fill_note()}", file=sys.stderr, flush=True)
     return frame

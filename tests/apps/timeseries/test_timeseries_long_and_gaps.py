@@ -246,6 +246,10 @@ def test_forecast_refuses_a_file_without_a_station_of_the_model(long_run, tmp_pa
     with pytest.raises(DataError, match=r"fewer\.csv: the model was trained on .*; this file gives series "
                                         r"temp@C, wind@C \(no rows for them in id column 'station'\)"):
         forecast_csv(model, fewer)
+    more = tmp_path / "more.csv"              # a fourth station the model never saw: left out, same forecast
+    extra = df[df.station == "A"].assign(station="D", temp=lambda d: d.temp + 100)
+    pd.concat([extra, df]).to_csv(more, index=False)
+    np.testing.assert_array_equal(forecast_csv(model, more).values, forecast_csv(model, long_run["csv"]).values)
 
 
 def test_fill_none_refuses_the_long_file_in_training(long_run, tmp_path):
