@@ -90,7 +90,10 @@ class ForecastData:
     dataset: str | None = None        # a registry name (etth1, elecdemand, ...); fetched into the cache
     path: str | None = None           # or a local CSV (wins over `dataset`)
     date_column: str = "date"
-    columns: list[str] | None = None  # value columns to use (default: all but the date column)
+    # Long files: the column telling stacked series apart (a station, a meter). The series are pivoted into
+    # variates named `column@id` (ids sorted), one model sees them all; the target then names one of them.
+    id_column: str | None = None
+    columns: list[str] | None = None  # value columns to use (default: all but the date and id columns)
     target: str | None = "OT"         # S / MS forecast it; for M it is moved last, as TSLib does
     features: Literal["M", "S", "MS"] = "M"
     split: Literal["ett_hour", "ett_minute", "ratio"] = "ratio"
@@ -100,7 +103,10 @@ class ForecastData:
     # that is shorter.
     label_len: int | None = None
     pred_len: int = 96                # horizon
-    freq: str | None = None           # pandas frequency for the calendar features (default: inferred)
+    freq: str | None = None           # the series' step, pandas style ('h', '30min'; default: inferred)
+    # Missing time steps and empty values: none = refuse them (naming the first), interpolate (linear in time),
+    # ffill (last value before), zero. Recorded in the run: eval and forecast fill the same way.
+    fill: Literal["none", "interpolate", "ffill", "zero"] = "none"
     timeenc: Literal["timeF", "none"] = "timeF"
     scale: bool = True                # standardise with the training part's mean / std
 

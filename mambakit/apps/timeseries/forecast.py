@@ -12,6 +12,8 @@ are rolled out: the forecast is fed back as input (features M and S only).
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -78,6 +80,26 @@ def _same_frequency(a: str, b: str) -> bool:
         return a == b
 
 
+def read_training_way(csv: str | Path, meta: dict):
+    """`csv` read exactly as the training file was (date and id columns, columns, target, frequency setting,
+    fill), from the run's recorded settings: the user passes the original file, renamed nothing.
+    Checkpoints written before these settings were recorded read a wide file with fill none."""
+    frame = read_series(csv, date_column=meta["date_column"], columns=meta.get("source_columns", meta["columns"]),
+                        target=meta["target"], features=meta["features"], id_column=meta.get("id_column"),
+                        freq=meta.get("data_freq"), fill=meta.get("fill", "none"))
+    if frame.columns != meta["columns"]:
+        absent = [c for c in meta["columns"] if c not in frame.columns]
+        if absent:
+            raise DataError(f"{frame.source}: the model was trained on {meta['columns']}; this file gives series "
+                            f"{', '.join(absent)} (no rows for them in id column '{frame.id_column}')")
+        # a long file with more series than the model's: keep the model's, in its order
+        keep = [frame.columns.index(c) for c in meta["columns"]]
+        frame = dataclasses.replace(frame, values=frame.values[:, keep], columns=list(meta["columns"]))
+    if frame.fill_note():
+        print(f"note: {frame.fill_note()}", file=sys.stderr, flush=True)
+    return frame
+
+
 def forecast_csv(model: Forecaster, csv: str | Path, horizon: int | None = None, holdout: int = 0,
                  columns: Sequence[str] | None = None) -> ForecastOutput:
     """Forecast `horizon` steps (default: the model's) after the end of `csv` (minus `holdout` rows)."""
@@ -88,9 +110,8 @@ def forecast_csv(model: Forecaster, csv: str | Path, horizon: int | None = None,
         raise ValueError(f"--horizon must be >= 1, got {horizon}")
     if holdout < 0:
         raise ValueError(f"--holdout must be >= 0, got {holdout}")
-    frame = read_series(csv, date_column=meta["date_column"], columns=meta["columns"], target=meta["target"],
-                        features=features)
-    freq = infer_frequency(frame.dates, frame.source, meta["date_column"])
+    frame = read_training_way(csv, meta)
+    freq = frame.freq or infer_frequency(frame.dates, frame.source, meta["date_column"])
     if not _same_frequency(freq, meta["freq"]):
         raise DataError(f"{frame.source}: the dates are {freq!r}-spaced but the model was trained on "
                         f"{meta['freq']!r} data")

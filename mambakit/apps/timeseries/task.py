@@ -9,6 +9,7 @@ over every test window, step and variate on the scaled data, with the best-valid
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -111,7 +112,10 @@ class ForecastTask(Task):
         if self._splits is None:
             d = self.config.data
             frame = read_series(resolve_data_path(d), date_column=d.date_column, columns=d.columns,
-                                target=d.target, features=d.features)
+                                target=d.target, features=d.features, id_column=d.id_column, freq=d.freq,
+                                fill=d.fill)
+            if frame.fill_note():
+                print(f"note: {frame.fill_note()}", file=sys.stderr, flush=True)
             self._splits = build_splits(frame, d.seq_len, d.label_len, d.pred_len, split=d.split,
                                         ratios=d.split_ratios, scale=d.scale, freq=d.freq, timeenc=d.timeenc,
                                         date_column=d.date_column)
@@ -121,7 +125,10 @@ class ForecastTask(Task):
         s, d = self.splits, self.config.data
         return {"columns": s.columns, "target": s.target, "features": s.features, "freq": s.freq,
                 "mark_names": s.mark_names, "seq_len": d.seq_len, "label_len": d.label_len,
-                "pred_len": d.pred_len, "date_column": d.date_column, "model": self.config.model.name}
+                "pred_len": d.pred_len, "date_column": d.date_column, "model": self.config.model.name,
+                # how the file was read, so that `forecast` reads a new one the same way
+                "id_column": d.id_column, "source_columns": list(s.source_columns or s.columns), "fill": d.fill,
+                "data_freq": d.freq}
 
     def build_datasets(self) -> Datasets:
         s = self.splits
