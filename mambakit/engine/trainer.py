@@ -587,6 +587,7 @@ class Trainer:
             loader, sampler = self._train_loader(p.epoch, p.batch_in_epoch)
             stop_now = False
             self.model.train()
+            offset = -1
             for offset, batch in enumerate(loader):
                 index = sampler.start_batch + offset                   # global micro-batch index in the epoch
                 window = index // cfg.grad_accum
@@ -611,6 +612,10 @@ class Trainer:
                 if max_reached:
                     stop_now = True
                     break
+            if offset < 0 and p.batch_in_epoch < self.batches_per_epoch:
+                # would loop forever: the sampler's epoch is shorter than the one the step counts assume
+                raise RuntimeError(f"the training loader of epoch {p.epoch} yielded no batch from micro-batch "
+                                   f"{p.batch_in_epoch} on, but the epoch has {self.batches_per_epoch}")
             if p.batch_in_epoch >= self.batches_per_epoch:
                 p.epoch += 1
                 p.batch_in_epoch = 0
