@@ -324,6 +324,18 @@ def test_bf16_autocast_computes_the_gradient_in_bfloat16(tmp_path, precision):
     assert final["model"]["u"].dtype == torch.float32                   # master weights stay float32
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 trains with a gradient scaler, on CUDA only")
+def test_fp16_unscales_the_gradient_before_clipping(tmp_path):
+    # X's rows, their products with 1/8 and the scaled gradients (< 65504) are exact in float16, so with the
+    # scaler's 2**16 undone before clipping the step is the float32 one: lr * g * clip / |g|
+    task, result, final = train("train.batch_size=8", "train.precision=fp16", "train.device=cuda",
+                                "train.clip_grad_norm=0.5", "train.log_every_steps=1", tmp_path=tmp_path)
+    g = grads(X[:8])
+    norm = math.sqrt(sum(float((v ** 2).sum()) for v in g.values()))
+    assert_params(final["model"], step(init64(), g, 0.5, min(1.0, 0.5 / norm)), atol=1e-5)
+    assert [r["train/grad_norm"] for r in result.history if "train/grad_norm" in r] == [pytest.approx(norm, rel=1e-3)]
+
+
 # --------------------------------------------------------------------------------------------------
 # early stopping through the fit loop
 
