@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunLogger", "format_metrics"]
+__all__ = ["RunLogger", "format_metrics", "list_artefacts", "format_artefacts", "format_size"]
 
 
 def _jsonable(value: Any) -> Any:
@@ -36,6 +36,46 @@ def _write_text_atomically(path: Path, text: str) -> None:
 def format_metrics(metrics: dict[str, float], digits: int = 4) -> str:
     return "  ".join(f"{key} {value:.{digits}g}" if isinstance(value, float) else f"{key} {value}"
                      for key, value in metrics.items())
+
+
+def format_size(n: int) -> str:
+    """Bytes for people: 512 B, 12.3 KiB, 4.0 MiB, 1.2 GiB."""
+    size, unit = float(n), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            break
+        size /= 1024
+    return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
+
+
+def list_artefacts(folder: str | Path) -> list[tuple[str, int]]:
+    """Every file under `folder` as (path relative to it, bytes), sorted; temporary files are left out."""
+    folder = Path(folder)
+    found = []
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and ".tmp-" not in path.name:
+            found.append((path.relative_to(folder).as_posix(), path.stat().st_size))
+    return found
+
+
+def format_artefacts(folder: str | Path, artefacts: list[tuple[str, int]], per_folder: int = 12) -> str:
+    """The list printed at the end of a run: one line per file with its size; a sub-folder with more than
+    `per_folder` files (heatmaps of every slide) shows its first ones and a line with the rest's count and size."""
+    total = sum(size for _, size in artefacts)
+    lines = [f"wrote {len(artefacts)} file(s), {format_size(total)}, in {folder}:"]
+    width = max((len(name) for name, _ in artefacts), default=0)
+    shown: dict[str, int] = {}
+    rest: dict[str, list[int]] = {}
+    for name, size in artefacts:
+        parent = name.rsplit("/", 1)[0] if "/" in name else ""
+        shown[parent] = shown.get(parent, 0) + 1
+        if shown[parent] > per_folder:
+            rest.setdefault(parent, []).append(size)
+            continue
+        lines.append(f"  {name:<{width}}  {format_size(size):>10}")
+    for parent, sizes in rest.items():
+        lines.append(f"  {parent}/: {len(sizes)} more file(s), {format_size(sum(sizes))}")
+    return "\n".join(lines)
 
 
 class RunLogger:

@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 from .app import Verb
 from .config import ConfigError, apply_overrides, from_dict, load_config
+from .logs import format_size
 
 __all__ = ["standard_verbs", "train_verb", "eval_verb", "finetune_verb", "format_table", "add_config_arguments"]
 
@@ -154,7 +155,9 @@ def eval_verb(app: str, recipe: type, task_factory: TaskFactory) -> Verb:
             print(f"\ncheckpoint: {path}")
             print(format_table(_metric_rows(metrics)))
             if args.output:
-                Path(args.output).write_text(json.dumps(metrics, indent=1) + "\n")
+                output = Path(args.output)
+                output.write_text(json.dumps(metrics, indent=1) + "\n")
+                print(f"wrote {output} ({format_size(output.stat().st_size)})")
         return 0
 
     return Verb("eval", f"evaluate a {app} checkpoint on a split", add_arguments, run)

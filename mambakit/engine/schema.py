@@ -11,6 +11,7 @@ results go). An app's recipe schema is a dataclass with its own `data:` and `mod
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -110,6 +111,9 @@ class TrainConfig:
     memory_efficient: bool = False
     eval_every_epochs: int = 1
     checkpoint_every_steps: int | None = None   # in addition to every epoch end
+    # Also checkpoint mid-epoch once this many minutes passed since the last checkpoint (or the start), so a
+    # crash in a long epoch -- or in a quick recipe's single epoch -- loses at most this much work. null: off.
+    checkpoint_every_minutes: float | None = 5.0
     keep_checkpoints: int = 2
     num_workers: int = 0
     seed: int = 0
@@ -129,6 +133,9 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or null, got {value}")
+        minutes = self.checkpoint_every_minutes
+        if minutes is not None and not (minutes > 0 and math.isfinite(minutes)):
+            raise ValueError(f"checkpoint_every_minutes must be > 0 or null, got {minutes}")
         if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
             raise ValueError(f"clip_grad_norm must be > 0 or null, got {self.clip_grad_norm}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:

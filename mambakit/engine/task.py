@@ -106,16 +106,24 @@ class Task(abc.ABC):
 
 @dataclass
 class PretrainedReport:
-    loaded: list[str] = field(default_factory=list)
+    """What fine-tuning took from pretrained weights. The engine prints `summary()` when the run starts and
+    keeps it in summary.json's notes; it fills `fresh`, `source` and `available` when a task leaves them out."""
+    loaded: list[str] = field(default_factory=list)           # model keys that got a pretrained tensor
     skipped_shape: list[str] = field(default_factory=list)    # "key: checkpoint (a, b) vs model (c, d)"
     missing: list[str] = field(default_factory=list)          # model keys the weights did not provide
     unexpected: list[str] = field(default_factory=list)       # weight keys the model does not have
+    fresh: list[str] = field(default_factory=list)            # model keys left as initialised (e.g. the head)
+    source: str = ""                                          # where the weights came from
+    available: int | None = None                              # tensors in the weights
 
     def summary(self, limit: int = 8) -> str:
-        lines = [f"loaded {len(self.loaded)} tensors"]
-        for title, items in (("skipped (shape mismatch)", self.skipped_shape),
-                             ("missing from the weights (kept as initialised)", self.missing),
-                             ("unused weights", self.unexpected)):
+        held = f" of the {self.available} tensors in the weights" if self.available is not None else ""
+        lines = [f"pretrained weights from {self.source or 'the given state dict'}: loaded {len(self.loaded)} "
+                 f"tensors{held}"]
+        fresh = self.fresh or [*self.missing, *(item.split(":")[0] for item in self.skipped_shape)]
+        for title, items in (("left fresh (as initialised)", fresh),
+                             ("dropped from the weights, shape mismatch", self.skipped_shape),
+                             ("dropped from the weights, unused by the model", self.unexpected)):
             if items:
                 shown = ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
                 lines.append(f"{title}: {len(items)}: {shown}")
@@ -139,6 +147,7 @@ def load_matching(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> P
             usable[key] = value
             report.loaded.append(key)
     report.missing = [key for key in own if key not in state_dict]
+    report.fresh = [key for key in own if key not in usable]
     if not usable:
         example = ", ".join(list(state_dict)[:5])
         raise ValueError(f"none of the {len(state_dict)} pretrained tensors matches the model by key and shape "

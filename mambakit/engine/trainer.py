@@ -18,8 +18,15 @@ A checkpoint holds: format, app, model, ema, optimizers, schedulers, scaler, rng
 world_size, progress {epoch, step, batch_in_epoch, stopped_early}, early_stopping (best value, epoch,
 step, file, bad-evaluation count), history (every logged row) and config (the recipe as plain data).
 `epoch` counts completed epochs; `batch_in_epoch` is the number of global micro-batches of epoch `epoch`
-already trained on, so a resume restarts the epoch's permutation at that offset. Checkpoints are taken every
-`checkpoint_every_steps` optimiser steps and at each epoch end (after its evaluation).
+already trained on, so a resume restarts the epoch's permutation at that offset. Checkpoints are taken at each
+epoch end (after its evaluation), every `checkpoint_every_steps` optimiser steps, and after the first optimiser
+step that ends `checkpoint_every_minutes` after the previous checkpoint (the default, 5 minutes, makes long
+epochs and single-epoch quick recipes resumable). Under DDP rank 0's clock decides, so all ranks save together.
+
+The run folder is created only once the run has started (model, data, weights, resume checkpoint all ready):
+a start that fails leaves no folder behind, and one that fails before writing any checkpoint or metric row
+removes what the engine put into a folder it created. At the end the engine lists every file in the run
+folder with its size (checkpoints, logs, curves, and what the task's on_fit_end wrote: plots, heatmaps).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import contextlib
 import datetime as _dt
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +53,7 @@ from .distributed import (DistEnv, EpochBatchSampler, epoch_generator, SeededSam
                           all_reduce_sum, barrier, broadcast_object, gather_outputs, init_distributed,
                           split_sizes, world_size)
 from .ema import ModelEMA
-from .logs import RunLogger, format_metrics
+from .logs import RunLogger, format_artefacts, format_metrics, list_artefacts
 from .optim import Scheduler, build_optimizer
 from .plots import plot_curves
 from .schema import EarlyStoppingConfig, RunConfig, TrainConfig
@@ -238,6 +246,7 @@ class FitResult:
     stopped_early: bool = False
     wall_time_s: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
+    artefacts: list[tuple[str, int]] = field(default_factory=list)   # (path in the run folder, bytes)
 
 
 @dataclass
@@ -269,11 +278,14 @@ class _EngineStepContext(StepContext):
 
 class Trainer:
     """Trains `task` (see engine/task.py). `pretrained`: a zoo name, checkpoint or state-dict file loaded
-    through `task.load_pretrained` into the freshly built model (fine-tuning; ignored when resuming)."""
+    through `task.load_pretrained` into the freshly built model (fine-tuning; ignored when resuming).
+    `clock`: seconds from a monotonic clock, read for the time-triggered checkpoints (tests inject one)."""
 
-    def __init__(self, task: Task, *, pretrained: str | Path | None = None):
+    def __init__(self, task: Task, *, pretrained: str | Path | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.task = task
         self.pretrained = pretrained
+        self.clock = clock
         self.train_cfg: TrainConfig = getattr(task.config, "train", None) or TrainConfig()
         self.run_cfg: RunConfig = getattr(task.config, "run", None) or RunConfig()
 
@@ -322,21 +334,33 @@ class Trainer:
             history = self._resume()
         else:
             seed_everything(sample_seed(cfg.seed, 1, env.rank))  # the training stream, distinct per rank
-        self.logger = RunLogger(self.run_dir, enabled=env.is_main, tensorboard=self.run_cfg.tensorboard,
-                                progress=self.run_cfg.progress, history=history)
-        if env.is_main:
-            save_config(self.task.config, self.run_dir / "config.yaml")
-            self.logger.message(f"run folder: {self.run_dir}  ({env.world_size} process(es) on "
-                                f"{env.device.type}, {self.steps_per_epoch} steps/epoch, "
-                                f"{self.total_steps} steps)")
-            for note in self._notes:
-                self.logger.note(note)
 
+        # Everything the run needs is ready: only now does the run folder appear.
+        created = _on_main(lambda: _make_dirs(self.run_dir), env) or []
+        self.logger = None
         try:
+            self.logger = RunLogger(self.run_dir, enabled=env.is_main, tensorboard=self.run_cfg.tensorboard,
+                                    progress=self.run_cfg.progress, history=history)
+            if env.is_main:
+                save_config(self.task.config, self.run_dir / "config.yaml")
+                self.logger.message(f"run folder: {self.run_dir}  ({env.world_size} process(es) on "
+                                    f"{env.device.type}, {self.steps_per_epoch} steps/epoch, "
+                                    f"{self.total_steps} steps)")
+                for note in self._notes:
+                    self.logger.note(note)
             self._train_loop()
             result = self._finish(started)
-        finally:
-            self.logger.close()
+            if env.is_main:
+                result.artefacts = list_artefacts(self.run_dir)
+                self.logger.message(format_artefacts(self.run_dir, result.artefacts))
+        except BaseException:
+            if self.logger is not None:
+                self.logger.close()
+            if env.is_main and created and self.last_checkpoint is None and \
+                    not (self.logger is not None and self.logger.history):
+                _remove_engine_files(self.run_dir, created)   # nothing of value was written
+            raise
+        self.logger.close()
         barrier(env)
         return result
 
@@ -352,16 +376,17 @@ class Trainer:
             run_dir = Path(self.run_cfg.out_dir) / name
         run_dir = Path(broadcast_object(str(run_dir), self.env))
 
-        def check_and_create() -> None:
+        def check() -> None:   # the folder itself is made once the run has started (see fit)
             if resume:
                 if not run_dir.is_dir():
                     raise CheckpointError(f"cannot resume: run folder {run_dir} does not exist")
             elif (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
                 raise ValueError(f"run folder {run_dir} already holds checkpoints; pass --resume to continue it, "
                                  "or choose another --run-dir")
-            run_dir.mkdir(parents=True, exist_ok=True)
+            elif run_dir.exists() and not run_dir.is_dir():
+                raise ValueError(f"run folder {run_dir} is a file; choose another --run-dir")
 
-        _on_main(check_and_create, self.env)
+        _on_main(check, self.env)
         return run_dir
 
     def _check_datasets(self, datasets: Datasets) -> Datasets:
@@ -401,9 +426,15 @@ class Trainer:
         state, description = read_pretrained_weights(self.pretrained)
         report = self.task.load_pretrained(module, state)
         if isinstance(report, PretrainedReport):
-            self._notes.append(f"pretrained weights from {description}: " + report.summary().replace("\n", "; "))
+            if not report.fresh:   # a task's own report may leave it out: the model keys that were not loaded
+                loaded = set(report.loaded)
+                report.fresh = [key for key in module.state_dict() if key not in loaded]
+            report.source, report.available = description, len(state)
+            self.pretrained_report = report
+            self._notes.append(report.summary().replace("\n", "; "))
         else:
-            self._notes.append(f"pretrained weights from {description}")
+            self._notes.append(f"pretrained weights from {description} ({len(state)} tensors; "
+                               f"{type(self.task).__name__}.load_pretrained returned no report of what it loaded)")
 
     def _wrap(self, module: nn.Module) -> nn.Module:
         if not self.env.distributed:
@@ -467,6 +498,7 @@ class Trainer:
             prune_checkpoints(self.ckpt_dir, self.train_cfg.keep_checkpoints, protect)
         self.tracker.best_file = broadcast_object(self.tracker.best_file, self.env)
         self.last_checkpoint = self.ckpt_dir / checkpoint_name(self.progress.step)
+        self._last_save_time = self.clock()
 
     def _resume(self) -> list[dict[str, Any]]:
         env = self.env
@@ -536,14 +568,26 @@ class Trainer:
                             generator=torch.Generator().manual_seed(sample_seed(cfg.seed, epoch, 3)))
         return loader, sampler
 
+    def _checkpoint_due(self) -> bool:
+        cfg = self.train_cfg
+        if cfg.checkpoint_every_steps and self.progress.step % cfg.checkpoint_every_steps == 0:
+            return True
+        if cfg.checkpoint_every_minutes is None:
+            return False
+        due = self.clock() - self._last_save_time >= 60.0 * cfg.checkpoint_every_minutes
+        # Saving is collective (the rng gather): every rank must take rank 0's decision.
+        return bool(broadcast_object(due, self.env)) if self.env.distributed else due
+
     def _train_loop(self) -> None:
         cfg, env, p = self.train_cfg, self.env, self.progress
+        self._last_save_time = self.clock()
         self.logger.start_progress(self.total_steps, initial=min(p.step, self.total_steps))
         self._window = _LogWindow(env.device)
         while not self._finished():
             loader, sampler = self._train_loader(p.epoch, p.batch_in_epoch)
             stop_now = False
             self.model.train()
+            offset = -1
             for offset, batch in enumerate(loader):
                 index = sampler.start_batch + offset                   # global micro-batch index in the epoch
                 window = index // cfg.grad_accum
@@ -563,12 +607,15 @@ class Trainer:
                 self._after_update()
                 epoch_end = index == self.batches_per_epoch - 1
                 max_reached = cfg.max_steps is not None and p.step >= cfg.max_steps
-                if cfg.checkpoint_every_steps and p.step % cfg.checkpoint_every_steps == 0 \
-                        and not epoch_end and not max_reached:
-                    self._save()
+                if not epoch_end and not max_reached and self._checkpoint_due():
+                    self._save()   # mid-epoch; the epoch end and the max_steps end save anyway
                 if max_reached:
                     stop_now = True
                     break
+            if offset < 0 and p.batch_in_epoch < self.batches_per_epoch:
+                # would loop forever: the sampler's epoch is shorter than the one the step counts assume
+                raise RuntimeError(f"the training loader of epoch {p.epoch} yielded no batch from micro-batch "
+                                   f"{p.batch_in_epoch} on, but the epoch has {self.batches_per_epoch}")
             if p.batch_in_epoch >= self.batches_per_epoch:
                 p.epoch += 1
                 p.batch_in_epoch = 0
@@ -707,6 +754,39 @@ class Trainer:
             (self.run_dir / "summary.json").write_text(json.dumps(_finite(summary), indent=1, default=str) + "\n")
             self.task.on_fit_end(self.module, self.run_dir)
         return result
+
+
+def _make_dirs(folder: Path) -> list[Path]:
+    """mkdir -p that returns the folders it created, outermost first."""
+    missing = []
+    for candidate in [folder, *folder.parents]:
+        if candidate.exists():
+            break
+        missing.append(candidate)
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing[::-1]
+
+
+# What the engine itself writes into a run folder before the first checkpoint or logged row.
+_ENGINE_FILES = ("config.yaml", "metrics.jsonl", "metrics.csv", "summary.json")
+
+
+def _remove_engine_files(run_dir: Path, created: list[Path]) -> None:
+    """After a start that failed: delete the engine's own files from the run folder and the folders this run
+    created, if they are then empty. Anything else (a file the user put there) keeps its folder."""
+    for name in _ENGINE_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    for name in ("tensorboard", "checkpoints"):
+        sub = run_dir / name
+        if sub.is_dir():
+            for path in sub.iterdir():
+                if path.is_file() and (path.name.startswith("events.out.tfevents.") or ".tmp-" in path.name):
+                    path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                sub.rmdir()
+    for folder in reversed(created):   # innermost first; rmdir refuses a folder that is not empty
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
 
 
 def _on_main(fn: Callable[[], Any], env: DistEnv) -> Any:

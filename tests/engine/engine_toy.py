@@ -5,7 +5,8 @@ Run as a script (also under torchrun) to train it in a fresh process:
     python tests/engine/engine_toy.py RUN_DIR [--resume] [key.sub=value ...]
 
 MAMBAKIT_TEST_KILL_AT_CALL=k makes the process SIGKILL itself at the k-th call of training_step (1-based),
-to test resuming after a hard crash.
+to test resuming after a hard crash. MAMBAKIT_TEST_SECONDS_PER_CALL=s gives rank 0 a clock that moves s seconds
+per training_step call (the other ranks' clocks stand still: rank 0 alone decides time-triggered checkpoints).
 """
 
 from __future__ import annotations
@@ -133,7 +134,11 @@ def main(argv: list[str]) -> None:
     args = [a for a in argv if a != "--resume"]
     run_dir, overrides = args[0], args[1:]
     config = load_config(ToyRecipe, None, overrides)
-    result = Trainer(ToyTask(config)).fit(run_dir, resume=resume)
+    task = ToyTask(config)
+    seconds = float(os.environ.get("MAMBAKIT_TEST_SECONDS_PER_CALL", "0"))
+    rank0 = int(os.environ.get("RANK", 0)) == 0
+    clock = (lambda: seconds * task.calls if rank0 else 0.0) if seconds else None
+    result = Trainer(task, **({"clock": clock} if clock else {})).fit(run_dir, resume=resume)
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps({"steps": result.steps, "epochs": result.epochs, "metrics": result.metrics}))
 

@@ -58,8 +58,15 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     common = ["train.epochs=2", "train.batch_size=8", "train.drop_last=false", "data.n_train=45", "data.n_val=21",
               "data.n_test=13", "train.grad_accum=2", "train.optimizer.weight_decay=0.1", "train.clip_grad_norm=0.5",
               "train.ema_decay=0.8", "train.scheduler.name=cosine", "train.scheduler.warmup_epochs=0.5"]
-    run_toy(tmp_path / "single", *common)
-    ddp_proc = run_toy(tmp_path / "ddp", *common, nproc=2)
+    # rank 0's clock moves 25 s per micro-batch, the other rank's stands still: time-triggered checkpoints
+    # (60 s) fall at steps 2 and 5 on rank 0's word alone, and every rank takes part in them (no hang)
+    common += ["train.checkpoint_every_minutes=1", "train.keep_checkpoints=10"]
+    clock = {"MAMBAKIT_TEST_SECONDS_PER_CALL": "25"}
+    run_toy(tmp_path / "single", *common, extra_env=clock)
+    ddp_proc = run_toy(tmp_path / "ddp", *common, nproc=2, extra_env=clock)
+    for run in ("single", "ddp"):
+        assert sorted(p.name for p in (tmp_path / run / "checkpoints").glob("step-*.pt")) == \
+            [f"step-0000000{s}.pt" for s in (2, 3, 5, 6)]
     single, ddp = last_state(tmp_path / "single"), last_state(tmp_path / "ddp")
     assert ddp["world_size"] == 2 and len(ddp["rng"]) == 2 and single["progress"] == ddp["progress"]
     assert_same(single["model"], ddp["model"], atol=1e-6)

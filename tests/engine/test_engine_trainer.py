@@ -254,7 +254,8 @@ def test_pretrained_weights_load_by_key_and_shape(tmp_path):
     best = load_checkpoint(source.best_checkpoint)["model"]
     assert torch.equal(loaded["out.weight"], best["out.weight"]) and torch.equal(loaded["norm.bias"], best["norm.bias"])
     notes = json.loads((tmp_path / "ft" / "summary.json").read_text())["notes"]
-    assert any("skipped (shape mismatch): 1: inp.weight" in n for n in notes)
+    assert any("dropped from the weights, shape mismatch: 1: inp.weight: weights (16, 5) vs model (16, 3)" in n
+               and "left fresh (as initialised): 1: inp.weight" in n for n in notes)
 
 
 def test_read_pretrained_weights_formats(tmp_path):
