@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-all bench clean
+.PHONY: demo test test-slow test-all bench mutate clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet --no-deps mambapy==1.2.0
 	$(BIN)/python benchmarks/scan.py
+
+# Plant known bugs one at a time in a temporary copy; report which survive the tests meant to catch them.
+mutate: $(STAMP)
+	$(BIN)/python benchmarks/mutate.py --markdown benchmarks/results/mutate.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
