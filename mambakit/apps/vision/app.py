@@ -96,6 +96,7 @@ def _eval_run(args: argparse.Namespace) -> int:
     path = resolve_checkpoint(args.checkpoint, prefer="best")
     config = _load_recipe(args.config, args.overrides) if args.config else _saved_config(path, args.overrides)
     task = _task(config, load_pretrained=False)
+    task.checked_splits = (args.split,)         # ImageNet's val, not its 1.28M training images
     metrics = evaluate(task, path, split=args.split, use_ema=args.ema)
     print(f"\ncheckpoint: {path}")
     print(format_table([(k, f"{v:.6g}") for k, v in metrics.items()]))

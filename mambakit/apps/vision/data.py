@@ -116,14 +116,15 @@ def find_bad_images(paths: Sequence[str], full: bool = False) -> list[tuple[str,
     return [(p, why) for p, why in zip(paths, reasons) if why is not None]
 
 
-def _drop_bad_files(cfg: DataConfig, splits: Sequence[list[tuple[str, int]] | None]):
-    """The split lists without the files that fail the recipe's check; or a DataError (data.bad_files=error)."""
+def _drop_bad_files(cfg: DataConfig, splits: dict[str, list[tuple[str, int]] | None], checked: Sequence[str]):
+    """The (train, val, test) lists, those named in `checked` without the files that fail the recipe's check;
+    or a DataError (data.bad_files=error)."""
     if cfg.scan == "none":
-        return splits
-    files = list(dict.fromkeys(p for split in splits if split for p, _ in split))
+        return list(splits.values())
+    files = list(dict.fromkeys(p for name in checked if splits[name] for p, _ in splits[name]))
     bad = find_bad_images(files, full=cfg.scan == "full")
     if not bad:
-        return splits
+        return list(splits.values())
     named = "; ".join(f"{p} ({why})" for p, why in bad[:_NAMED]) + (f"; and {len(bad) - _NAMED} more"
                                                                      if len(bad) > _NAMED else "")
     what = f"{len(bad)} of {len(files)} image files cannot be read (data.scan={cfg.scan}): {named}"
@@ -132,7 +133,8 @@ def _drop_bad_files(cfg: DataConfig, splits: Sequence[list[tuple[str, int]] | No
     if os.environ.get("RANK", "0") == "0":      # one message per torchrun job: every rank finds the same files
         print(f"mambakit: data: leaving out {what} (data.bad_files=skip)", file=sys.stderr)
     dropped = {p for p, _ in bad}
-    return [[s for s in split if s[0] not in dropped] if split else split for split in splits]
+    return [[s for s in split if s[0] not in dropped] if split and name in checked else split
+            for name, split in splits.items()]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -365,15 +367,18 @@ def _file_samples(cfg: DataConfig, classes: list[str]):
     return _carve(train, val, test, cfg)
 
 
-def build_datasets(cfg: DataConfig, augment: AugmentConfig, mean=None, std=None) -> VisionData:
-    """The train / val / test datasets of a recipe. mean/std: used when the recipe leaves them unset."""
+def build_datasets(cfg: DataConfig, augment: AugmentConfig, mean=None, std=None,
+                   checked: Sequence[str] = ("train", "val", "test")) -> VisionData:
+    """The train / val / test datasets of a recipe. mean/std: used when the recipe leaves them unset.
+    checked: the splits whose files are checked up front (`data.scan`); `eval` checks only the one it reads."""
     classes = class_names_for(cfg)
     if cfg.source == "mnist5k":
         return _mnist_datasets(cfg, augment)
     mean = cfg.mean or mean or IMAGENET_MEAN
     std = cfg.std or std or IMAGENET_STD
     train_tf, eval_tf = build_transforms(cfg, augment, mean, std)
-    train, val, test = _drop_bad_files(cfg, _file_samples(cfg, classes))
+    train, val, test = _drop_bad_files(cfg, dict(zip(("train", "val", "test"), _file_samples(cfg, classes))),
+                                       checked)
     make = lambda s, tf: ImageListDataset(s, tf, cfg.in_chans) if s else None  # noqa: E731
     return VisionData(make(train, train_tf), make(val, eval_tf), make(test, eval_tf), classes)
 

@@ -39,6 +39,8 @@ class VisionTask(Task):
         self._classes: list[str] | None = None
         self._mixup = None
         self.confusion: dict[str, torch.Tensor] = {}      # split -> (C, C) counts of its last evaluation
+        #: the splits whose image files build_datasets checks up front (`eval` sets the one split it reads)
+        self.checked_splits: tuple[str, ...] = ("train", "val", "test")
 
     @property
     def classes(self) -> list[str]:
@@ -63,7 +65,7 @@ class VisionTask(Task):
 
     def build_datasets(self) -> Datasets:
         c = self.config
-        data = build_datasets(c.data, c.augment, *self._model_mean_std())
+        data = build_datasets(c.data, c.augment, *self._model_mean_std(), checked=self.checked_splits)
         if data.classes != self.classes:
             raise ValueError(f"data: the datasets hold classes {data.classes[:8]}, the model was built for "
                              f"{self.classes[:8]}")

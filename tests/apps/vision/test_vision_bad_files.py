@@ -113,6 +113,19 @@ def test_a_file_the_check_misses_fails_in_the_loader_with_its_name(tmp_path):
         data.train[i]
 
 
+def test_only_the_splits_a_run_reads_are_checked(tmp_path):
+    root = color_folder(tmp_path / "imgs", n=6)                       # train/ and test/ folders
+    (root / "train" / "red" / "bad.png").write_bytes(b"")
+    cfg = DataConfig(source="imagefolder", root=str(root), img_size=8)
+    with pytest.raises(DataError, match="1 of 25 image files"):
+        build_datasets(cfg, AugmentConfig())
+    data = build_datasets(cfg, AugmentConfig(), checked=("test",))
+    assert any(p.endswith("bad.png") for split in (data.train, data.val) for p, _ in split.samples)
+    (root / "test" / "red" / "bad.png").write_bytes(b"")
+    with pytest.raises(DataError, match="1 of 7 image files"):
+        build_datasets(cfg, AugmentConfig(), checked=("test",))
+
+
 def _train(tmp_path, root, *overrides) -> tuple[int, str]:
     recipe = tiny_recipe(tmp_path, root)
     return cli(["vision", "train", "-c", str(recipe), "--run-dir", str(tmp_path / "runs" / "r"),
@@ -173,3 +186,8 @@ def test_cli_predict_reports_each_bad_file_and_predicts_the_others(tmp_path, cap
     assert cli(["vision", "predict", str(tmp_path / "notes.jpg"), "--checkpoint", str(run)]) == 1
     text = capsys.readouterr()
     assert "not predicted:" in text.out and "1 of 1 images could not be read" in text.err
+    # eval reads (and checks) one split: a bad training file does not stop the test split's evaluation
+    (root / "train" / "red" / "late.png").write_bytes(b"")
+    assert cli(["vision", "eval", "--checkpoint", str(run), "--split", "test"]) == 0
+    assert cli(["vision", "eval", "--checkpoint", str(run), "--split", "train"]) == 1
+    assert "late.png" in capsys.readouterr().err
