@@ -75,11 +75,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"mambakit: error: {e}", file=sys.stderr)
         return 2
-    except (ValueError, DownloadError, FileNotFoundError) as e:  # ConfigError is a ValueError
+    except (ValueError, DownloadError, OSError) as e:
+        # ConfigError and DataError are ValueErrors; what PIL and file access raise (UnidentifiedImageError,
+        # truncated files, missing or unreadable files) are OSErrors: bad input, told in one message.
         if debug:
             raise
-        print(f"mambakit: error: {e}", file=sys.stderr)
+        print(f"mambakit: error: {_error_message(e)}", file=sys.stderr)
         return 1
+
+
+def _error_message(e: BaseException) -> str:
+    """The message of `e`. An error raised in a DataLoader worker reaches the main process with the worker's
+    traceback in its message ("Caught DataError in DataLoader worker process 0. Original Traceback ..."):
+    its message is what follows the traceback's last frame."""
+    import re
+
+    text = str(e).strip()
+    if "in DataLoader worker process" in text and "Original Traceback" in text:
+        lines = text.splitlines()
+        frames = [i for i, line in enumerate(lines) if re.match(r'  File ".*", line \d+', line)]
+        if frames:
+            rest = lines[frames[-1] + 1:]
+            while rest and rest[0].startswith("    "):      # the frame's source line and its ^^^ markers
+                rest = rest[1:]
+            if rest:
+                kind, sep, first = rest[0].partition(": ")
+                text = "\n".join([first if sep and " " not in kind else rest[0], *rest[1:]]).strip()
+    return text or type(e).__name__
 
 
 def _dispatch(argv: list[str]) -> int:
@@ -236,6 +258,9 @@ def _builtin_parser(name: str) -> argparse.ArgumentParser:
     else:
         p = sub.add_parser("download", help="download weights into the cache (checksum verified) and print the path")
         p.add_argument("name")
+        p.add_argument("--from", dest="local_path", metavar="FILE",
+                       help="take the weights from this file (downloaded elsewhere) instead of the network: its "
+                            "sha256 is checked against the pinned one, then it is copied into the cache")
         p.set_defaults(_run=_zoo_download)
     return parser
 
@@ -338,7 +363,7 @@ def _zoo_info(args) -> int:
 def _zoo_download(args) -> int:
     from mambakit.zoo import download_weights
 
-    print(download_weights(args.name))
+    print(download_weights(args.name, local_path=args.local_path))
     return 0
 
 

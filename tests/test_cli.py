@@ -240,3 +240,77 @@ def test_python_dash_m_mambakit_help():
     proc = subprocess.run([sys.executable, "-m", "mambakit", "nosuchcommand"], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 2 and "unknown command 'nosuchcommand'" in proc.stderr
+
+
+class _BadItems(torch.utils.data.Dataset):
+    """Item 2 fails as a bad file does when it is loaded."""
+
+    def __init__(self, error):
+        self.error = error
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        if i == 2:
+            raise self.error
+        return torch.zeros(1)
+
+
+def _load_all(error, workers: int):
+    def run(args):
+        for _ in torch.utils.data.DataLoader(_BadItems(error), batch_size=1, num_workers=workers):
+            pass
+    return run
+
+
+def test_data_errors_print_one_line_also_from_a_dataloader_worker(capsys, monkeypatch):
+    """OSError (PIL's UnidentifiedImageError, a truncated file) and DataError, raised while loading data in the
+    main process or in a DataLoader worker (which puts the worker's traceback into the message): one line."""
+    from PIL import UnidentifiedImageError
+
+    from mambakit.data import DataError
+
+    cases = {"pil": UnidentifiedImageError("cannot identify image file 'x.jpg'"),
+             "oserror": OSError("/d/a.jpg: image file is truncated (3 bytes not processed)"),
+             "data": DataError("/d/b.png: cannot read the image (OSError: broken data stream)")}
+    runs = [(name, 0) for name in cases] + [("pil", 1)]          # a worker's start costs a second or two
+    verbs = [Verb(f"{name}{w}", "load a bad item", lambda p: None, _load_all(cases[name], w)) for name, w in runs]
+    register_app(App(name="loadapp", description="loads a dataset with a bad item", verbs=verbs))
+    try:
+        for name, workers in runs:
+            assert main(["loadapp", f"{name}{workers}"]) == 1
+            assert capsys.readouterr().err == f"mambakit: error: {cases[name]}\n", (name, workers)
+        monkeypatch.setenv("MAMBAKIT_DEBUG", "1")
+        with pytest.raises(UnidentifiedImageError):
+            main(["loadapp", "pil1"])
+    finally:
+        unregister_app("loadapp")
+
+
+def test_zoo_download_from_a_local_file(tmp_path, capsys, monkeypatch):
+    import socket
+
+    from mambakit.zoo import registry, weights_path
+    monkeypatch.setattr(registry, "_WEIGHTS", {})
+    buffer = io.BytesIO()
+    torch.save(torch.nn.Linear(2, 2).state_dict(), buffer)
+    data = buffer.getvalue()
+    with socket.socket() as s:                  # a closed port on loopback: the download cannot happen
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/w.pt"
+    entry = WeightEntry("cli-far", "okapp", "a 2x2 linear", "torch.nn:Linear", {"in_features": 2, "out_features": 2},
+                        [url], hashlib.sha256(data).hexdigest(), "w.pt")
+    monkeypatch.setattr(OK_APP, "weights", [entry])
+    assert main(["zoo", "download", "cli-far"]) == 1
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("mambakit: error: weights 'cli-far': ") and f"could not reach {url}" in err
+    assert str(weights_path(entry)) in err and "mambakit zoo download cli-far --from FILE" in err
+    (tmp_path / "other.pt").write_bytes(data[:-1])
+    assert main(["zoo", "download", "cli-far", "--from", str(tmp_path / "other.pt")]) == 1
+    assert "is not the pinned" in capsys.readouterr().err and not weights_path(entry).exists()
+    (tmp_path / "w.pt").write_bytes(data)
+    assert main(["zoo", "download", "cli-far", "--from", str(tmp_path / "w.pt")]) == 0
+    assert capsys.readouterr().out.strip() == str(weights_path(entry))
+    assert weights_path(entry).read_bytes() == data
+    assert main(["zoo", "download", "cli-far"]) == 0                # cached now: no network needed

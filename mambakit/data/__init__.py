@@ -10,6 +10,7 @@ contract (resume, verify, atomic placement, offline mode) and `mambakit.data.cac
 from mambakit.data.cache import file_lock, is_offline, mambakit_home, sha256_file
 from mambakit.data.download import (ChecksumError, DownloadError, OfflineError, UnverifiedDownloadWarning,
                                     download_url, extract_wheel_member, fetch_package_member)
+from mambakit.data.errors import DataError  # noqa: F401  (re-exported)
 from mambakit.data.registry import (DatasetEntry, LocalSource, PackageSource, RemoteFile, UnknownEntryError,
                                     UrlSource, cached_files, dataset_dir, fetch, fetch_file, get_dataset,
                                     list_datasets, register_dataset, unregister_dataset)

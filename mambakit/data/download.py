@@ -175,6 +175,9 @@ def download_url(url: str, dest: str | Path, sha256: str | None = None, *, progr
                 _transfer(url, part, timeout=timeout, progress=progress, size=size)
                 break
             except _Retryable as e:
+                if attempt == retries and not (part.is_file() and part.stat().st_size):
+                    part.unlink(missing_ok=True)     # nothing arrived (a host that never answers): no partial file
+                    raise DownloadError(f"could not reach {url}: {e} ({retries + 1} attempts)") from None
                 if attempt == retries:
                     raise DownloadError(
                         f"{url}: the connection broke {retries + 1} times ({e}); the partial file {part} is kept "

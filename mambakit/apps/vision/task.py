@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +14,8 @@ from torch import nn
 from mambakit.engine.task import Datasets, Task
 
 from .config import VisionRecipe
-from .data import build_datasets, class_names_for
+from .data import (IMAGENET_MEAN, IMAGENET_STD, ImageListDataset, build_datasets, build_transforms, class_names_for,
+                   digit_image_to_uint8, digits_to_input, read_image)
 from .metrics import classification_metrics, confusion_matrix
 from .models import create_model
 
@@ -38,6 +39,8 @@ class VisionTask(Task):
         self._classes: list[str] | None = None
         self._mixup = None
         self.confusion: dict[str, torch.Tensor] = {}      # split -> (C, C) counts of its last evaluation
+        #: the splits whose image files build_datasets checks up front (`eval` sets the one split it reads)
+        self.checked_splits: tuple[str, ...] = ("train", "val", "test")
 
     @property
     def classes(self) -> list[str]:
@@ -52,18 +55,32 @@ class VisionTask(Task):
         c = self.config
         return create_model(c.model, c.data, len(self.classes), load_pretrained=self.load_pretrained_weights)
 
+    def _model_mean_std(self):
+        """The normalisation of the model's pretrained config (used where the recipe sets none)."""
+        if self.config.data.source == "mnist5k":
+            return None, None
+        import timm
+        cfg = timm.models.get_pretrained_cfg(self.config.model.name)
+        return (cfg.mean, cfg.std) if cfg is not None else (None, None)
+
     def build_datasets(self) -> Datasets:
         c = self.config
-        mean = std = None
-        if c.data.source != "mnist5k":
-            import timm
-            cfg = timm.models.get_pretrained_cfg(c.model.name)
-            mean, std = (cfg.mean, cfg.std) if cfg is not None else (None, None)
-        data = build_datasets(c.data, c.augment, mean, std)
+        data = build_datasets(c.data, c.augment, *self._model_mean_std(), checked=self.checked_splits)
         if data.classes != self.classes:
             raise ValueError(f"data: the datasets hold classes {data.classes[:8]}, the model was built for "
                              f"{self.classes[:8]}")
         return Datasets(train=data.train, val=data.val, test=data.test)
+
+    def eval_transform(self) -> Callable[[str | Path], torch.Tensor]:
+        """An image file -> the tensor the evaluation loop feeds the model for it: the val / test datasets'
+        own reading and transform (no augmentation). `predict` uses it, so it sees what `eval` sees."""
+        data = self.config.data
+        if data.source == "mnist5k":
+            return lambda path: digits_to_input(digit_image_to_uint8(read_image(path, 1))[None], data)[0]
+        mean, std = self._model_mean_std()
+        _, evaluate = build_transforms(data, self.config.augment, data.mean or mean or IMAGENET_MEAN,
+                                       data.std or std or IMAGENET_STD)
+        return ImageListDataset([], evaluate, data.in_chans).load
 
     def _mixup_fn(self):
         aug = self.config.augment

@@ -60,7 +60,7 @@ def test_train_eval_predict_finetune(tmp_path, capsys):
     assert cli(["vision", "eval", "--checkpoint", str(run), "--split", "test", "--plot", str(tmp_path / "cm.png"),
                 "--output", str(tmp_path / "m.json")]) == 0
     metrics = json.loads((tmp_path / "m.json").read_text())
-    assert set(metrics) == {"test/loss", "test/acc", "test/balanced_acc"} and 0 <= metrics["test/acc"] <= 1
+    assert set(metrics) == {"test/loss", "test/acc", "test/balanced_acc", "test/macro_f1"} and 0 <= metrics["test/acc"] <= 1
     assert (tmp_path / "cm.png").is_file()
 
     capsys.readouterr()
