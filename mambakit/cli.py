@@ -5,12 +5,13 @@
     mambakit <app> <verb> [args]          runs a verb (argparse subparsers built from the App's Verbs)
     mambakit <app> recipes [NAME]         the app's packaged recipes (every app has this verb); `-c NAME` takes one
     mambakit data list | fetch NAME [--from PATH] | info NAME
-    mambakit zoo list | download NAME | info NAME
+    mambakit zoo list | download NAME [--from FILE] | info NAME
     mambakit quickstart [APP ...]         each app's quick recipe, then one results table (runs and table in
                                           --out-dir/quickstart-<time>/)
 
-Exit codes: 0 ok, 2 usage error (unknown app / verb / name, bad arguments), 1 failure. A ConfigError,
-DownloadError or ValueError raised by a command prints its message without a traceback, unless
+Exit codes: 0 ok, 2 usage error (unknown app / verb / name, bad arguments), 1 failure. A ConfigError or
+DataError (both ValueErrors), a DownloadError or an OSError (PIL's unreadable images among them) raised by a
+command, also from inside a data-loading worker, prints its one-line message without a traceback, unless
 MAMBAKIT_DEBUG=1. The command first asks torch for huge pages (THP_MEM_ALLOC_ENABLE=1 unless set) and tunes
 glibc's malloc for reused buffers (`mambakit.runtime`; MAMBAKIT_MALLOC=default leaves malloc alone,
 MAMBAKIT_MALLOC=heap also keeps blocks above 32 MiB for reuse).

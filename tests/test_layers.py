@@ -96,15 +96,6 @@ def test_the_checker_sees_what_it_must():
     assert "mambakit.apps" in names and "mambakit.runtime" in names
 
 
-# Edges being removed on another branch (the fix is described there); test_pending_edges_are_gone fails as
-# soon as one is gone, so that its entry here is deleted with it.
-PENDING = {
-    # zoo/pretrained.py's _rebuild_training_checkpoint asks `mambakit.apps.discover()` for the app that rebuilds
-    # a training checkpoint; the fix: `apps, broken = mambakit.zoo.registry.installed_apps()` (fed by the apps).
-    ("mambakit.zoo.pretrained", "mambakit.apps"),
-}
-
-
 def _wrong_edges() -> list[tuple[str, str, str]]:
     wrong = []
     for path in _sources():
@@ -120,14 +111,8 @@ def _wrong_edges() -> list[tuple[str, str, str]]:
 def test_imports_point_down_the_layers():
     sources = _sources()
     assert len(sources) > 50 and {_part(_module_name(p)) for p in sources} >= set(LAYERS) - {"mambakit"}
-    wrong = [text for importer, imported, text in _wrong_edges() if (importer, imported) not in PENDING]
+    wrong = [text for _, _, text in _wrong_edges()]
     assert not wrong, "imports against kernels <- core <- {engine, data, zoo} <- apps <- cli:\n" + "\n".join(wrong)
-
-
-@pytest.mark.xfail(strict=True, reason="zoo/pretrained.py still imports mambakit.apps (fixed outside this branch)")
-def test_pending_edges_are_gone():
-    left = {(importer, imported) for importer, imported, _ in _wrong_edges()} & PENDING
-    assert not left, f"still there: {sorted(left)}"
 
 
 def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:

@@ -338,13 +338,24 @@ def _take_from_sources(entry: DatasetEntry, remote: RemoteFile, raw: Path, progr
     raise _no_source_worked(entry, remote, failures)
 
 
+def _pin(remote: RemoteFile) -> str:
+    if remote.sha256:
+        return f"pinned sha256 {remote.sha256}"
+    if remote.git_blob:
+        return f"pinned git blob id {remote.git_blob}"
+    # Unpinned files are taken as they are; the download code warns and prints the hash it saw.
+    return f"size of {remote.size} bytes (no hash is pinned)" if remote.size is not None else "pin (none is set)"
+
+
 def _no_source_worked(entry: DatasetEntry, remote: RemoteFile, failures: list) -> DownloadError:
     target = dataset_dir(entry.name) / remote.name
     tried = "\n".join(f"  - {source.describe()}: {reason}" for source, reason in failures) or "  (no sources)"
     ways = [f"    {s.describe()}" for s in remote.sources if not isinstance(s, LocalSource)]
     how = (f"To get it: run `mambakit data fetch {entry.name}` on a machine with network access and copy "
            f"{target} here, or fetch the file yourself from one of:\n" + "\n".join(ways) +
-           f"\n  and run `mambakit data fetch {entry.name} --from <file or folder>`.")
+           f"\n  and run `mambakit data fetch {entry.name} --from <file or folder>`, which checks it against its "
+           f"{_pin(remote)} before caching it (a file copied to {target} by hand is checked only by "
+           f"`mambakit data fetch {entry.name} --verify`).")
     if is_offline():
         return OfflineError(f"MAMBAKIT_OFFLINE=1: dataset {entry.name!r} is missing {remote.name} "
                             f"(expected at {target}).\n{how}\nTried:\n{tried}")

@@ -293,17 +293,17 @@ def _rebuild_training_checkpoint(obj: Mapping, path: Path, use_ema: bool):
     """The model of a training checkpoint, rebuilt by the app its "app" entry names (`App.rebuild_model`)."""
     from torch import nn
 
-    from mambakit.apps import broken_apps, discover
+    from mambakit.zoo.registry import installed_apps
 
     name = obj.get("app")
-    apps = discover()
+    apps, broken_apps = installed_apps()
     installed = ", ".join(apps) or "none"
     if not isinstance(name, str) or not name:
         raise ValueError(f"{path}: the training checkpoint names no app (its 'app' entry is {name!r}), so it does "
                          f"not say how to build its model; pass builder='module:function'. Installed apps: "
                          f"{installed}")
     if name not in apps:
-        broken = broken_apps().get(name)
+        broken = broken_apps.get(name)
         why = f"it is installed but failed to load ({broken})" if broken else "it is not installed"
         raise ValueError(f"{path}: a training checkpoint of app {name!r}, and {why}; installed apps: {installed}")
     app = apps[name]

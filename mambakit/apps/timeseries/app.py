@@ -145,7 +145,7 @@ def quickstart(recipe_path: str | Path = QUICK_RECIPE, overrides=(), run_dir: st
     started = time.time()
     path = Path(recipe_path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: the quick recipe is missing (it ships in the repository's configs/)")
+        raise FileNotFoundError(f"{path}: the quick recipe is missing (it ships in the package, mambakit/configs/)")
     config = load_config(ForecastRecipe, path, list(overrides))
     if config.eval.seasonal_period is None:
         raise ValueError(f"{path}: eval.seasonal_period must be set (the baseline the quickstart reports)")

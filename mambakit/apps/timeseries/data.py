@@ -35,6 +35,8 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from mambakit.data.errors import DataError as SharedDataError
+
 __all__ = [
     "DataError",
     "SeriesFrame",
@@ -58,7 +60,7 @@ SplitKind = Literal["ett_hour", "ett_minute", "ratio"]
 SPLITS = ("train", "val", "test")
 
 
-class DataError(ValueError):
+class DataError(SharedDataError):
     """A data file does not meet what forecasting needs. The message names the file, column and line."""
 
 

@@ -42,11 +42,10 @@ def _load_recipe(path, overrides, sets: dict | None = None) -> VisionRecipe:
     """A recipe file, then `sets` (dotted key -> value, set as given, not parsed), then CLI overrides."""
     import yaml
 
-    from mambakit.engine.config import ConfigError, apply_overrides, from_dict
+    from mambakit.engine.config import apply_overrides, from_dict
+    from mambakit.engine.recipes import resolve_recipe
 
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+    path = resolve_recipe(path, "vision")          # a file, or a packaged recipe name
     data = yaml.safe_load(path.read_text()) or {}
     for key, value in (sets or {}).items():
         node = data
@@ -193,7 +192,7 @@ def quickstart(recipe_path: str | Path = QUICK_RECIPE, overrides=(), run_dir: st
     started = time.time()
     path = Path(recipe_path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: the quick recipe is missing (it ships in the repository's configs/)")
+        raise FileNotFoundError(f"{path}: the quick recipe is missing (it ships in the package, mambakit/configs/)")
     config = load_config(VisionRecipe, path, list(overrides))
     task = _task(config)
     result = Trainer(task).fit(run_dir, name_hint="vision-quick")
