@@ -47,8 +47,14 @@ def resolve_data_path(cfg: RecsysData) -> Path:
     return fetch(cfg.dataset)
 
 
+def _stamp(path: Path) -> tuple:
+    """Size and modification time of the data file(s): a file rewritten in place is read again."""
+    files = sorted(path.iterdir()) if path.is_dir() else [path]
+    return tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file())
+
+
 @lru_cache(maxsize=4)
-def _load_cached(path: str, name, user_field, item_field, time_field, user_min, item_min, title_field,
+def _load_cached(path: str, stamp, name, user_field, item_field, time_field, user_min, item_min, title_field,
                  time_precision, tie_break, vocabulary_json) -> SequenceData:
     vocabulary = Vocabulary.from_json(vocabulary_json) if vocabulary_json is not None else None
     return load_sequence_data(path, name, user_field=user_field, item_field=item_field, time_field=time_field,
@@ -60,7 +66,7 @@ def load_data(cfg: RecsysData, vocabulary: Vocabulary | None = None) -> Sequence
     """Read, filter and sequence the recipe's data (memoised per process: train, eval and the baseline share it).
     With a trained model's `vocabulary`, the file must be its training data and the ids are its ids."""
     path = resolve_data_path(cfg)
-    return _load_cached(str(path), cfg.name, cfg.user_field, cfg.item_field, cfg.time_field,
+    return _load_cached(str(path), _stamp(path) if path.exists() else None, cfg.name, cfg.user_field, cfg.item_field, cfg.time_field,
                         cfg.user_min_interactions, cfg.item_min_interactions, cfg.title_field, cfg.time_precision,
                         cfg.tie_break, vocabulary.to_json() if vocabulary is not None else None)
 
