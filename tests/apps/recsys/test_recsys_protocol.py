@@ -1,7 +1,7 @@
 """The evaluation protocol end to end against numpy by hand, and inference equal to evaluation.
 
 - The engine's evaluation loop (`engine.trainer.evaluate`) with a model whose scores are a fixed table gives
-  the HR / NDCG / MRR that numpy computes from the raw sequences, without masking by default (as documented:
+  the HR / NDCG / MRR (and the cross-entropy loss) that numpy computes from the raw sequences, without masking by default (as documented:
   RecBole does not mask seen items for sequential models) and with `eval.mask_history=true`; the
   most-popular baseline likewise (training counts, equal counts by lower item id).
 - `recommend` ranks exactly as the evaluation loop does for the same histories, twice in a row.
@@ -102,6 +102,13 @@ def test_evaluation_loop_matches_numpy(tmp_path, revisit_data, mask):
         for key, value in want.items():
             assert got[f"{name}/{key}"] == pytest.approx(value, abs=1e-12), (name, key)
             assert got[f"{name}/pop_{key}"] == pytest.approx(pop[key], abs=1e-12), (name, "pop", key)
+        # The loss: cross-entropy over every column of the raw scores (padding included, as upstream; never
+        # the masked scores), by hand.
+        losses = []
+        for start, target_pos in zip(getattr(split, name).start, getattr(split, name).target):
+            row = table.numpy()[data.items[target_pos - 1]].astype(np.float64)
+            losses.append(np.log(np.exp(row - row.max()).sum()) + row.max() - row[data.items[target_pos]])
+        assert got[f"{name}/loss"] == pytest.approx(float(np.mean(losses)), rel=1e-6)
     # The case is one where masking matters (else this test could not tell the protocols apart).
     test = split.test
     assert reference(data, test, table.numpy(), True) != reference(data, test, table.numpy(), False)
