@@ -66,7 +66,8 @@ def load_data(cfg: RecsysData, vocabulary: Vocabulary | None = None) -> Sequence
     """Read, filter and sequence the recipe's data (memoised per process: train, eval and the baseline share it).
     With a trained model's `vocabulary`, the file must be its training data and the ids are its ids."""
     path = resolve_data_path(cfg)
-    return _load_cached(str(path), _stamp(path) if path.exists() else None, cfg.name, cfg.user_field, cfg.item_field, cfg.time_field,
+    stamp = _stamp(path) if path.exists() else None
+    return _load_cached(str(path), stamp, cfg.name, cfg.user_field, cfg.item_field, cfg.time_field,
                         cfg.user_min_interactions, cfg.item_min_interactions, cfg.title_field, cfg.time_precision,
                         cfg.tie_break, vocabulary.to_json() if vocabulary is not None else None)
 

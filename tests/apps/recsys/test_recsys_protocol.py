@@ -1,15 +1,13 @@
 """The evaluation protocol end to end against numpy by hand, and inference equal to evaluation.
 
 - The engine's evaluation loop (`engine.trainer.evaluate`) with a model whose scores are a fixed table gives
-  the HR / NDCG / MRR (and the cross-entropy loss) that numpy computes from the raw sequences, without masking by default (as documented:
-  RecBole does not mask seen items for sequential models) and with `eval.mask_history=true`; the
-  most-popular baseline likewise (training counts, equal counts by lower item id).
+  the HR / NDCG / MRR (and the cross-entropy loss) that numpy computes from the raw sequences, without
+  masking by default (as documented: RecBole does not mask seen items for sequential models) and with
+  `eval.mask_history=true`; the most-popular baseline likewise (training counts, equal counts by lower id).
 - `recommend` ranks exactly as the evaluation loop does for the same histories, twice in a row.
 - A history item that k-core filtering removed is reported as such.
 """
 
-import json
-import math
 import shutil
 
 import numpy as np
@@ -21,7 +19,6 @@ from torch import nn
 
 from mambakit import cli
 from mambakit.apps.recsys.config import RecsysEval, RecsysRecipe
-from mambakit.apps.recsys.data import leave_one_out
 from mambakit.apps.recsys.models import attach_vocabulary
 from mambakit.apps.recsys.recommend import load_recommender, recommend
 from mambakit.apps.recsys.task import RecsysTask
