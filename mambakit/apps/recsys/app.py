@@ -155,11 +155,18 @@ def quickstart(recipe_path: str | Path = QUICK_RECIPE, overrides=(), run_dir: st
           f"popular NDCG@10 {m['test/pop_ndcg@10']:.4f} / HR@10 {m['test/pop_hit@10']:.4f}")
     return QuickstartResult(
         app="recsys", model=MODEL_TITLES.get(config.model.name, config.model.name),
-        data=f"MovieLens-100k (RecBole atomic, 5-core), leave-one-out, full ranking; "
+        data=f"MovieLens-100k (RecBole atomic, 5-core, {_time_order(config)}), leave-one-out, full ranking; "
              f"HR@10 {m['test/hit@10']:.4f} vs {m['test/pop_hit@10']:.4f}",
         metric="test NDCG@10", value=float(m["test/ndcg@10"]),
         baseline="most popular", baseline_value=float(m["test/pop_ndcg@10"]),
         wall_time_s=time.time() - started, run_dir=str(result.run_dir))
+
+
+def _time_order(config: RecsysRecipe) -> str:
+    d = config.data
+    if d.time_precision == "float32" and d.tie_break == "file":
+        return "RecBole's time order"
+    return f"{'exact' if d.time_precision == 'float64' else 'float32'} times, ties by {d.tie_break}"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -104,6 +104,9 @@ def test_find_files_in_folder_zip_and_errors(tmp_path):
         find_atomic_files(folder, "nope")
     with pytest.raises(FileNotFoundError, match="missing"):
         find_atomic_files(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AtomicFileError, match=r"empty: holds no .inter file \(nor a ratings.csv\)$"):
+        find_atomic_files(tmp_path / "empty")
 
 
 # ---------------------------------------------------------------------------------------------- k-core
