@@ -13,12 +13,16 @@ ml100k    All four models and most-popular on MovieLens-100k under one protocol 
           (configs/recsys/<model>_ml100k.yaml) with a common budget given on the command line (epochs, batch
           size, patience; the recipes' own 300 epochs at batch 2048 take hours per run on 2 cores); mean and
           spread (sample std) of the test metrics of the best-validation-NDCG@10 weights, and wall time.
+          `--times exact` (the recipes' default: exact timestamps, equal ones in a fixed (user, item) hash
+          order) or `--times recbole` (float32 timestamps, equal ones in file order, as RecBole; to compare
+          with numbers published from RecBole); `--max-len` overrides the recipes' 200.
           Finished runs are kept in the JSON, so an interrupted run continues where it stopped.
           -> results/recsys_ml100k.{json,md}
 
 Usage:
     python benchmarks/recsys.py speed [--lengths 50 200 1000] [--batch 64] [--repeats 5] [--device cpu]
-    python benchmarks/recsys.py ml100k [--epochs 5] [--patience 2] [--batch-size 256] [--seeds 0 1 2] [--models ...]
+    python benchmarks/recsys.py ml100k [--times exact|recbole] [--max-len 200] [--epochs 5] [--patience 2]
+                                       [--batch-size 256] [--seeds 0 1 2] [--models ...] [--out STEM]
     python benchmarks/recsys.py merge recsys_ml100k_a recsys_ml100k_b     # seeds run in parallel -> one table
 """
 
@@ -193,7 +197,12 @@ def speed_markdown(result: dict) -> str:
 # --------------------------------------------------------------------------------------------------
 # ml100k accuracy
 
-def run_one(model: str, seed: int, epochs: int, patience: int, batch_size: int, lr: float, out_dir: Path) -> dict:
+TIME_MODES = {"exact": ["data.time_precision=float64", "data.tie_break=hash"],
+              "recbole": ["data.time_precision=float32", "data.tie_break=file"]}
+
+
+def run_one(model: str, seed: int, epochs: int, patience: int, batch_size: int, lr: float, out_dir: Path,
+            times: str = "exact", max_len: int | None = None) -> dict:
     """Train one recipe through the app (as `mambakit recsys train` does) and return its summary."""
     from mambakit.apps.recsys.config import RecsysRecipe
     from mambakit.apps.recsys.task import RecsysTask, popularity_metrics
@@ -201,7 +210,8 @@ def run_one(model: str, seed: int, epochs: int, patience: int, batch_size: int, 
     from mambakit.engine.trainer import Trainer
 
     recipe = CONFIGS / f"{model}_ml100k.yaml"
-    overrides = [f"train.seed={seed}", f"run.out_dir={out_dir}", "run.progress=false", "run.curves=true"]
+    overrides = [f"train.seed={seed}", f"run.out_dir={out_dir}", "run.progress=false", "run.curves=true",
+                 *TIME_MODES[times], *([f"data.max_len={max_len}"] if max_len else [])]
     if model != "mostpop":
         overrides += [f"train.epochs={epochs}", f"train.early_stopping.patience={patience}",
                       f"train.batch_size={batch_size}", f"train.optimizer.lr={lr}"]
@@ -211,7 +221,7 @@ def run_one(model: str, seed: int, epochs: int, patience: int, batch_size: int, 
         metrics = {f"{s}/{k}": v for s in ("val", "test") for k, v in popularity_metrics(config, s).items()}
         return {"model": model, "seed": seed, "metrics": metrics, "wall_time_s": time.time() - started,
                 "epochs": 0, "best_epoch": None}
-    result = Trainer(RecsysTask(config)).fit(out_dir / f"{model}-seed{seed}")
+    result = Trainer(RecsysTask(config)).fit(out_dir / f"{model}-{times}-seed{seed}")
     return {"model": model, "seed": seed, "metrics": result.metrics, "wall_time_s": result.wall_time_s,
             "epochs": result.epochs, "best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
             "run_dir": str(result.run_dir)}
@@ -221,7 +231,7 @@ def run_ml100k(args) -> dict:
     path = RESULTS / f"{args.out}.json"
     previous = json.loads(path.read_text()) if path.is_file() and not args.fresh else {}
     protocol = {"epochs": args.epochs, "patience": args.patience, "batch_size": args.batch_size, "lr": args.lr,
-                "max_len": 50}
+                "max_len": args.max_len or 200, "times": args.times}
     same = previous.get("protocol") == protocol
     runs = previous.get("runs", []) if same else []
     result = {"benchmark": "recsys_ml100k", "machine": previous.get("machine") if same else machine(),
@@ -232,7 +242,8 @@ def run_ml100k(args) -> dict:
             if any(r["model"] == model and r["seed"] == seed for r in runs):
                 continue
             print(f"ml100k: {model} seed {seed} ...", flush=True)
-            row = run_one(model, seed, args.epochs, args.patience, args.batch_size, args.lr, out_dir)
+            row = run_one(model, seed, args.epochs, args.patience, args.batch_size, args.lr, out_dir, args.times,
+                          args.max_len)
             row["load_avg_after"] = os.getloadavg()
             runs.append(row)
             m = row["metrics"]
@@ -263,6 +274,13 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _times_text(protocol: dict) -> str:
+    """Results written before the time options existed were float32 times in file order (RecBole's)."""
+    if protocol.get("times", "recbole") == "recbole":
+        return "float32 timestamps with ties in file order (RecBole's order)"
+    return "exact timestamps with ties in a fixed (user, item) hash order"
+
+
 def ml100k_markdown(result: dict) -> str:
     m = result["machine"]
     p = result["protocol"]
@@ -270,9 +288,10 @@ def ml100k_markdown(result: dict) -> str:
     lines = [
         "## Sequential recommendation: MovieLens-100k, one protocol for every model",
         "",
-        "RecBole's ml-100k atomic files, 5-core, max length 50, leave-one-out (last item test, second last "
-        "validation, every earlier prefix a training example), full ranking over all 1,349 items, seen items "
-        "not masked (RecBole 1.2.1's sequential setting). Each model at its upstream / RecBole config "
+        f"RecBole's ml-100k atomic files, 5-core, max length {p['max_len']}, {_times_text(p)}, leave-one-out "
+        "(last item test, second last validation, every earlier prefix a training example), full ranking over "
+        "all 1,349 items, seen items not masked (RecBole 1.2.1's sequential setting). Each model at its "
+        "upstream / RecBole config "
         f"(configs/recsys/<model>_ml100k.yaml; CE over all items, Adam lr {p['lr']:g}) with a budget that fits "
         f"a 2-core CPU: batch {p['batch_size']}, at most {p['epochs']} epochs, early stopping on validation "
         f"NDCG@10 (patience {p['patience']}); test metrics "
@@ -346,7 +365,12 @@ def main() -> None:
     ml.add_argument("--lr", type=float, default=1e-3)
     ml.add_argument("--out-dir", default=str(ROOT / "runs" / "bench-recsys"))
     ml.add_argument("--fresh", action="store_true", help="ignore finished runs in the JSON")
-    ml.add_argument("--out", default="recsys_ml100k", help="result file stem in benchmarks/results/")
+    ml.add_argument("--out", default=None, help="result file stem in benchmarks/results/ (default "
+                                                "recsys_ml100k_<times>)")
+    ml.add_argument("--times", choices=sorted(TIME_MODES), default="exact",
+                    help="exact: exact times, ties by (user, item) hash (the recipes' default); recbole: float32 "
+                         "times, ties in file order")
+    ml.add_argument("--max-len", type=int, default=None, help="override the recipes' max length (200)")
     ml.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: torch's choice; 1 is faster on a crowded machine)")
     mg = sub.add_parser("merge", help="combine ml100k result files (e.g. seeds run in parallel) into one table")
@@ -363,6 +387,7 @@ def main() -> None:
         if args.threads:
             import torch
             torch.set_num_threads(args.threads)
+        args.out = args.out or f"recsys_ml100k_{args.times}"
         result = run_ml100k(args)
         _write(result, args.out, ml100k_markdown(result))
     print(f"wrote {RESULTS}")

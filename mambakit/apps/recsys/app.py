@@ -1,7 +1,7 @@
 """`mambakit recsys ...`: train / eval / finetune a sequential recommender, recommend for a history, quickstart.
 
     mambakit recsys train -c configs/recsys/mamba4rec_ml100k.yaml [train.seed=1 ...]
-    mambakit recsys eval --checkpoint runs/<run> [--split test] [eval.mask_history=true]
+    mambakit recsys eval --checkpoint runs/<run> [--split test] [eval.mask_history=true] [data.path=MOVED/DATA]
     mambakit recsys recommend --checkpoint runs/<run> --history 50,172,133 [--k 10]
     mambakit quickstart recsys
 
@@ -72,6 +72,28 @@ def _run_mostpop(config: RecsysRecipe, args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+# eval: the standard verb, with the checkpoint's item vocabulary (the data file must be its training data)
+
+def _eval() -> Verb:
+    def run(args: argparse.Namespace) -> int:
+        from mambakit.engine.checkpoint import load_checkpoint, resolve_checkpoint
+
+        from .models import stored_vocabulary
+        from .task import RecsysTask
+
+        path = resolve_checkpoint(args.checkpoint, prefer="best")
+        vocabulary = stored_vocabulary(load_checkpoint(path)["model"], str(path))
+        if vocabulary is None:
+            raise ValueError(f"{path}: the checkpoint holds no item vocabulary (written by a mambakit older than "
+                             f"the stored vocabularies): its item ids cannot be matched to a data file; retrain")
+        return eval_verb("recsys", RecsysRecipe, lambda config: RecsysTask(config, vocabulary)).run(args)
+
+    base = eval_verb("recsys", RecsysRecipe, _task)
+    return Verb("eval", base.help + " (the data must be the checkpoint's training data: checked by fingerprint)",
+                base.add_arguments, run)
+
+
+# --------------------------------------------------------------------------------------------------
 # recommend
 
 def _recommend_arguments(parser: argparse.ArgumentParser) -> None:
@@ -133,11 +155,18 @@ def quickstart(recipe_path: str | Path = QUICK_RECIPE, overrides=(), run_dir: st
           f"popular NDCG@10 {m['test/pop_ndcg@10']:.4f} / HR@10 {m['test/pop_hit@10']:.4f}")
     return QuickstartResult(
         app="recsys", model=MODEL_TITLES.get(config.model.name, config.model.name),
-        data=f"MovieLens-100k (RecBole atomic, 5-core), leave-one-out, full ranking; "
+        data=f"MovieLens-100k (RecBole atomic, 5-core, {_time_order(config)}), leave-one-out, full ranking; "
              f"HR@10 {m['test/hit@10']:.4f} vs {m['test/pop_hit@10']:.4f}",
         metric="test NDCG@10", value=float(m["test/ndcg@10"]),
         baseline="most popular", baseline_value=float(m["test/pop_ndcg@10"]),
         wall_time_s=time.time() - started, run_dir=str(result.run_dir))
+
+
+def _time_order(config: RecsysRecipe) -> str:
+    d = config.data
+    if d.time_precision == "float32" and d.tie_break == "file":
+        return "RecBole's time order"
+    return f"{'exact' if d.time_precision == 'float64' else 'float32'} times, ties by {d.tie_break}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -145,25 +174,27 @@ def quickstart(recipe_path: str | Path = QUICK_RECIPE, overrides=(), run_dir: st
 
 def _rebuild_model(config: dict, weights, source: str):
     """The recommender of a training checkpoint, without the interaction data: the item count (padding
-    included) is the row count of `item_embedding.weight`, which every model here has. (To map item tokens
-    to ids, `recsys recommend` / `recommend.load_recommender` still rebuild the vocabulary from the data.)"""
+    included) is the row count of `item_embedding.weight`, which every model here has, and the item
+    vocabulary stored in the weights comes back with it (`models.stored_vocabulary(model)`)."""
     from mambakit.engine.config import from_dict
 
-    from .models import build_model
+    from .models import attach_vocabulary, build_model, stored_vocabulary
 
     recipe = from_dict(RecsysRecipe, config, source)
     embedding = weights.get("item_embedding.weight")
     if embedding is None or embedding.ndim != 2:
         raise ValueError(f"{source}: cannot tell the number of items: no 2-d item_embedding.weight in the weights "
                          f"(model {recipe.model.name})")
-    return build_model(recipe.model, int(embedding.shape[0]), recipe.data.max_len)
+    model = build_model(recipe.model, int(embedding.shape[0]), recipe.data.max_len)
+    vocabulary = stored_vocabulary(weights, source)
+    return model if vocabulary is None else attach_vocabulary(model, vocabulary)
 
 
 APP = App(
     name="recsys",
     description="sequential recommendation: Mamba4Rec, TiM4Rec, SASRec, GRU4Rec on RecBole atomic data "
                 "(leave-one-out, full ranking)",
-    verbs=[_train(), eval_verb("recsys", RecsysRecipe, _task), finetune_verb("recsys", RecsysRecipe, _task),
+    verbs=[_train(), _eval(), finetune_verb("recsys", RecsysRecipe, _task),
            RECOMMEND_VERB],
     quickstart=quickstart,
     datasets=DATASETS,

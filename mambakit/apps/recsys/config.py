@@ -98,17 +98,23 @@ ModelConfig = Union[Mamba4RecConfig, TiM4RecConfig, SASRecConfig, GRU4RecConfig,
 class RecsysData:
     """Where the atomic files are and how they are prepared (RecBole's dataset options)."""
     dataset: str | None = "ml-100k"       # a registered dataset (mambakit data list), fetched into the cache
-    path: str | None = None               # ... or a folder / RecBole .zip / .inter file of your own
+    # ... or your own files: a folder, a RecBole .zip, an .inter file, or a CSV with a header of column names
+    # (MovieLens ratings.csv: userId,movieId,rating,timestamp; a folder holding ratings.csv works too)
+    path: str | None = None
     name: str | None = None               # the atomic stem when the folder holds several .inter files
-    user_field: str = "user_id"           # USER_ID_FIELD
-    item_field: str = "item_id"           # ITEM_ID_FIELD
-    time_field: str = "timestamp"         # TIME_FIELD (type float)
+    user_field: str = "user_id"           # USER_ID_FIELD (CSV: userId is used when user_id is absent)
+    item_field: str = "item_id"           # ITEM_ID_FIELD (CSV: movieId / itemId when item_id is absent)
+    time_field: str = "timestamp"         # TIME_FIELD (type float: unix seconds; CSV: ISO dates too)
     title_field: str | None = "auto"      # .item column shown by `recommend` (auto: movie_title/title/name)
     user_min_interactions: int = 5        # user_inter_num_interval "[5,inf)"; 0 or 1 = no filter
     item_min_interactions: int = 5        # item_inter_num_interval "[5,inf)"
     max_len: int = 50                     # MAX_ITEM_LIST_LENGTH
-    # RecBole holds timestamps as float32 (ties within ~64-128 s keep file order); float64 is exact.
-    time_precision: Literal["float32", "float64"] = "float32"
+    # float64: exact timestamps. float32: rounded as RecBole holds them (unix times 64-128 s apart tie).
+    time_precision: Literal["float32", "float64"] = "float64"
+    # Order of interactions with equal timestamps: "hash" = a fixed hash of (user, item), independent of the
+    # file's row order and of the item ids; "file" = file order (RecBole). RecBole's own setting, to
+    # reproduce published numbers: time_precision float32 with tie_break file. See data.py.
+    tie_break: Literal["hash", "file"] = "hash"
 
     def __post_init__(self):
         if (self.dataset is None) == (self.path is None):

@@ -8,10 +8,13 @@ metrics off where the held-out item lands in that list (recbole/evaluator/metric
     NDCG@K = 1 / log2(rank + 1) if rank <= K (the ideal DCG of one relevant item is 1)
     MRR@K  = 1 / rank if rank <= K
 
-Ties are broken exactly as RecBole breaks them: by the order `torch.topk` returns (the same call on the same
-scores). So `target_rank` returns the 1-based position of the target in the top-`max_k` list, 0 when it is
-not there; every metric is a function of that one integer per example, which is what evaluation gathers
-across ranks.
+Ties: RecBole keeps whatever order `torch.topk` returns among equal scores, which is unspecified (it is
+not the item order, and differs between CPU and CUDA). Here equal scores are ordered by item id, lower
+first, the order a stable sort gives: `target_rank` is 1 + (items scoring higher) + (items with the same
+score and a lower id). Trained models rarely tie; the most-popular baseline ties often (many items have the
+same count), so its numbers can differ from RecBole's in the last digits. A NaN target score is never a
+hit. `target_rank` returns the 1-based rank when it is <= `max_k`, 0 otherwise; every metric is a function
+of that one integer per example, which is what evaluation gathers across processes.
 
 History masking: RecBole 1.2.1 does NOT mask the items a user has already interacted with for sequential
 models: `FullSortEvalDataLoader.collate_fn` returns `history_index = None` when `is_sequential`
@@ -32,18 +35,19 @@ __all__ = ["target_rank", "ranking_metrics", "mask_history_", "metric_names"]
 
 
 def target_rank(scores: torch.Tensor, target: torch.Tensor, max_k: int) -> torch.Tensor:
-    """1-based position of `target` in `torch.topk(scores, max_k)`, 0 when it is not there.
+    """1-based rank of `target` among all items (equal scores: lower item id first), 0 when it is > max_k.
 
     scores: (b, n_items) with column 0 (padding) already -inf; target: (b,) int64. Returns (b,) int64.
     """
     if scores.dim() != 2 or target.shape != scores.shape[:1]:
         raise ValueError(f"target_rank: scores must be (b, n_items) and target (b,), got {tuple(scores.shape)} "
                          f"and {tuple(target.shape)}")
-    k = min(max_k, scores.shape[1])
-    top = torch.topk(scores, k, dim=-1).indices                         # (b, k)
-    hit = top == target.unsqueeze(1)
-    rank = torch.where(hit.any(1), hit.float().argmax(1) + 1, torch.zeros_like(target))
-    return rank.to(torch.long)
+    own = scores.gather(1, target.unsqueeze(1))                              # (b, 1)
+    ids = torch.arange(scores.shape[1], device=scores.device)
+    ahead = (scores > own) | ((scores == own) & (ids < target.unsqueeze(1)))
+    rank = ahead.sum(1) + 1
+    valid = (rank <= max_k) & ~torch.isnan(own.squeeze(1))
+    return torch.where(valid, rank, torch.zeros_like(rank)).to(torch.long)
 
 
 def metric_names(ks: Sequence[int]) -> list[str]:

@@ -23,9 +23,11 @@ from torch import nn
 from mambakit.core import Mamba, RMSNormGated, ssd_scan
 
 from .config import GRU4RecConfig, Mamba4RecConfig, ModelConfig, SASRecConfig, TiM4RecConfig
+from .data import Vocabulary
 
 __all__ = [
     "SequentialRecommender", "Mamba4Rec", "TiM4Rec", "TiSSD", "SASRec", "GRU4Rec", "build_model",
+    "attach_vocabulary", "stored_vocabulary", "VOCAB_BUFFER",
 ]
 
 
@@ -497,3 +499,29 @@ def build_model(config: ModelConfig, n_items: int, max_len: int) -> SequentialRe
     if config.name not in _MODELS:
         raise ValueError(f"unknown model {config.name!r}; expected one of {', '.join(_MODELS)} or mostpop")
     return _MODELS[config.name](config, n_items, max_len)
+
+
+# --------------------------------------------------------------------------------------------------
+# the item vocabulary travels inside the model (a uint8 buffer of JSON), so every checkpoint carries it
+
+VOCAB_BUFFER = "item_vocabulary"
+
+
+def attach_vocabulary(model: nn.Module, vocabulary: Vocabulary) -> nn.Module:
+    """Store `vocabulary` in `model` as the buffer `item_vocabulary` (UTF-8 JSON bytes): it is saved with the
+    weights, so `recommend` needs no data file and `eval` can tell whether a file is the training data."""
+    if vocabulary.n_items != getattr(model, "n_items", vocabulary.n_items):
+        raise ValueError(f"the vocabulary has {vocabulary.n_items} item ids (padding included), the model "
+                         f"{model.n_items}")
+    raw = bytearray(vocabulary.to_json().encode("utf-8"))
+    model.register_buffer(VOCAB_BUFFER, torch.frombuffer(raw, dtype=torch.uint8).clone())
+    return model
+
+
+def stored_vocabulary(state: nn.Module | dict, source: str) -> Vocabulary | None:
+    """The vocabulary stored in a model or a state dict (None when there is none: weights from before it was
+    stored, or not a mambakit recommender)."""
+    buffer = getattr(state, VOCAB_BUFFER, None) if isinstance(state, nn.Module) else state.get(VOCAB_BUFFER)
+    if buffer is None:
+        return None
+    return Vocabulary.from_json(bytes(buffer.cpu().to(torch.uint8).numpy().tobytes()).decode("utf-8"), source)

@@ -1,7 +1,8 @@
 """Top-k recommendations for one history with a trained checkpoint: original item tokens in, tokens out.
 
-The checkpoint holds the recipe; the item vocabulary is rebuilt from the recipe's data (deterministic: ids in
-order of first appearance after filtering), so the data must be readable (it is in the cache after training).
+Everything comes from the checkpoint: the recipe, the weights and the item vocabulary (tokens, titles, and
+which tokens k-core filtering removed), so no data file is read. Scores are computed by `task.score_items`,
+the function evaluation ranks with.
 """
 
 from __future__ import annotations
@@ -13,47 +14,66 @@ from pathlib import Path
 import torch
 
 from .config import RecsysRecipe
-from .data import make_batch
-from .models import build_model
-from .task import RecsysTask, load_data
+from .data import Vocabulary, make_batch
+from .models import build_model, stored_vocabulary
+from .task import RecsysTask, score_items
 
-__all__ = ["load_recommender", "recommend", "format_recommendations"]
+__all__ = ["load_recommender", "recommend", "format_recommendations", "history_ids"]
 
 
 def load_recommender(checkpoint: str | Path, device: str = "cpu"):
-    """(model in eval mode, recipe, SequenceData) from a checkpoint file or run folder."""
+    """(model in eval mode, recipe, Vocabulary) from a checkpoint file or run folder; no data file is read."""
     from mambakit.engine.checkpoint import load_checkpoint, resolve_checkpoint
     from mambakit.engine.config import from_dict
     from mambakit.engine.trainer import load_model_state
+
+    from .models import attach_vocabulary
 
     path = resolve_checkpoint(checkpoint, prefer="best")
     state = load_checkpoint(path)
     if not isinstance(state.get("config"), dict):
         raise ValueError(f"{path}: the checkpoint holds no recipe; it was not written by `mambakit recsys train`")
     config = from_dict(RecsysRecipe, state["config"], f"{path} (saved config)")
-    data = load_data(config.data)
-    model = build_model(config.model, data.n_items, config.data.max_len)
+    vocabulary = stored_vocabulary(state["model"], str(path))
+    if vocabulary is None:
+        raise ValueError(f"{path}: the checkpoint holds no item vocabulary (written by a mambakit older than the "
+                         f"stored vocabularies); retrain it to recommend with it")
+    model = attach_vocabulary(build_model(config.model, vocabulary.n_items, config.data.max_len), vocabulary)
     load_model_state(model, state["model"], str(path))
-    return model.to(device).eval(), config, data
+    return model.to(device).eval(), config, vocabulary
+
+
+def history_ids(history: list[str], vocabulary: Vocabulary, config: RecsysRecipe) -> list[int]:
+    """Item ids of the history tokens; an unknown token is an error that says whether k-core filtering removed
+    it (with the thresholds) or the training data never had it (with close matches)."""
+    lookup = vocabulary.token_to_id()
+    unknown = [t for t in history if t not in lookup]
+    if unknown:
+        removed = set(vocabulary.removed_items)
+        d = config.data
+        hints = []
+        for token in unknown[:5]:
+            if token in removed:
+                hints.append(f"{token!r} (removed by k-core filtering: fewer than {d.item_min_interactions} "
+                             f"interactions, data.item_min_interactions, or only from users with fewer than "
+                             f"{d.user_min_interactions})")
+                continue
+            close = difflib.get_close_matches(token, list(lookup), n=3)
+            hints.append(f"{token!r} (not in the training data" + (f"; close: {', '.join(close)})" if close else ")"))
+        raise ValueError(f"--history: {len(unknown)} item token(s) the model does not know: {'; '.join(hints)}")
+    return [lookup[t] for t in history]
 
 
 def recommend(checkpoint: str | Path, history: list[str], k: int = 10, times: list[float] | None = None,
-              exclude_seen: bool = True, device: str = "cpu") -> list[dict]:
-    """The top-k items after `history` (original tokens, oldest first): a list of {rank, item, score, title}."""
-    model, config, data = load_recommender(checkpoint, device)
+              exclude_seen: bool = True, device: str = "cpu", *, loaded=None) -> list[dict]:
+    """The top-k items after `history` (original tokens, oldest first): a list of {rank, item, score, title}.
+    `loaded`: the result of `load_recommender` to reuse."""
+    model, config, vocabulary = loaded or load_recommender(checkpoint, device)
     if k < 1:
         raise ValueError(f"--k must be >= 1, got {k}")
     if not history:
         raise ValueError("--history is empty: give at least one item token")
-    lookup = data.token_to_id()
-    unknown = [t for t in history if t not in lookup]
-    if unknown:
-        hints = []
-        for token in unknown[:5]:
-            close = difflib.get_close_matches(token, list(lookup), n=3)
-            hints.append(f"{token!r}" + (f" (close: {', '.join(close)})" if close else ""))
-        raise ValueError(f"--history: {len(unknown)} item token(s) not in {data.name} after filtering: "
-                         f"{'; '.join(hints)}")
+    ids = history_ids(history, vocabulary, config)
     traits = RecsysTask.model_traits(config.model)
     if traits["uses_time"]:
         if times is None:
@@ -63,19 +83,18 @@ def recommend(checkpoint: str | Path, history: list[str], k: int = 10, times: li
             raise ValueError(f"--times has {len(times)} values for {len(history)} history items")
         if any(b < a for a, b in zip(times, times[1:])):
             raise ValueError("--times must be in chronological order (non-decreasing)")
-    ids = [lookup[t] for t in history]
     batch = make_batch(ids, times if traits["uses_time"] else None, config.data.max_len, traits["fixed_length"])
     batch = {key: value.to(device) for key, value in batch.items()}
     with torch.no_grad():
-        scores = model(batch["item_seq"], batch["item_seq_len"], batch.get("time_seq"), scores=True)[0].float()
-    scores[0] = -math.inf
+        scores = score_items(model, batch)[0]
     if exclude_seen:
         scores[torch.tensor(ids, device=scores.device)] = -math.inf
     available = int(torch.isfinite(scores).sum())
-    top = torch.topk(scores, min(k, available))
-    titles = data.item_titles or {}
-    return [{"rank": r + 1, "item": str(data.item_tokens[i]), "score": float(s), "title": titles.get(int(i))}
-            for r, (s, i) in enumerate(zip(top.values.tolist(), top.indices.tolist()))]
+    # Equal scores: the lower item id first, as evaluation's target_rank counts them.
+    order = torch.sort(scores, descending=True, stable=True)
+    top_values, top_ids = order.values[:min(k, available)], order.indices[:min(k, available)]
+    return [{"rank": r + 1, "item": vocabulary.item_tokens[i - 1], "score": float(s), "title": vocabulary.title(i)}
+            for r, (s, i) in enumerate(zip(top_values.tolist(), top_ids.tolist()))]
 
 
 def format_recommendations(recs: list[dict]) -> str:

@@ -3,6 +3,7 @@ tokens and titles out), most-popular, errors; recipes in configs/recsys load; th
 most-popular."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -62,7 +63,9 @@ def recipe(tmp_path, data_path, model: dict, lr: float = 0.01, **train) -> Path:
 
 
 def test_train_eval_recommend_round_trip(tmp_path, cycle_data, capsys):
-    path = recipe(tmp_path, cycle_data, {"name": "gru4rec", "embedding_size": 16, "hidden_size": 32,
+    data = tmp_path / "data"
+    shutil.copytree(cycle_data, data)
+    path = recipe(tmp_path, data, {"name": "gru4rec", "embedding_size": 16, "hidden_size": 32,
                                          "dropout_prob": 0.0}, lr=0.03, epochs=4)
     run = tmp_path / "run"
     assert cli.main(["recsys", "train", "-c", str(path), "--run-dir", str(run)]) == 0
@@ -74,8 +77,29 @@ def test_train_eval_recommend_round_trip(tmp_path, cycle_data, capsys):
     assert m["test/hit@1"] > 0.5 and m["test/ndcg@10"] > m["test/pop_ndcg@10"] + 0.3
 
     capsys.readouterr()
-    assert cli.main(["recsys", "eval", "--checkpoint", str(run), "--split", "test", "eval.mask_history=true"]) == 0
+    assert cli.main(["recsys", "eval", "--checkpoint", str(run), "--split", "test", "--output",
+                     str(tmp_path / "m.json")]) == 0
     assert "test/ndcg@10" in capsys.readouterr().out
+    evaluated = json.loads((tmp_path / "m.json").read_text())
+    assert evaluated["test/ndcg@10"] == m["test/ndcg@10"]
+
+    # The data moved and its rows re-sorted by time: the same interactions, the same numbers.
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    lines = (data / "cycle.inter").read_text().splitlines()
+    body = sorted(lines[1:], key=lambda line: (float(line.split("\t")[3]), line))
+    (moved / "cycle.inter").write_text("\n".join([lines[0], *body]) + "\n")
+    shutil.rmtree(data)                                      # recommend needs only the checkpoint
+    assert cli.main(["recsys", "eval", "--checkpoint", str(run), "--split", "test", f"data.path={moved}",
+                     "--output", str(tmp_path / "m2.json")]) == 0
+    assert json.loads((tmp_path / "m2.json").read_text()) == evaluated
+    # Other data (one interaction fewer) is refused, naming the file and both sizes.
+    (moved / "cycle.inter").write_text("\n".join([lines[0], *body[:-1]]) + "\n")
+    capsys.readouterr()
+    assert cli.main(["recsys", "eval", "--checkpoint", str(run), f"data.path={moved}"]) == 1
+    err = capsys.readouterr().err
+    assert "cycle.inter: not the data this model was trained on (872 interactions" in err
+    assert "training had 873" in err
 
     assert cli.main(["recsys", "recommend", "--checkpoint", str(run), "--history", "i3,i4,i5", "--k", "3",
                      "--json"]) == 0
@@ -89,7 +113,8 @@ def test_train_eval_recommend_round_trip(tmp_path, cycle_data, capsys):
     assert "i0" in table.splitlines()[1] and "Movie number 0" in table
 
     assert cli.main(["recsys", "recommend", "--checkpoint", str(run), "--history", "i3,nope"]) == 1
-    assert "--history: 1 item token(s) not in cycle after filtering: 'nope'" in capsys.readouterr().err
+    assert ("--history: 1 item token(s) the model does not know: 'nope' (not in the training data)"
+            in capsys.readouterr().err)
 
 
 def test_tim4rec_trains_and_needs_times_to_recommend(tmp_path, cycle_data, capsys):

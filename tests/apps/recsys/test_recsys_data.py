@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from mambakit.apps.recsys.data import (AtomicFile, AtomicFileError, SequenceCollator, build_sequences,
-                                       find_atomic_files, interaction_counts, kcore_filter, leave_one_out,
-                                       load_sequence_data, parse_header, read_atomic)
+from mambakit.apps.recsys.data import (AtomicFile, AtomicFileError, SequenceCollator, TieWarning, build_sequences,
+                                       find_atomic_files, fingerprint, interaction_counts, kcore_filter,
+                                       leave_one_out, load_sequence_data, parse_header, read_atomic)
 
 HEADER = "user_id:token\titem_id:token\trating:float\ttimestamp:float"
 
@@ -100,10 +100,13 @@ def test_find_files_in_folder_zip_and_errors(tmp_path):
     with pytest.raises(AtomicFileError, match="several .inter files .*data.name"):
         find_atomic_files(folder)
     assert find_atomic_files(folder, "other")["inter"].path.name == "other.inter"
-    with pytest.raises(AtomicFileError, match="holds no nope.inter"):
+    with pytest.raises(AtomicFileError, match=r"holds no nope.inter file$"):
         find_atomic_files(folder, "nope")
     with pytest.raises(FileNotFoundError, match="missing"):
         find_atomic_files(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AtomicFileError, match=r"empty: holds no .inter file \(nor a ratings.csv\)$"):
+        find_atomic_files(tmp_path / "empty")
 
 
 # ---------------------------------------------------------------------------------------------- k-core
@@ -149,11 +152,11 @@ def toy_data():
     users = np.array(["u1", "u2", "u1", "u1", "u2", "u1", "u3", "u3", "u4", "u5", "u5", "u5"], dtype=object)
     items = np.array(["x", "y", "z", "y", "x", "w", "x", "y", "z", "w", "x", "y"], dtype=object)
     times = np.array([5, 1, 5, 2, 3, 9, 1, 2, 1, 3, 2, 1], dtype=np.float64)
-    return build_sequences(users, items, times, name="toy")
+    return build_sequences(users, items, times, name="toy", time_precision="float32", tie_break="file")
 
 
 def test_remap_and_chronological_order():
-    d = toy_data()
+    d = toy_data()                                                      # RecBole: tie_break file
     assert d.item_tokens.tolist() == ["[PAD]", "x", "y", "z", "w"]     # first appearance in the file
     assert d.user_tokens.tolist() == ["u1", "u2", "u3", "u4", "u5"]
     assert d.offsets.tolist() == [0, 4, 6, 8, 9, 12]
@@ -241,3 +244,166 @@ def test_load_with_titles_and_filtering(tmp_path):
     assert d.n_users == 4 and d.n_items == 4                            # u9 / i7 filtered out
     assert d.stats["raw_interactions"] == 13 and d.stats["interactions"] == 12
     assert {d.item_tokens[i]: t for i, t in d.item_titles.items()} == {"i0": "Zero Movie", "i2": "Two"}
+
+
+# ---------------------------------------------------------------------------------------------- time order
+
+def per_user(d):
+    """{user token: [(item token, time), ...]} in sequence order."""
+    return {d.user_tokens[u]: [(d.item_tokens[i], t) for i, t in zip(d.items[d.offsets[u]:d.offsets[u + 1]],
+                                                                      d.times[d.offsets[u]:d.offsets[u + 1]])]
+            for u in range(d.n_users)}
+
+
+def random_interactions(seed, n=300, n_users=12, n_items=25, time_levels=6):
+    rng = np.random.default_rng(seed)
+    users = np.array([f"u{k}" for k in rng.integers(0, n_users, n)], dtype=object)
+    items = np.array([f"i{k}" for k in rng.integers(0, n_items, n)], dtype=object)
+    times = 1_000_000_000.0 + rng.integers(0, time_levels, n) * 1000.0      # many exact ties
+    return users, items, times
+
+
+def test_hash_tie_break_does_not_depend_on_row_order():
+    users, items, times = random_interactions(0)
+    d = build_sequences(users, items, times)                         # the defaults: float64, hash
+    perm = np.random.default_rng(1).permutation(len(users))
+    e = build_sequences(users[perm], items[perm], times[perm])
+    assert d.item_tokens.tolist() == e.item_tokens.tolist()          # the same ids ...
+    assert per_user(d) == per_user(e)                                 # ... and the same sequences
+    np.testing.assert_array_equal(d.times, np.sort(d.times) if d.n_users == 1 else d.times)
+    for u in range(d.n_users):                                        # chronological per user
+        assert np.all(np.diff(d.times[d.offsets[u]:d.offsets[u + 1]]) >= 0)
+    # "file" keeps file order among ties: another row order gives other sequences.
+    f = build_sequences(users, items, times, tie_break="file")
+    g = build_sequences(users[perm], items[perm], times[perm], tie_break="file")
+    assert per_user(f) != per_user(g)
+
+
+def test_hash_tie_break_is_not_item_order():
+    # A user with 12 items at the same second, listed by ascending id (as MovieLens ratings.csv lists them):
+    # file order keeps that order, the hash order must not be it (or any fixed function of the ids alone).
+    items = np.array([f"m{k:02d}" for k in range(12)], dtype=object)
+    users = np.array(["a"] * 12, dtype=object)
+    times = np.full(12, 5.0)
+    by_file = build_sequences(users, items, times, tie_break="file")
+    by_hash = build_sequences(users, items, times)
+    assert [t for t, _ in per_user(by_file)["a"]] == items.tolist()
+    hashed = [t for t, _ in per_user(by_hash)["a"]]
+    assert sorted(hashed) == items.tolist() and hashed != items.tolist() and hashed != items.tolist()[::-1]
+    # Another user with the same items gets another order (the hash includes the user).
+    two = build_sequences(np.array(["a"] * 12 + ["b"] * 12, dtype=object), np.concatenate([items, items]),
+                          np.full(24, 5.0))
+    assert [t for t, _ in per_user(two)["a"]] == hashed and [t for t, _ in per_user(two)["b"]] != hashed
+
+
+def test_float32_rounding_ties_what_float64_orders():
+    # 1e9 s in float32 is a multiple of 64: 1_000_000_010 and 1_000_000_030 both round to 1_000_000_000.
+    users = np.array(["u", "u", "u"], dtype=object)
+    items = np.array(["late", "early", "first"], dtype=object)
+    times = np.array([1_000_000_030.0, 1_000_000_010.0, 999_999_000.0])
+    exact = build_sequences(users, items, times, tie_break="file")
+    rounded = build_sequences(users, items, times, time_precision="float32", tie_break="file")
+    assert [t for t, _ in per_user(exact)["u"]] == ["first", "early", "late"]
+    assert [t for t, _ in per_user(rounded)["u"]] == ["first", "late", "early"]    # tie: file order
+    assert rounded.times.tolist()[1:] == [1_000_000_000.0, 1_000_000_000.0]
+    assert exact.tie_share() == 0.0 and rounded.tie_share() == 0.5
+
+
+def test_many_ties_warn_with_their_share(tmp_path):
+    lines = [HEADER] + [f"u{u}\ti{i}\t1\t{100 + (i // 2)}" for u in range(3) for i in range(4)]
+    write(tmp_path / "t.inter", lines)          # per user: pairs (0,1) and (2,3) tie -> 2 of 3 pairs = 67%
+    with pytest.warns(TieWarning, match=r"67% of a user's consecutive interactions have equal timestamps "
+                                        r"\(time_precision=float64\); their order is set by tie_break=hash"):
+        d = load_sequence_data(tmp_path)
+    assert d.stats["tie_share"] == pytest.approx(2 / 3)
+
+
+# ---------------------------------------------------------------------------------------------- fingerprints
+
+def test_fingerprint_ignores_row_order_only():
+    users, items, times = random_interactions(2)
+    fp = fingerprint(users, items, times)
+    perm = np.random.default_rng(0).permutation(len(users))
+    moved = fingerprint(users[perm], items[perm], times[perm])
+    assert moved["interactions"] == fp["interactions"] and moved["row_order"] != fp["row_order"]
+    assert (fp["rows"], fp["users"], fp["items"]) == (300, len(set(users)), len(set(items)))
+    times2 = times.copy()
+    times2[7] += 1.0                                                  # one second later
+    assert fingerprint(users, items, times2)["interactions"] != fp["interactions"]
+    items2 = items.copy()
+    items2[3] = "other"
+    assert fingerprint(users, items2, times)["interactions"] != fp["interactions"]
+
+
+def write_inter(path, users, items, times):
+    return write(path, [HEADER] + [f"{u}\t{i}\t1\t{t:.0f}" for u, i, t in zip(users, items, times)])
+
+
+def test_vocabulary_reads_reordered_data_identically_and_refuses_other_data(tmp_path):
+    users, items, times = random_interactions(4)
+    train_dir, moved_dir, other_dir = (tmp_path / n for n in ("train", "moved", "other"))
+    for d in (train_dir, moved_dir, other_dir):
+        d.mkdir()
+    write_inter(train_dir / "x.inter", users, items, times)
+    perm = np.random.default_rng(5).permutation(len(users))
+    write_inter(moved_dir / "x.inter", users[perm], items[perm], times[perm])
+    write_inter(other_dir / "x.inter", users[:-1], items[:-1], times[:-1])
+
+    with pytest.warns(TieWarning):
+        trained = load_sequence_data(train_dir, user_min=2, item_min=2)
+    vocab = trained.vocabulary()
+    with pytest.warns(TieWarning):
+        again = load_sequence_data(moved_dir, user_min=2, item_min=2, vocabulary=vocab)
+    assert again.item_tokens.tolist() == trained.item_tokens.tolist()
+    np.testing.assert_array_equal(again.items, trained.items)
+    np.testing.assert_array_equal(again.offsets, trained.offsets)
+    with pytest.raises(AtomicFileError, match=r"x.inter: not the data this model was trained on \(299 "
+                                              r"interactions.*training had 300"):
+        load_sequence_data(other_dir, user_min=2, item_min=2, vocabulary=vocab)
+    # tie_break=file: the row order decides ties, so a re-sorted file is refused, with the reason.
+    with pytest.warns(TieWarning):
+        file_vocab = load_sequence_data(train_dir, tie_break="file").vocabulary()
+    with pytest.raises(AtomicFileError, match="same interactions as the training data, but in another row order"):
+        load_sequence_data(moved_dir, tie_break="file", vocabulary=file_vocab)
+    # Other filtering thresholds than at training: named, not a silent remap.
+    with pytest.raises(AtomicFileError, match="filtering options differ from training"):
+        load_sequence_data(train_dir, user_min=2, item_min=15, vocabulary=vocab)
+
+
+def test_removed_items_are_recorded(tmp_path):
+    lines = [HEADER] + [f"u{u}\ti{i}\t1\t{u * 10 + i}" for u in range(4) for i in range(3)] + ["u0\trare\t1\t99"]
+    write(tmp_path / "r.inter", lines)
+    d = load_sequence_data(tmp_path, user_min=2, item_min=2)
+    assert d.removed_items == ("rare",) and d.vocabulary().removed_items == ("rare",)
+
+
+def test_header_only_file_is_not_blamed_on_kcore(tmp_path):
+    write(tmp_path / "h.inter", [HEADER])
+    with pytest.raises(AtomicFileError, match=r"h.inter: holds no interactions \(a header and no data rows\)"):
+        load_sequence_data(tmp_path, user_min=5, item_min=5)
+
+
+# ---------------------------------------------------------------------------------------------- CSV
+
+def test_movielens_ratings_csv(tmp_path):
+    rows = ["userId,movieId,rating,timestamp", "1,31,2.5,1260759144", "1,1029,3.0,1260759179",
+            "2,31,4.0,1260759100", "2,10,4.0,1260759101", "1,10,4.0,1260759100"]
+    (tmp_path / "ratings.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "movies.csv").write_text('movieId,title,genres\n31,Dangerous Minds (1995),Drama\n'
+                                         '10,"GoldenEye, the (1995)",Action\n1029,Dumbo (1941),Animation\n')
+    for path in (tmp_path / "ratings.csv", tmp_path):                # the file, or its MovieLens folder
+        d = load_sequence_data(path)
+        assert per_user(d) == {"1": [("10", 1260759100.0), ("31", 1260759144.0), ("1029", 1260759179.0)],
+                               "2": [("31", 1260759100.0), ("10", 1260759101.0)]}
+        titles = {d.item_tokens[i]: t for i, t in d.item_titles.items()}
+        assert titles == {"31": "Dangerous Minds (1995)", "10": "GoldenEye, the (1995)", "1029": "Dumbo (1941)"}
+    (tmp_path / "dates.csv").write_text("user,item,time\na,x,2020-01-01T00:00:10\na,y,2020-01-01T00:00:05\n")
+    d = load_sequence_data(tmp_path / "dates.csv", user_field="user", item_field="item", time_field="time")
+    assert per_user(d)["a"] == [("y", 1577836805.0), ("x", 1577836810.0)]
+    (tmp_path / "bad.csv").write_text("uid,movieId,timestamp\n1,2,3\n")
+    with pytest.raises(AtomicFileError, match=r"bad.csv: no column 'user_id' \(set data.user_field\); the header "
+                                              r"has uid, movieId, timestamp"):
+        load_sequence_data(tmp_path / "bad.csv")
+    (tmp_path / "badtime.csv").write_text("userId,movieId,timestamp\n1,2,3\n1,3,soon\n")
+    with pytest.raises(AtomicFileError, match=r"badtime.csv: column 'timestamp', line 3: 'soon' is not a unix"):
+        load_sequence_data(tmp_path / "badtime.csv")
