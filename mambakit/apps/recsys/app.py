@@ -145,7 +145,7 @@ def quickstart(recipe_path: str | Path = QUICK_RECIPE, overrides=(), run_dir: st
     started = time.time()
     path = Path(recipe_path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: the quick recipe is missing (it ships in the repository's configs/)")
+        raise FileNotFoundError(f"{path}: the quick recipe is missing (it ships in the package, mambakit/configs/)")
     config = load_config(RecsysRecipe, path, list(overrides))
     if not config.eval.popularity_baseline or 10 not in config.eval.ks:
         raise ValueError(f"{path}: the quick recipe must keep eval.popularity_baseline true and 10 in eval.ks")
