@@ -311,9 +311,13 @@ def _cohort_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sources", default=None, metavar="DIR",
                         help="a folder with cmu_small_region.svs, target_image.png, ihc.png (default: fetched)")
     parser.add_argument("--run", action="store_true",
-                        help="then run the whole pipeline: tile, extract (random weights), train MambaMIL, ABMIL, "
+                        help="then run the whole pipeline: tile, extract (--backbone), train MambaMIL, ABMIL, "
                              "TransMIL, mean-pooling MIL, evaluate, heatmaps; writes OUT/report.md")
-    parser.add_argument("--input-size", type=int, default=224, help="extractor input pixels with --run")
+    parser.add_argument("--backbone", default="hed_stats", choices=["hed_stats", "resnet50_trunc"],
+                        help="extractor with --run: hed_stats (weight-free stain deconvolution with colour and "
+                             "texture statistics; default) or resnet50_trunc with random weights")
+    parser.add_argument("--input-size", type=int, default=None,
+                        help="extractor input pixels with --run (default: the backbone's: hed_stats 64, resnet 224)")
 
 
 def _cohort_run(args) -> int:
@@ -332,7 +336,8 @@ def _cohort_run(args) -> int:
     recipes = QUICK_RECIPES if args.quick else COHORT_RECIPES
     report = run_cohort_pipeline(CohortRun(out_dir=args.out, recipes=[str(r) for r in recipes],
                                            spec="quick" if args.quick else "full", seed=args.seed,
-                                           input_size=args.input_size, sources=args.sources))
+                                           backbone=args.backbone, input_size=args.input_size,
+                                           sources=args.sources))
     print(format_report(report))
     return 0
 
@@ -375,20 +380,20 @@ def _convert_run(args) -> int:
 # quickstart
 
 def quickstart(out_dir: str | Path | None = None) -> QuickstartResult:
-    """The quick cohort (24 small slides), random-weight ResNet-50 features, MambaMIL vs mean-pooling MIL."""
+    """The quick cohort, weight-free stain / texture features (hed_stats), MambaMIL vs mean-pooling MIL."""
     from .config import MODEL_TITLES
     from .pipeline import CohortRun, format_report, run_cohort_pipeline
 
     started = time.time()
     out = Path(out_dir) if out_dir is not None else Path("runs") / f"pathology-quick-{time.strftime('%Y%m%d-%H%M%S')}"
     report = run_cohort_pipeline(CohortRun(out_dir=str(out), recipes=[str(r) for r in QUICK_RECIPES], spec="quick",
-                                           input_size=112, heatmaps=2), progress=False)
+                                           heatmaps=2), progress=False)
     print(format_report(report))
     mamba, base = (report["models"][Path(r).stem] for r in QUICK_RECIPES)
     return QuickstartResult(
         app="pathology", model=MODEL_TITLES["mamba_mil"],
         data=f"embedded WSI cohort ({report['cohort']['slides']} slides, {report['cohort']['patches']} patches; "
-             f"random-weight ResNet-50 features)",
+             f"weight-free stain deconvolution + colour / texture features)",
         metric="test AUC", value=float(mamba["test"]["auc"]), baseline=MODEL_TITLES["mean_mil"],
         baseline_value=float(base["test"]["auc"]), wall_time_s=time.time() - started, run_dir=str(out))
 
