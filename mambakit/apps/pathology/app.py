@@ -305,7 +305,7 @@ def _locate_features(args, recipe, sid: str) -> Path | None:
 
 def _cohort_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR")
-    parser.add_argument("--quick", action="store_true", help="the small cohort of the quickstart (24 slides)")
+    parser.add_argument("--quick", action="store_true", help="the small cohort of the quickstart (cohort.QUICK)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-slides", type=int, default=None)
     parser.add_argument("--sources", default=None, metavar="DIR",

@@ -126,7 +126,7 @@ def _write_h5(bag, folder):
 
 
 @pytest.mark.parametrize("model", ["{name: mamba_mil, in_dim: 16, dim: 32, d_state: 4, layer: 1}",
-                                   "{name: abmil, in_dim: 16, gated: true}",
+                                   "{name: abmil, in_dim: 16, gated: true, dropout: 0.25}",
                                    "{name: mean_mil, in_dim: 16}"])
 def test_bag_scores_equal_the_evaluation_loop_twice(mil_data, tmp_path, model):  # noqa: F811
     from sklearn.metrics import roc_auc_score
