@@ -8,7 +8,7 @@
     mambakit pathology finetune --pretrained NAME|PATH -c RECIPE.yaml
     mambakit pathology heatmap --checkpoint RUN_DIR --slide SLIDE.svs [--features DIR] --out heatmap.png
     mambakit pathology cohort  --out DIR [--quick] [--run]
-    mambakit pathology convert --checkpoint s_0_checkpoint.pt --model mamba_mil --rate 5 --out model.pt
+    mambakit pathology convert --checkpoint s_0_checkpoint.pt --model mamba_mil --mixer SRMamba --rate 5 --out model.pt
 
 Kept cheap to import (`mambakit --help` loads it): torch, OpenSlide and friends load inside the verbs.
 """
@@ -87,8 +87,9 @@ def _tile_run(args) -> int:
 
 def _add_extractor_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("feature extractor")
-    g.add_argument("--backbone", default="resnet50_trunc",
-                   help="resnet50_trunc (CLAM's, 1024-d) or timm:<model name> (default resnet50_trunc)")
+    g.add_argument("--backbone", default=None,
+                   help="resnet50_trunc (CLAM's, 1024-d), hed_stats (weight-free stain deconvolution with colour "
+                        "and texture statistics, 46-d) or timm:<model name> (default resnet50_trunc)")
     g.add_argument("--weights", default=None, metavar="NAME|PATH",
                    help="zoo weights name or a local file (default: the backbone's zoo weights)")
     g.add_argument("--random-weights", action="store_true",
@@ -98,15 +99,20 @@ def _add_extractor_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--num-workers", type=int, default=2, help="patch-reading worker processes (default 2)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--input-size", type=int, default=None, help="pixels fed to the network (default: backbone's, 224)")
+    g.add_argument("--input-size", type=int, default=None,
+                   help="pixels fed to the network (default: the backbone's, 224; hed_stats 64)")
+    g.add_argument("--standardize", type=int, default=0, metavar="N",
+                   help="standardise every feature with its mean and std on N patches of the slides (recorded in "
+                        "features_meta.json; hed_stats' descriptors differ in scale by orders of magnitude)")
 
 
 def _extract_params(args):
     from .features import ExtractParams
 
-    return ExtractParams(backbone=args.backbone, weights=args.weights, random_weights=args.random_weights,
-                         batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
-                         input_size=args.input_size, calibrate_bn=args.calibrate_bn,
+    return ExtractParams(backbone=args.backbone or "resnet50_trunc", weights=args.weights,
+                         random_weights=args.random_weights, batch_size=args.batch_size,
+                         num_workers=args.num_workers, device=args.device, input_size=args.input_size,
+                         calibrate_bn=args.calibrate_bn, standardize=args.standardize,
                          skip_existing=not getattr(args, "no_skip", False),
                          tile=_tile_params(args))
 
@@ -202,6 +208,10 @@ def _heatmap_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-size", type=int, default=1024, help="thumbnail's longest side")
     parser.add_argument("--cohort", default=None, metavar="DIR", help="outline the planted regions of a cohort slide")
     parser.add_argument("--ema", action="store_true", help="use the EMA weights")
+    parser.add_argument("--extractor-meta", default=None, metavar="features_meta.json",
+                        help="without --features: the training features' extractor record (default: the run's "
+                             "copy, else the recipe's data.features/features_meta.json); the slide is extracted "
+                             "with exactly those settings, and extractor options that differ are refused")
     _add_extractor_arguments(parser)
     _add_tile_arguments(parser)
 
@@ -210,7 +220,7 @@ def _heatmap_run(args) -> int:
     import tempfile
 
     from .data import Bag
-    from .pipeline import heatmap_for_bag, model_from_checkpoint
+    from .inference import heatmap_for_bag, model_from_checkpoint
     from .wsi import slide_id_of
 
     model, recipe, classes = model_from_checkpoint(args.checkpoint, use_ema=args.ema)
@@ -220,8 +230,9 @@ def _heatmap_run(args) -> int:
     if h5 is None:
         from .features import extract_slides
 
+        extractor = _training_extractor(args, recipe)
         tmp = Path(tempfile.mkdtemp(prefix="mambakit-heatmap-"))
-        results = extract_slides([slide], tmp, _extract_params(args), progress=True)
+        results = extract_slides([slide], tmp, _extract_params(args), progress=True, extractor=extractor)
         if results[0].status == "failed":
             raise ValueError(f"{sid}: {results[0].error}")
         h5 = tmp / "h5_files" / f"{sid}.h5"
@@ -237,6 +248,38 @@ def _heatmap_run(args) -> int:
     for p in written:
         print(f"heatmap: {p}")
     return 0
+
+
+def _training_extractor(args, recipe):
+    """The extractor of the features the model was trained on (features_meta.json), so that the new slide's
+    features are comparable; extractor options given on the command line must agree with it."""
+    import json
+
+    from .features import extractor_from_meta, requested_differences
+    from .inference import training_features_meta
+
+    if args.extractor_meta:
+        where = Path(args.extractor_meta)
+        if not where.is_file():
+            raise FileNotFoundError(f"--extractor-meta {where} does not exist")
+        meta = json.loads(where.read_text())
+    else:
+        meta, places = training_features_meta(args.checkpoint, recipe)
+        if meta is None:
+            raise ValueError(f"cannot tell which extractor made the training features: no features_meta.json in "
+                             f"{' or '.join(map(str, places))}. Pass --extractor-meta FILE, or extract the slide with "
+                             f"the training extractor and pass --features")
+        where = next(p for p in places if p.is_file())
+    diff = requested_differences(meta, args.backbone, args.weights, args.random_weights, args.input_size)
+    if args.calibrate_bn or args.standardize:
+        diff.append("--calibrate-bn / --standardize: a heatmap reuses the training extractor's statistics")
+    if diff:
+        raise ValueError(f"the model was trained on features of another extractor ({where}): {'; '.join(diff)}. "
+                         f"Drop these options: the slide is extracted with the training settings")
+    extractor = extractor_from_meta(meta, str(where))
+    print(f"heatmap: extracting {args.slide} with the training extractor ({meta['backbone']}, input "
+          f"{meta['input_size']} px, weights {meta['weights']}; from {where})")
+    return extractor
 
 
 def _locate_features(args, recipe, sid: str) -> Path | None:
@@ -262,15 +305,19 @@ def _locate_features(args, recipe, sid: str) -> Path | None:
 
 def _cohort_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR")
-    parser.add_argument("--quick", action="store_true", help="the small cohort of the quickstart (24 slides)")
+    parser.add_argument("--quick", action="store_true", help="the small cohort of the quickstart (cohort.QUICK)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-slides", type=int, default=None)
     parser.add_argument("--sources", default=None, metavar="DIR",
                         help="a folder with cmu_small_region.svs, target_image.png, ihc.png (default: fetched)")
     parser.add_argument("--run", action="store_true",
-                        help="then run the whole pipeline: tile, extract (random weights), train MambaMIL, ABMIL, "
+                        help="then run the whole pipeline: tile, extract (--backbone), train MambaMIL, ABMIL, "
                              "TransMIL, mean-pooling MIL, evaluate, heatmaps; writes OUT/report.md")
-    parser.add_argument("--input-size", type=int, default=224, help="extractor input pixels with --run")
+    parser.add_argument("--backbone", default="hed_stats", choices=["hed_stats", "resnet50_trunc"],
+                        help="extractor with --run: hed_stats (weight-free stain deconvolution with colour and "
+                             "texture statistics; default) or resnet50_trunc with random weights")
+    parser.add_argument("--input-size", type=int, default=None,
+                        help="extractor input pixels with --run (default: the backbone's: hed_stats 64, resnet 224)")
 
 
 def _cohort_run(args) -> int:
@@ -289,7 +336,8 @@ def _cohort_run(args) -> int:
     recipes = QUICK_RECIPES if args.quick else COHORT_RECIPES
     report = run_cohort_pipeline(CohortRun(out_dir=args.out, recipes=[str(r) for r in recipes],
                                            spec="quick" if args.quick else "full", seed=args.seed,
-                                           input_size=args.input_size, sources=args.sources))
+                                           backbone=args.backbone, input_size=args.input_size,
+                                           sources=args.sources))
     print(format_report(report))
     return 0
 
@@ -297,9 +345,12 @@ def _cohort_run(args) -> int:
 def _convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="FILE.pt", help="MambaMIL's s_<k>_checkpoint.pt")
     parser.add_argument("--model", default="mamba_mil", choices=["mamba_mil", "mean_mil", "max_mil", "att_mil", "trans_mil"])
-    parser.add_argument("--mixer", default="SRMamba", choices=["SRMamba", "BiMamba", "Mamba"],
-                        help="mamba_mil only (not recorded in the state dict; upstream scripts: SRMamba)")
-    parser.add_argument("--rate", type=int, default=5, help="mamba_mil's R (upstream scripts: 5)")
+    parser.add_argument("--mixer", default=None, choices=["SRMamba", "BiMamba", "Mamba"],
+                        help="mamba_mil: required, upstream's --mambamil_type (the state dict cannot tell SRMamba "
+                             "from BiMamba, and upstream does not record it)")
+    parser.add_argument("--rate", type=int, default=None,
+                        help="mamba_mil with SRMamba: required, upstream's --mambamil_rate (main.py's default is 10, "
+                             "its scripts pass 5)")
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--out", required=True, metavar="FILE.pt",
                         help="a mambakit pretrained file (mambakit.zoo.load_pretrained, finetune --pretrained)")
@@ -313,10 +364,14 @@ def _convert_run(args) -> int:
     kwargs = {"dropout": args.dropout}
     if args.model == "mamba_mil":
         kwargs.update(mixer=args.mixer, rate=args.rate)
+    elif args.mixer is not None or args.rate is not None:
+        raise ValueError(f"--mixer / --rate apply to --model mamba_mil only, not {args.model}")
     model, config = load_upstream_checkpoint(args.checkpoint, args.model, **kwargs)
     path = save_pretrained(model, args.out, builder="mambakit.apps.pathology.models:build_mil_model", config=config,
                            source=str(args.checkpoint))
-    print(f"converted {args.checkpoint} ({config['name']}, {sum(p.numel() for p in model.parameters()):,} "
+    used = ", ".join(f"{k}={config[k]}" for k in ("mixer", "rate", "layer", "dim", "in_dim", "n_classes", "dropout")
+                     if k in config and not (k == "rate" and config.get("mixer") != "SRMamba"))
+    print(f"converted {args.checkpoint} ({config['name']}: {used}; {sum(p.numel() for p in model.parameters()):,} "
           f"parameters) -> {path}")
     return 0
 
@@ -325,20 +380,20 @@ def _convert_run(args) -> int:
 # quickstart
 
 def quickstart(out_dir: str | Path | None = None) -> QuickstartResult:
-    """The quick cohort (24 small slides), random-weight ResNet-50 features, MambaMIL vs mean-pooling MIL."""
+    """The quick cohort, weight-free stain / texture features (hed_stats), MambaMIL vs mean-pooling MIL."""
     from .config import MODEL_TITLES
     from .pipeline import CohortRun, format_report, run_cohort_pipeline
 
     started = time.time()
     out = Path(out_dir) if out_dir is not None else Path("runs") / f"pathology-quick-{time.strftime('%Y%m%d-%H%M%S')}"
     report = run_cohort_pipeline(CohortRun(out_dir=str(out), recipes=[str(r) for r in QUICK_RECIPES], spec="quick",
-                                           input_size=112, heatmaps=2), progress=False)
+                                           heatmaps=2), progress=False)
     print(format_report(report))
     mamba, base = (report["models"][Path(r).stem] for r in QUICK_RECIPES)
     return QuickstartResult(
         app="pathology", model=MODEL_TITLES["mamba_mil"],
         data=f"embedded WSI cohort ({report['cohort']['slides']} slides, {report['cohort']['patches']} patches; "
-             f"random-weight ResNet-50 features)",
+             f"weight-free stain deconvolution + colour / texture features)",
         metric="test AUC", value=float(mamba["test"]["auc"]), baseline=MODEL_TITLES["mean_mil"],
         baseline_value=float(base["test"]["auc"]), wall_time_s=time.time() - started, run_dir=str(out))
 
@@ -347,7 +402,7 @@ def quickstart(out_dir: str | Path | None = None) -> QuickstartResult:
 # mambakit.zoo.load_pretrained(RUN_DIR)
 
 def _rebuild_model(config: dict, weights, source: str):
-    from .pipeline import rebuild_mil_model         # imported here: app.py stays cheap to import
+    from .inference import rebuild_mil_model         # imported here: app.py stays cheap to import
 
     return rebuild_mil_model(config, weights, source)
 

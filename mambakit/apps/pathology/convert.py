@@ -4,9 +4,12 @@ MambaMIL's training scripts save `model.state_dict()` as `s_{fold}_checkpoint.pt
 MambaMIL's module names (`_fc1`, `layers.{i}.0` LayerNorm, `layers.{i}.1` the mixer with `in_proj`,
 `conv1d[_b]`, `x_proj[_b]`, `dt_proj[_b]`, `A[_b]_log`, `D[_b]`, `out_proj`, `norm`, `attention`,
 `classifier`), so conversion is a check, not surgery: keys are matched one to one, shapes verified, the
-architecture read off the tensors. What a state dict cannot tell (SR-Mamba vs BiMamba have the same
-tensors; the rate R; dropout) must be given: upstream's scripts use SRMamba, R=5, dropout 0 (subtyping) or
-0.25 (survival).
+architecture read off the tensors. What a state dict cannot tell must be given: SR-Mamba vs BiMamba (the
+same tensors) and SR-Mamba's rate R have no default, since a wrong guess loads strictly and only changes the
+outputs (upstream's main.py defaults to `--mambamil_rate 10`, its scripts pass 5); nor does upstream record
+them next to the checkpoint (its `experiment.txt` settings hold model_type, lr, reg, drop_out, ... but not
+mambamil_type / mambamil_rate). Dropout (0 subtyping, 0.25 survival in upstream's scripts) does not change
+evaluation outputs.
 
 The baselines of MambaMIL's harness convert the same way: `mean_mil` / `max_mil` (`head.*`), `att_mil`
 (DAttention: `feature`, `attention`, `classifier`; GatedAttention: `attention_V`, `attention_U`,
@@ -69,10 +72,22 @@ def _check_and_load(model: torch.nn.Module, state: Mapping[str, torch.Tensor], w
     return model
 
 
-def mambamil_from_upstream(state, mixer: str = "SRMamba", rate: int = 5, dropout: float = 0.0, act: str = "gelu"):
-    """(MambaMIL model with the upstream weights, its config dict)."""
+MIXERS = ("SRMamba", "BiMamba", "Mamba")
+
+
+def mambamil_from_upstream(state, mixer: str | None = None, rate: int | None = None, dropout: float = 0.0,
+                           act: str = "gelu"):
+    """(MambaMIL model with the upstream weights, its config dict). `mixer` (upstream --mambamil_type) and,
+    for SRMamba, `rate` (--mambamil_rate) are required: the state dict cannot tell them."""
     from .models import MambaMIL
 
+    if mixer not in MIXERS:
+        raise ValueError(f"give the mixer the checkpoint was trained with (upstream --mambamil_type): one of "
+                         f"{', '.join(MIXERS)}; got {mixer!r}. SRMamba and BiMamba have the same tensors")
+    if mixer == "SRMamba" and (rate is None or rate < 1):
+        raise ValueError(f"give SRMamba's rate (upstream --mambamil_rate: main.py defaults to 10, its scripts use "
+                         f"5); got {rate!r}. The state dict does not record it")
+    rate = rate if rate is not None else 10     # unused by Mamba / BiMamba; upstream's default is recorded
     state = unwrap_state_dict(state)
     cfg = mambamil_config_from_state(state)
     two = cfg.pop("two_orders")

@@ -18,8 +18,10 @@ progress per slide, skips slides whose outputs exist (resumable), and shards sli
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -36,7 +38,8 @@ from mambakit.apps.pathology.wsi import (SlideError, TileParams, TileResult, geo
                                          open_slide, read_coords_h5, read_patch, slide_id_of, summary_text,
                                          tile_slides, write_summary)
 
-__all__ = ["ExtractParams", "Extractor", "resnet50_trunc", "timm_backbone", "build_extractor",
+__all__ = ["ExtractParams", "Extractor", "StainTextureFeatures", "WEIGHT_FREE", "calibrate_standardization",
+           "meta_differences", "extractor_from_meta", "requested_differences", "resnet50_trunc", "timm_backbone", "build_extractor",
            "resnet50_trunc_from_torchvision", "PatchDataset", "extract_slide", "extract_slides", "zoo_weights",
            "DEFAULT_WEIGHTS", "RANDOM_WEIGHTS_NOTE", "shard_for_rank"]
 
@@ -73,6 +76,85 @@ class ResNet50Trunc(nn.Module):
 
 def resnet50_trunc() -> ResNet50Trunc:
     return ResNet50Trunc()
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Run torch ops on one thread: the descriptor is many small reductions, where intra-op threads gain
+    little on a quiet machine and lose several times over on a loaded one (they wait at barriers for a
+    thread that is not scheduled: 50 vs 6 ms per 64-pixel patch at a load of 11 on 2 cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class StainTextureFeatures(nn.Module):
+    """`hed_stats`: a weight-free patch descriptor, the classical computational-pathology baseline.
+
+    Colour deconvolution into haematoxylin / eosin / DAB optical densities (Ruifrok & Johnston; the matrix and
+    the formula of scikit-image's `rgb2hed`), then per patch:
+    - for H, E, D, R, G, B and HSV saturation: mean, std and the 10th / 50th / 90th percentiles (35);
+    - texture of H and of the grey image: band-pass energy at 4 scales (a Laplacian pyramid: 1, 2, 4, 8 px)
+      and the mean gradient magnitude (10);
+    - the share of stained pixels (optical density above 0.15: tissue, not glass) (1).
+    Input (B, 3, S, S) RGB in [0, 1] (mean 0, std 1 in `Extractor`); output (B, 46). The descriptors have
+    very different scales: `Extractor.standardization` (estimated on patches of the slides, recorded in
+    features_meta.json) brings each to mean 0, std 1. No weights: the same numbers on every machine."""
+
+    out_dim = 46
+    CHANNELS = ("H", "E", "D", "R", "G", "B", "S")
+    QUANTILES = (0.1, 0.5, 0.9)
+
+    def __init__(self):
+        super().__init__()
+        from skimage.color import hed_from_rgb
+
+        self.register_buffer("hed_from_rgb", torch.tensor(hed_from_rgb, dtype=torch.float32))
+
+    def hed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) RGB in [0, 1] -> (B, 3, H, W) H, E, D optical densities, as skimage's rgb2hed."""
+        od = torch.log(x.clamp_min(1e-6)) / math.log(1e-6)
+        return torch.einsum("bchw,cd->bdhw", od, self.hed_from_rgb).clamp_min(0)
+
+    @staticmethod
+    def _texture(x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) -> (B, 5): band-pass RMS at scales 1, 2, 4, 8 px and the mean gradient magnitude."""
+        import torch.nn.functional as F
+
+        level = x[:, None]
+        energies = []
+        for _ in range(4):
+            coarse = F.avg_pool2d(level, 2, ceil_mode=True)
+            detail = level - F.interpolate(coarse, size=level.shape[-2:], mode="nearest")
+            energies.append(detail.pow(2).mean(dim=(1, 2, 3)).sqrt())
+            level = coarse
+        gx, gy = x[:, :, 1:] - x[:, :, :-1], x[:, 1:] - x[:, :-1]
+        gradient = gx[:, :-1].pow(2).add(gy[:, :, :-1].pow(2)).sqrt().mean(dim=(1, 2))
+        return torch.stack(energies + [gradient], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with _one_thread():
+            return self._describe(x.float())
+
+    def _describe(self, x: torch.Tensor) -> torch.Tensor:
+        hed = self.hed(x)
+        high, low = x.amax(dim=1), x.amin(dim=1)
+        saturation = (high - low) / high.clamp_min(1e-6)
+        channels = torch.cat([hed, x, saturation[:, None]], dim=1).flatten(2)        # (B, 7, HW)
+        q = torch.quantile(channels, torch.tensor(self.QUANTILES, device=x.device), dim=2)   # (3, B, 7)
+        stats = torch.cat([channels.mean(dim=2), channels.std(dim=2), *q], dim=1)        # (B, 35)
+        grey = x.mean(dim=1)
+        texture = torch.cat([self._texture(hed[:, 0]), self._texture(grey)], dim=1)      # (B, 10)
+        stained = (-torch.log(x.clamp_min(1e-6))).sum(dim=1).gt(0.15).float().mean(dim=(1, 2))
+        return torch.cat([stats, texture, stained[:, None]], dim=1)
+
+
+WEIGHT_FREE = {"hed_stats": StainTextureFeatures}
+WEIGHT_FREE_INPUT_SIZE = 64      # hed_stats' default: 256-pixel 20x patches seen at 2 um/px
+WEIGHT_FREE_NOTE = "none (weight-free: stain deconvolution with colour and texture statistics)"
 
 
 def resnet50_trunc_from_torchvision(state: dict) -> dict:
@@ -118,11 +200,21 @@ class Extractor:
     weights: str               # file path, zoo name, or RANDOM_WEIGHTS_NOTE
     random_weights: bool
     calibration: dict | None = None   # BatchNorm statistics estimated on patches (random weights only)
+    standardization: dict | None = None   # {"mean", "std", "patches", "slides"}: per-feature, applied last
 
     def meta(self) -> dict:
         return {"backbone": self.name, "dim": self.dim, "input_size": self.input_size, "mean": list(self.mean),
                 "std": list(self.std), "weights": self.weights, "random_weights": self.random_weights,
-                "batchnorm_calibration": self.calibration}
+                "batchnorm_calibration": self.calibration, "standardization": self.standardization}
+
+    def encode(self, batch: torch.Tensor) -> torch.Tensor:
+        """Features of a batch of normalised patches: the backbone, then the standardisation if any."""
+        features = self.model(batch)
+        if self.standardization is not None:
+            mean = torch.tensor(self.standardization["mean"], dtype=features.dtype, device=features.device)
+            std = torch.tensor(self.standardization["std"], dtype=features.dtype, device=features.device)
+            features = (features - mean) / std
+        return features
 
 
 def _load_file(path: Path) -> dict:
@@ -184,9 +276,12 @@ def _entry_matches(entry, backbone: str) -> bool:
 def _backbone(backbone: str) -> nn.Module:
     if backbone == "resnet50_trunc":
         return resnet50_trunc()
+    if backbone in WEIGHT_FREE:
+        return WEIGHT_FREE[backbone]()
     if backbone.startswith("timm:"):
         return timm_backbone(backbone.removeprefix("timm:"))
-    raise ValueError(f"unknown backbone {backbone!r}; expected 'resnet50_trunc' or 'timm:<model name>'")
+    raise ValueError(f"unknown backbone {backbone!r}; expected 'resnet50_trunc', "
+                     f"{', '.join(repr(k) for k in WEIGHT_FREE)} or 'timm:<model name>'")
 
 
 def build_extractor(backbone: str = "resnet50_trunc", weights: str | None = None, random_weights: bool = False,
@@ -195,6 +290,12 @@ def build_extractor(backbone: str = "resnet50_trunc", weights: str | None = None
     or `random_weights=True` (loud)."""
     if weights is not None and random_weights:
         raise ValueError("give either --weights or --random-weights, not both")
+    if backbone in WEIGHT_FREE:
+        if weights is not None or random_weights:
+            raise ValueError(f"backbone {backbone!r} has no weights; drop --weights / --random-weights")
+        model = _backbone(backbone).eval()
+        return Extractor(model, backbone, model.out_dim, int(input_size or WEIGHT_FREE_INPUT_SIZE), (0.0, 0.0, 0.0),
+                         (1.0, 1.0, 1.0), WEIGHT_FREE_NOTE, False)
     with torch.random.fork_rng(devices=[]):
         # Random weights are the same in every process (ranks, resumed runs, heatmaps) and every run.
         torch.manual_seed(0)
@@ -269,20 +370,11 @@ def _worker_init(_):
     torch.set_num_threads(1)
 
 
-@torch.no_grad()
-def calibrate_batchnorm(extractor: Extractor, sources: Sequence[tuple[Path, Path]], n_patches: int,
-                        batch_size: int, device: torch.device, per_slide: int = 32) -> dict:
-    """Estimate a random-weight backbone's BatchNorm statistics on patches of the slides (an untrained
-    network's activations otherwise grow layer after layer; with the statistics of real patches every
-    normalisation is in range). `sources`: (slide, coordinate file) pairs in a fixed order; up to `per_slide`
-    evenly spaced patches are taken from each until `n_patches`. Deterministic, so every rank and every
-    resumed run computes the same statistics. Records what it used in `extractor.calibration`."""
-    if not extractor.random_weights:
-        raise ValueError("BatchNorm calibration is only for random weights: it would overwrite the statistics "
-                         "of pretrained weights")
-    norms = [m for m in extractor.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        raise ValueError(f"{extractor.name} has no BatchNorm layers to calibrate")
+def _calibration_patches(extractor: Extractor, sources: Sequence[tuple[Path, Path]], n_patches: int,
+                         per_slide: int = 32):
+    """(dataset, patch count, slide ids): up to `per_slide` evenly spaced patches of each (slide, coordinate
+    file) pair in the given order until `n_patches`. Deterministic, so every rank and every resumed run
+    sees the same patches."""
     batches, used, total = [], [], 0
     for slide_path, coords_h5 in sources:
         if total >= n_patches:
@@ -299,17 +391,51 @@ def calibrate_batchnorm(extractor: Extractor, sources: Sequence[tuple[Path, Path
         used.append(slide_id_of(slide_path))
         total += take
     if total == 0:
-        raise ValueError("no patches to calibrate BatchNorm on")
+        raise ValueError("no patches to calibrate on")
+    return torch.utils.data.ConcatDataset(batches), total, used
+
+
+@torch.no_grad()
+def calibrate_batchnorm(extractor: Extractor, sources: Sequence[tuple[Path, Path]], n_patches: int,
+                        batch_size: int, device: torch.device, per_slide: int = 32) -> dict:
+    """Estimate a random-weight backbone's BatchNorm statistics on patches of the slides (an untrained
+    network's activations otherwise grow layer after layer; with the statistics of real patches every
+    normalisation is in range). `sources`: (slide, coordinate file) pairs in a fixed order (see
+    `_calibration_patches`). Records what it used in `extractor.calibration`."""
+    if not extractor.random_weights:
+        raise ValueError("BatchNorm calibration is only for random weights: it would overwrite the statistics "
+                         "of pretrained weights")
+    norms = [m for m in extractor.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        raise ValueError(f"{extractor.name} has no BatchNorm layers to calibrate")
+    data, total, used = _calibration_patches(extractor, sources, n_patches, per_slide)
     for m in norms:
         m.reset_running_stats()
         m.momentum = None                     # cumulative average over every calibration batch
     extractor.model.train()
-    data = torch.utils.data.ConcatDataset(batches)
     for batch in torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False):
         extractor.model(batch.to(device))
     extractor.model.eval()
     extractor.calibration = {"patches": total, "slides": used}
     return extractor.calibration
+
+
+@torch.no_grad()
+def calibrate_standardization(extractor: Extractor, sources: Sequence[tuple[Path, Path]], n_patches: int,
+                              batch_size: int, device: torch.device, per_slide: int = 32) -> dict:
+    """Per-feature mean and std of the backbone's features on patches of the slides (see
+    `_calibration_patches`), stored in `extractor.standardization` and applied by `Extractor.encode`:
+    hand-made descriptors (`hed_stats`) differ in scale by orders of magnitude. A feature constant on these
+    patches gets std 1 (it is then only shifted)."""
+    data, total, used = _calibration_patches(extractor, sources, n_patches, per_slide)
+    extractor.standardization = None
+    features = torch.cat([extractor.encode(batch.to(device)).double().cpu()
+                          for batch in torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)])
+    std = features.std(dim=0)
+    std = torch.where(std > 1e-8, std, torch.ones_like(std))
+    extractor.standardization = {"mean": features.mean(dim=0).tolist(), "std": std.tolist(), "patches": total,
+                                 "slides": used}
+    return extractor.standardization
 
 
 # --------------------------------------------------------------------------------------------------
@@ -325,6 +451,7 @@ class ExtractParams:
     device: str = "auto"
     input_size: int | None = None       # pixels fed to the network; default: the backbone's (224)
     calibrate_bn: int = 0               # random weights: estimate BatchNorm statistics on this many patches
+    standardize: int = 0                # standardise each feature with statistics of this many patches
     skip_existing: bool = True
     tile: TileParams = field(default_factory=TileParams)   # used when no coordinate folder is given
 
@@ -335,6 +462,8 @@ class ExtractParams:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.calibrate_bn < 0 or (self.calibrate_bn and not self.random_weights):
             raise ValueError("calibrate_bn (a number of patches) applies to --random-weights only")
+        if self.standardize < 0:
+            raise ValueError(f"standardize must be a number of patches >= 0, got {self.standardize}")
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
@@ -388,7 +517,7 @@ def extract_slide(slide_path: str | Path, coords_h5: str | Path, out_dir: str | 
     try:
         with torch.inference_mode():
             for batch in batches:
-                chunks.append(extractor.model(batch.to(device, non_blocking=True)).float().cpu())
+                chunks.append(extractor.encode(batch.to(device, non_blocking=True)).float().cpu())
     except SlideError:
         raise
     except Exception as e:   # OpenSlide errors surface here (from a worker) on corrupt tiles
@@ -448,16 +577,91 @@ def _is_done(out_dir: Path, sid: str) -> bool:
     return (out_dir / "pt_files" / f"{sid}.pt").is_file() and (out_dir / "h5_files" / f"{sid}.h5").is_file()
 
 
+META_FIELDS = ("backbone", "dim", "input_size", "mean", "std", "weights", "random_weights",
+               "batchnorm_calibration", "standardization")
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def meta_differences(old: dict, new: dict, fields: Sequence[str] = META_FIELDS) -> list[str]:
+    """'field: A vs B' for every extractor setting in which two features_meta.json records differ."""
+    return [f"{k}: {_short(old.get(k))} vs {_short(new.get(k))}" for k in fields if old.get(k) != new.get(k)]
+
+
+def extractor_from_meta(meta: dict, where: str = "features_meta.json", log: Callable = print) -> Extractor:
+    """The extractor that wrote `meta` (a features_meta.json record), rebuilt so that a new slide's features
+    are comparable with the training features; ValueError naming the setting that cannot be rebuilt."""
+    backbone, weights = meta.get("backbone"), meta.get("weights")
+    if not backbone:
+        raise ValueError(f"{where}: no 'backbone' recorded")
+    if meta.get("batchnorm_calibration"):
+        cal = meta["batchnorm_calibration"]
+        raise ValueError(f"{where}: batchnorm_calibration: the training extractor's random-weight BatchNorm "
+                         f"statistics were estimated on {cal.get('patches')} patches of {len(cal.get('slides', []))} "
+                         f"training slide(s) and are not stored, so features of another slide would not be "
+                         f"comparable. Extract the slide together with the training slides and pass --features")
+    random_weights = bool(meta.get("random_weights"))
+    if backbone in WEIGHT_FREE or random_weights:
+        name = None
+    elif isinstance(weights, str) and weights.startswith("zoo:"):
+        name = weights.removeprefix("zoo:").split(" ")[0]
+    else:
+        name = weights
+        if not weights or not Path(weights).is_file():
+            raise ValueError(f"{where}: weights: the training extractor's weights file {weights!r} is not here; "
+                             f"copy it there or pass --features")
+    extractor = build_extractor(backbone, name, random_weights, meta.get("input_size"), log)
+    extractor.standardization = meta.get("standardization")
+    diff = meta_differences(meta, extractor.meta())
+    if diff:
+        raise ValueError(f"{where}: the rebuilt extractor differs from the training one in {'; '.join(diff)}")
+    return extractor
+
+
+def requested_differences(meta: dict, backbone: str | None = None, weights: str | None = None,
+                          random_weights: bool = False, input_size: int | None = None) -> list[str]:
+    """Extractor settings asked for (None / False: not asked) that differ from a features_meta.json record."""
+    diff = []
+    if backbone is not None and backbone != meta.get("backbone"):
+        diff.append(f"backbone: training {meta.get('backbone')!r} vs asked {backbone!r}")
+    if input_size is not None and input_size != meta.get("input_size"):
+        diff.append(f"input_size: training {meta.get('input_size')} vs asked {input_size}")
+    if random_weights and not meta.get("random_weights"):
+        diff.append(f"random_weights: training False (weights {meta.get('weights')!r}) vs asked True")
+    if weights is not None:
+        recorded = str(meta.get("weights"))
+        same = recorded.startswith(f"zoo:{weights} ") or (Path(weights).is_file()
+                                                          and recorded == str(Path(weights).resolve()))
+        if not same:
+            diff.append(f"weights: training {recorded!r} vs asked {weights!r}")
+    return diff
+
+
+def _stored_standardization(out_dir: Path, meta: dict) -> dict | None:
+    """The standardisation recorded in `out_dir` by the same extractor: a resumed extraction, or one that adds
+    slides, reuses it (every bag of a folder must share it; estimating it again would give other numbers)."""
+    path = out_dir / "features_meta.json"
+    if not path.is_file():
+        return None
+    old = json.loads(path.read_text())
+    same = not meta_differences(old, meta, [k for k in META_FIELDS if k != "standardization"])
+    stored = old.get("standardization")
+    return stored if same and stored else None
+
+
 def _check_meta(out_dir: Path, meta: dict) -> None:
-    """Refuse to mix features of different extractors in one folder."""
+    """Refuse to mix features of different extractors in one folder, naming the settings that differ."""
     path = out_dir / "features_meta.json"
     if path.is_file():
         old = json.loads(path.read_text())
-        keys = ("backbone", "dim", "input_size", "weights", "random_weights", "batchnorm_calibration")
-        if any(old.get(k) != meta.get(k) for k in keys):
-            raise ValueError(f"{out_dir} already holds features from {old.get('backbone')} with weights "
-                             f"{old.get('weights')!r}; this run uses {meta['backbone']} with {meta['weights']!r}. "
-                             f"Use another --out folder (mixing extractors in one bag folder is never right)")
+        diff = meta_differences(old, meta)
+        if diff:
+            raise ValueError(f"{path} records features of another extractor; it differs from this run in "
+                             f"{'; '.join(diff)} (folder vs this run). Use another --out folder (mixing "
+                             f"extractors in one bag folder is never right)")
         return
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
@@ -499,6 +703,17 @@ def extract_slides(slides: str | Path | Sequence, out_dir: str | Path, params: E
         info = calibrate_batchnorm(extractor, sources, params.calibrate_bn, params.batch_size, device)
         log(f"{tag} BatchNorm statistics of the random backbone estimated on {info['patches']} patches of "
             f"{len(info['slides'])} slide(s)")
+    if params.standardize and extractor.standardization is None:
+        extractor.standardization = _stored_standardization(out_dir, extractor.meta())
+        if extractor.standardization is None:
+            sources = _calibration_sources(paths, patches_dir, params.tile, out_dir if coords_given is None else None)
+            per_slide = max(4, -(-params.standardize // max(len(paths), 1)))     # spread over every slide
+            info = calibrate_standardization(extractor, sources, params.standardize, params.batch_size, device,
+                                             per_slide=per_slide)
+            log(f"{tag} feature standardisation estimated on {info['patches']} patches of "
+                f"{len(info['slides'])} slide(s)")
+        else:
+            log(f"{tag} feature standardisation read from {out_dir / 'features_meta.json'} (resumed folder)")
     _check_meta(out_dir, extractor.meta())
 
     results = []
@@ -513,6 +728,7 @@ def extract_slides(slides: str | Path | Sequence, out_dir: str | Path, params: E
         start = time.perf_counter()
         coords_h5 = patches_dir / f"{sid}.h5"
         try:
+            open_slide(path).close()    # an unreadable slide has no coordinates either: name the real cause
             if not coords_h5.is_file():
                 raise SlideError(sid, "no_coords", f"no coordinate file {coords_h5}; run `mambakit pathology tile` "
                                                    f"first or pass --coords")

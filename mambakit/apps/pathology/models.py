@@ -89,6 +89,8 @@ class MambaMIL(nn.Module):
     checkpoint_layers: recompute each block's activations in the backward pass instead of keeping them
     (activation checkpointing: same results, less memory for very large bags, about one more forward).
     """
+    scores_are_attention = True     # return_scores gives softmax attention weights
+
 
     def __init__(self, in_dim: int = 1024, n_classes: int = 2, dropout: float = 0.0, act: str = "gelu",
                  layer: int = 2, rate: int = 10, mixer: str = "SRMamba", dim: int = 512, d_state: int = 16,
@@ -145,6 +147,8 @@ class MambaMIL(nn.Module):
 
 class _InstancePoolMIL(nn.Module):
     """An instance classifier whose logits are pooled over the bag (MambaMIL's mean_mil / max_mil)."""
+    scores_are_attention = False     # return_scores gives instance logits, not a distribution
+
 
     pool = "mean"
 
@@ -181,6 +185,8 @@ class ABMIL(nn.Module):
     att_mil: `feature`, `attention`, `classifier`); gated=True is `GatedAttention` (`attention_V`,
     `attention_U`, `attention_weights`). Upstream leaves PyTorch's default init (its init call is
     commented out); init="xavier" applies MambaMIL's instead."""
+    scores_are_attention = True     # return_scores gives softmax attention weights
+
 
     def __init__(self, in_dim: int = 1024, n_classes: int = 2, dropout: float = 0.0, act: str = "relu",
                  gated: bool = True, dim: int = 512, hidden: int = 128, init: str = "default"):
@@ -305,6 +311,8 @@ class PPEG(nn.Module):
 class TransMIL(nn.Module):
     """TransMIL (Shao et al., NeurIPS 2021) as in MambaMIL's harness (`_fc1`, `pos_layer`, `cls_token`,
     `layer1`, `layer2`, `norm`, `classifier`)."""
+    scores_are_attention = False     # return_scores gives no per-instance score
+
 
     def __init__(self, in_dim: int = 1024, n_classes: int = 2, dropout: float = 0.0, act: str = "relu",
                  dim: int = 512):

@@ -1,5 +1,8 @@
 """Pictures a pathologist looks at: the QC thumbnail with the patch grid, and attention heatmaps drawn over
-the slide thumbnail (per-patch scores mapped back to their level-0 coordinates, as CLAM's heatmaps)."""
+the slide thumbnail (per-patch scores mapped back to their level-0 coordinates, as CLAM's heatmaps).
+
+Drawing only: every function takes the thumbnail (a PIL image, `wsi.slide_thumbnail`) and its scale
+(thumbnail pixels per level-0 pixel, x and y); reading slides is `wsi.py`'s."""
 
 from __future__ import annotations
 
@@ -11,19 +14,11 @@ import numpy as np
 __all__ = ["draw_patch_grid", "score_canvas", "normalize_scores", "draw_heatmap", "save_heatmap"]
 
 
-def _thumbnail(slide, max_size: int):
-    from mambakit.apps.pathology.wsi import _rgba_to_rgb
-
-    image = _rgba_to_rgb(slide.get_thumbnail((max_size, max_size)))
-    w0, h0 = slide.level_dimensions[0]
-    return image, (image.width / w0, image.height / h0)
-
-
-def draw_patch_grid(slide, coords: np.ndarray, size_level0: int, tissue=None, max_size: int = 1024):
+def draw_patch_grid(thumbnail, scale: tuple[float, float], coords: np.ndarray, size_level0: int, tissue=None):
     """QC thumbnail: the slide, tissue outlines (green), kept holes (blue) and every patch (black box)."""
     from PIL import Image, ImageDraw
 
-    image, (fx, fy) = _thumbnail(slide, max_size)
+    image, (fx, fy) = thumbnail.copy(), scale
     if tissue is not None:
         overlay = np.asarray(image).copy()
         for mask, colour in ((tissue.labels > 0, (0, 170, 0)), (tissue.holes, (0, 0, 255))):
@@ -86,7 +81,7 @@ def score_canvas(scores: np.ndarray, coords: np.ndarray, size_level0: int, shape
     return canvas, covered
 
 
-def draw_heatmap(slide, scores: np.ndarray, coords: np.ndarray, size_level0: int, max_size: int = 1024,
+def draw_heatmap(thumbnail, scale: tuple[float, float], scores: np.ndarray, coords: np.ndarray, size_level0: int,
                  normalize: str = "percentile", alpha: float = 0.5, cmap: str = "jet",
                  regions: Sequence[Sequence[int]] = ()):
     """The slide thumbnail with per-patch scores blended in (RGB PIL image). `regions`: level-0 boxes
@@ -96,7 +91,7 @@ def draw_heatmap(slide, scores: np.ndarray, coords: np.ndarray, size_level0: int
 
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    image, scale = _thumbnail(slide, max_size)
+    image = thumbnail.convert("RGB")
     values = normalize_scores(scores, normalize)
     canvas, covered = score_canvas(values, coords, size_level0, (image.height, image.width), scale)
     colours = (matplotlib.colormaps[cmap](canvas)[..., :3] * 255).astype(np.float64)

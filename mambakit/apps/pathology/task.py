@@ -137,12 +137,15 @@ class MILTask(Task):
         (Path(run_dir) / "classes.json").write_text(json.dumps(
             {"classes": self.classes, "bin_edges": None if self.bin_edges is None else list(map(float, self.bin_edges))},
             indent=1) + "\n")
+        meta = Path(self.config.data.features or "") / "features_meta.json"
+        if self.config.data.features and meta.is_file():    # the extractor travels with the run (heatmap reads it)
+            (Path(run_dir) / "features_meta.json").write_text(meta.read_text())
         if cfg.count <= 0:
             return
         if cfg.slides is None:
             print("[pathology] heatmaps.count > 0 but heatmaps.slides is not set; no heatmaps drawn")
             return
-        from .pipeline import heatmap_for_bag
+        from .inference import heatmap_for_bag
 
         bags = (self.splits["test"] or self.splits["val"])[: cfg.count]
         for bag in bags:

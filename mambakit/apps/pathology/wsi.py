@@ -58,7 +58,8 @@ class SlideError(Exception):
 
 @dataclass
 class SegmentationParams:
-    """CLAM's tissue segmentation parameters (create_patches_fp.py defaults)."""
+    """CLAM's tissue segmentation parameters (create_patches_fp.py defaults). Messages name each field by
+    its command-line option (`a_t` is `--a-t`, `sthresh` is `--sthresh`, ...), the one name users see."""
     seg_level: int = -1            # -1: the level closest to a 64x downsample (CLAM)
     max_seg_size: int = 2048       # larger segmentation images are read as a thumbnail of this size
     sthresh: int = 8               # saturation threshold (0-255) when not use_otsu
@@ -73,11 +74,11 @@ class SegmentationParams:
 
     def __post_init__(self):
         if self.mthresh < 1 or self.mthresh % 2 == 0:
-            raise ValueError(f"mthresh must be a positive odd kernel size, got {self.mthresh}")
+            raise ValueError(f"--mthresh must be a positive odd kernel size, got {self.mthresh}")
         if self.close < 0:
-            raise ValueError(f"close must be >= 0, got {self.close}")
+            raise ValueError(f"--close must be >= 0, got {self.close}")
         if not 0 <= self.sthresh <= 255:
-            raise ValueError(f"sthresh must be in 0..255, got {self.sthresh}")
+            raise ValueError(f"--sthresh must be in 0..255, got {self.sthresh}")
 
 
 @dataclass
@@ -262,6 +263,13 @@ def read_patch(slide, xy: Sequence[int], geometry: PatchGeometry):
     if size != geometry.patch_size:
         image = image.resize((geometry.patch_size, geometry.patch_size), Image.BILINEAR)
     return image
+
+
+def slide_thumbnail(slide, max_size: int):
+    """(RGB thumbnail whose longest side is at most `max_size`, its pixels per level-0 pixel (x, y))."""
+    image = _rgba_to_rgb(slide.get_thumbnail((max_size, max_size)))
+    w0, h0 = slide.level_dimensions[0]
+    return image, (image.width / w0, image.height / h0)
 
 
 def _rgba_to_rgb(image):
@@ -499,10 +507,10 @@ def tile_slide(path: str | os.PathLike, out_dir: str | os.PathLike, params: Tile
         geometry = patch_geometry(slide, params, sid)
         tissue = segment_tissue(slide, params.seg, sid)
         if tissue.n_regions == 0:
-            raise SlideError(sid, "no_tissue", f"no tissue found: no region exceeds seg.a_t={params.seg.a_t:g} "
+            raise SlideError(sid, "no_tissue", f"no tissue found: no region exceeds --a-t {params.seg.a_t:g} "
                                                f"reference patches ({params.seg.ref_patch_size}^2 level-0 px); "
-                                               f"the largest has {tissue.largest_region:.2f}. Lower seg.a_t "
-                                               f"for small slides, seg.sthresh for faint ones")
+                                               f"the largest has {tissue.largest_region:.2f}. Lower --a-t "
+                                               f"for small slides, --sthresh for faint ones")
         coords = patch_grid(tissue, geometry.size_level0, geometry.step_level0, params.contour_fn)
         if len(coords) == 0:
             raise SlideError(sid, "no_tissue", f"tissue found but no {geometry.size_level0}-pixel patch "
@@ -523,7 +531,8 @@ def tile_slide(path: str | os.PathLike, out_dir: str | os.PathLike, params: Tile
         if params.thumbnail_size:
             from mambakit.apps.pathology.plots import draw_patch_grid
 
-            image = draw_patch_grid(slide, coords, geometry.size_level0, tissue, params.thumbnail_size)
+            image = draw_patch_grid(*slide_thumbnail(slide, params.thumbnail_size), coords, geometry.size_level0,
+                                    tissue)
             thumb_path = out_dir / "thumbnails" / f"{sid}.png"
             thumb_path.parent.mkdir(parents=True, exist_ok=True)
             image.save(thumb_path)

@@ -81,7 +81,8 @@ def test_every_recipe_loads():
     for path in recipes:
         config = load_config(MILRecipe, path)
         assert config.train.batch_size == 1, path
-        assert config.model.in_dim == 1024, path
+        # the quick recipes read the weight-free hed_stats features; the others CLAM's resnet50_trunc
+        assert config.model.in_dim == (46 if path.name.startswith("quick_") else 1024), path
 
 
 def test_subtyping_trains_to_separate_the_classes(mil_data, tmp_path):
@@ -178,8 +179,11 @@ def test_tile_extract_heatmap_and_eval_verbs(mil_data, slide_factory, tmp_path, 
     for name in ("labels.csv", "splits"):
         src = mil_data / name
         (root / name).symlink_to(src, target_is_directory=src.is_dir())
+    # as if these bags came from that extraction: its record travels into the run at the end of training
+    (root / "features_meta.json").write_text((tmp_path / "feats" / "features_meta.json").read_text())
     config = _recipe(root, "model={name: mamba_mil, in_dim: 512, dim: 16, d_state: 4}", "train.epochs=1")
     Trainer(MILTask(config)).fit(tmp_path / "run")
+    assert (tmp_path / "run" / "features_meta.json").read_text() == (root / "features_meta.json").read_text()
     out = tmp_path / "heat.png"
     assert _run_verb("heatmap", ["--checkpoint", tmp_path / "run", "--slide", slides / "wsi1.tif",
                                  "--features", tmp_path / "feats", "--out", out, "--max-size", 256]) == 0
@@ -188,11 +192,21 @@ def test_tile_extract_heatmap_and_eval_verbs(mil_data, slide_factory, tmp_path, 
     assert Image.open(out).size[0] > 100
     assert _run_verb("eval", ["--checkpoint", tmp_path / "run", "--split", "test"]) == 0
     assert "test/auc" in capsys.readouterr().out
-    # no --features: the slide is tiled and extracted on the fly with the same extractor settings
+    # no --features: the slide is tiled and extracted on the fly with the training run's extractor settings
     out2 = tmp_path / "heat2.png"
     assert _run_verb("heatmap", ["--checkpoint", tmp_path / "run", "--slide", slides / "wsi1.tif", "--out", out2,
-                                 *extract, *tiling]) == 0
+                                 "--num-workers", 0, *tiling]) == 0
     assert out2.is_file()
+    assert "training extractor (timm:resnet18, input 32 px" in capsys.readouterr().out
+    # other extractor settings than the training ones are refused, by name
+    with pytest.raises(ValueError, match="input_size: training 32 vs asked 224"):
+        _run_verb("heatmap", ["--checkpoint", tmp_path / "run", "--slide", slides / "wsi1.tif", "--out", out2,
+                              "--input-size", 224, *tiling])
+    (tmp_path / "run" / "features_meta.json").unlink()
+    (root / "features_meta.json").unlink()
+    with pytest.raises(ValueError, match="cannot tell which extractor made the training features"):
+        _run_verb("heatmap", ["--checkpoint", tmp_path / "run", "--slide", slides / "wsi1.tif", "--out", out2,
+                              *extract, *tiling])
 
 
 def test_extract_verb_fails_when_every_slide_fails(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 @pytest.mark.slow
 def test_quickstart_runs_the_whole_pipeline(tmp_path):
     from mambakit.apps.pathology.app import quickstart
-    from mambakit.apps.pathology.cohort import sources_dataset
+    from mambakit.apps.pathology.cohort import QUICK, sources_dataset
 
     result = quickstart(tmp_path / "qs")
     assert result.app == "pathology" and result.metric == "test AUC" and result.baseline == "mean-pooling MIL"
@@ -19,7 +19,7 @@ def test_quickstart_runs_the_whole_pipeline(tmp_path):
     report = json.loads((tmp_path / "qs" / "report.json").read_text())
     pinned = {f.name: f.sha256 for f in sources_dataset().files}
     assert report["cohort"]["sources_sha256"] == pinned                       # the real files, verified
-    assert report["cohort"]["slides"] == 24 and report["cohort"]["patches"] > 300
+    assert report["cohort"]["slides"] == QUICK.n_slides and report["cohort"]["patches"] > 300
     mamba = report["models"]["quick_cohort_mambamil"]
     att = mamba["attention"]
     assert 0.0 <= att["attention_on_tumour"] <= 1.0 and 0.0 < att["tumour_patch_share"] < 1.0
@@ -29,5 +29,7 @@ def test_quickstart_runs_the_whole_pipeline(tmp_path):
 
     assert Image.open(mamba["heatmaps"][0]).size[0] > 200
     meta = json.loads((tmp_path / "qs" / "features" / "features_meta.json").read_text())
-    assert meta["random_weights"] is True and meta["batchnorm_calibration"]["patches"] > 0
+    assert meta["backbone"] == "hed_stats" and meta["random_weights"] is False and meta["dim"] == 46
+    assert meta["standardization"]["patches"] > 0
+    assert report["models"]["quick_cohort_meanmil"].get("attention") is None      # no attention weights
     assert "test" in (tmp_path / "qs" / "report.md").read_text()

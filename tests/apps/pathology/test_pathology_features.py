@@ -125,8 +125,9 @@ def test_extract_refuses_to_mix_extractors(slide_factory, tmp_path, small_tile_p
     slide_factory("s1", folder=folder)
     out = tmp_path / "feats"
     F.extract_slides(folder, out, _params(small_tile_params), progress=False, log=lambda *_: None)
-    with pytest.raises(ValueError, match="already holds features"):
+    with pytest.raises(ValueError, match=r"differs from this run in input_size: 32 vs 48\b") as e:
         F.extract_slides(folder, out, _params(small_tile_params, input_size=48), progress=False, log=lambda *_: None)
+    assert "backbone" not in str(e.value)             # only what differs is named
 
 
 def test_extract_shards_by_rank_and_uses_given_coords(slide_factory, tmp_path, small_tile_params):
@@ -152,6 +153,17 @@ def test_extract_reports_missing_coords(slide_factory, tmp_path, small_tile_para
     results = F.extract_slides(folder, tmp_path / "feats", _params(small_tile_params), coords_dir=tmp_path / "tiles",
                                progress=False, log=lambda *_: None)
     assert results[0].status == "failed" and results[0].error_kind == "no_coords"
+
+
+def test_extract_reports_an_unreadable_slide_as_unreadable_not_as_missing_coords(tmp_path, small_tile_params):
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    (folder / "broken.svs").write_bytes(b"not a slide")
+    (tmp_path / "tiles" / "patches").mkdir(parents=True)
+    results = F.extract_slides(folder, tmp_path / "feats", _params(small_tile_params), coords_dir=tmp_path / "tiles",
+                               progress=False, log=lambda *_: None)
+    assert results[0].status == "failed" and results[0].error_kind == "unreadable"
+    assert "OpenSlide cannot read" in results[0].error
 
 
 def test_patch_dataset_pickles_without_its_handle(slide_factory):
@@ -201,3 +213,118 @@ def test_batchnorm_calibration_for_random_weights(slide_factory, tmp_path, small
     ex.random_weights = False
     with pytest.raises(ValueError, match="only for random weights"):
         F.calibrate_batchnorm(ex, [], 4, 2, torch.device("cpu"))
+
+
+# --------------------------------------------------------------------------------------------------
+# hed_stats: the weight-free stain / texture descriptor
+
+def _hed_params(small_tile_params, **kw):
+    return _params(small_tile_params, **{"backbone": "hed_stats", "random_weights": False, "input_size": None, **kw})
+
+
+def test_hed_matches_scikit_image_rgb2hed():
+    from skimage.color import rgb2hed
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(3, 20, 24, 3)).astype(np.uint8)
+    images[0, :4] = 0                                       # black pixels: the log's floor
+    x = torch.from_numpy(images / 255.0).permute(0, 3, 1, 2).float()
+    ours = F.StainTextureFeatures().hed(x).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(ours, np.stack([rgb2hed(im) for im in images]), atol=2e-6)
+
+
+def test_hed_stats_descriptor_against_numpy_by_hand():
+    from skimage.color import rgb2hed
+
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, size=(16, 16, 3)).astype(np.uint8)
+    x = torch.from_numpy(image / 255.0).permute(2, 0, 1)[None].float()
+    out = F.StainTextureFeatures()(x)[0].double().numpy()
+    assert out.shape == (46,)
+    rgb = image / 255.0
+    hi, lo = rgb.max(-1), rgb.min(-1)
+    channels = np.concatenate([rgb2hed(image), rgb, ((hi - lo) / np.maximum(hi, 1e-6))[..., None]], -1)
+    channels = channels.reshape(-1, 7).T                                    # H, E, D, R, G, B, S
+    expected = np.concatenate([channels.mean(1), channels.std(1, ddof=1),
+                               *np.quantile(channels, [0.1, 0.5, 0.9], axis=1)])
+    np.testing.assert_allclose(out[:35], expected, rtol=1e-4, atol=1e-5)
+    grey = rgb.mean(-1)
+    detail = grey - np.repeat(np.repeat(grey.reshape(8, 2, 8, 2).mean((1, 3)), 2, 0), 2, 1)
+    assert out[40] == pytest.approx(np.sqrt((detail ** 2).mean()), rel=1e-4)      # finest band of grey
+    gx, gy = np.diff(grey, axis=1)[:-1], np.diff(grey, axis=0)[:, :-1]
+    assert out[44] == pytest.approx(np.sqrt(gx ** 2 + gy ** 2).mean(), rel=1e-4)    # gradient of grey
+    assert out[45] == pytest.approx((-np.log(np.maximum(rgb, 1e-6))).sum(-1).__gt__(0.15).mean())
+
+
+def test_hed_stats_separates_stains():
+    """Haematoxylin-blue pixels score high on H, eosin-pink on E, DAB-brown on D."""
+    def patch(rgb):
+        return torch.tensor(rgb, dtype=torch.float32).view(1, 3, 1, 1).expand(1, 3, 8, 8) / 255
+    m = F.StainTextureFeatures()
+    blue, pink, brown = (m(patch(c))[0] for c in ((70, 60, 150), (230, 150, 190), (150, 100, 50)))
+    assert blue[0] > pink[0] and blue[0] > brown[0]           # H mean
+    assert pink[1] > blue[1] - 1e-6 and brown[2] > max(blue[2], pink[2])   # E, D means
+
+
+def test_hed_stats_extraction_is_standardised_and_resumes(slide_factory, tmp_path, small_tile_params):
+    folder = tmp_path / "slides"
+    slide_factory("s1", folder=folder, seed=1)
+    out = tmp_path / "feats"
+    lines = []
+    results = F.extract_slides(folder, out, _hed_params(small_tile_params, standardize=10_000), progress=False,
+                               log=lines.append)
+    assert results[0].status == "ok" and not any("RANDOM" in line for line in lines)
+    meta = json.loads((out / "features_meta.json").read_text())
+    assert meta["backbone"] == "hed_stats" and meta["dim"] == 46 and meta["input_size"] == 64
+    assert meta["random_weights"] is False and meta["batchnorm_calibration"] is None
+    std = meta["standardization"]
+    feats = torch.load(out / "pt_files" / "s1.pt", weights_only=True).double()
+    assert std["patches"] == len(feats) and std["slides"] == ["s1"]    # every patch: column mean 0, std 1
+    varying = torch.tensor(std["std"]) != 1.0
+    torch.testing.assert_close(feats.mean(0), torch.zeros(46, dtype=torch.float64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(feats.std(0)[varying], torch.ones(int(varying.sum()), dtype=torch.float64),
+                               atol=1e-4, rtol=0)
+    # a second slide into the same folder reuses the recorded standardisation (no refusal, same meta)
+    slide_factory("s2", folder=folder, seed=2, disks=[(300, 300, 200)])
+    again = F.extract_slides(folder, out, _hed_params(small_tile_params, standardize=10_000), progress=False,
+                             log=lines.append)
+    assert {r.slide_id: r.status for r in again} == {"s1": "skipped", "s2": "ok"}
+    assert json.loads((out / "features_meta.json").read_text()) == meta
+    with pytest.raises(ValueError, match="no weights"):
+        F.build_extractor("hed_stats", random_weights=True)
+
+
+def test_training_extractor_rebuilt_from_meta_gives_the_same_features(slide_factory, tmp_path, small_tile_params):
+    """What `heatmap --slide` does for a new slide: the features equal those of the training extraction."""
+    folder = tmp_path / "slides"
+    slide_factory("s1", folder=folder, seed=1)
+    slide_factory("s2", folder=folder, seed=2)
+    train = tmp_path / "train"
+    F.extract_slides(folder, train, _hed_params(small_tile_params, standardize=20, input_size=48), progress=False,
+                     log=lambda *_: None)
+    meta = json.loads((train / "features_meta.json").read_text())
+    extractor = F.extractor_from_meta(meta, log=lambda *_: None)
+    assert extractor.input_size == 48 and extractor.standardization == meta["standardization"]
+    again = tmp_path / "again"
+    F.extract_slides([folder / "s2.tif"], again, _hed_params(small_tile_params), progress=False,
+                     log=lambda *_: None, extractor=extractor)
+    torch.testing.assert_close(torch.load(again / "pt_files" / "s2.pt", weights_only=True),
+                               torch.load(train / "pt_files" / "s2.pt", weights_only=True), rtol=0, atol=1e-6)
+    # the extractor's own defaults would not have matched: another input size, no standardisation
+    default = F.build_extractor("hed_stats")
+    assert F.meta_differences(meta, default.meta(), ["input_size", "standardization"]) != []
+
+
+def test_extractor_meta_refusals_name_the_field():
+    meta = F.build_extractor("hed_stats", input_size=48).meta()
+    assert F.requested_differences(meta, backbone="hed_stats", input_size=48) == []
+    assert F.requested_differences(meta, input_size=224) == ["input_size: training 48 vs asked 224"]
+    assert F.requested_differences(meta, backbone="resnet50_trunc")[0].startswith("backbone: training 'hed_stats'")
+    assert F.requested_differences(meta, random_weights=True)[0].startswith("random_weights")
+    calibrated = dict(F.build_extractor("timm:resnet18", random_weights=True, log=lambda *_: None).meta(),
+                      batchnorm_calibration={"patches": 512, "slides": ["a", "b"]})
+    with pytest.raises(ValueError, match="batchnorm_calibration: .* 512 patches of 2 training slide"):
+        F.extractor_from_meta(calibrated)
+    with pytest.raises(ValueError, match="weights: the training extractor's weights file '/nowhere/w.pth'"):
+        F.extractor_from_meta(dict(meta, backbone="timm:resnet18", weights="/nowhere/w.pth"))
+    assert F.meta_differences(meta, dict(meta, dim=47)) == ["dim: 46 vs 47"]
