@@ -163,13 +163,9 @@ def _app_edges(app: str) -> dict[str, set[str]]:
 
 
 APPS = sorted(p.name for p in (PACKAGE / "apps").iterdir() if (p / "__init__.py").is_file())
-# pipeline <-> task and plots <-> wsi are being broken on another branch; strict, so the mark goes with them.
-CIRCLES_BEING_FIXED = {"pathology"}
 
 
-@pytest.mark.parametrize("app", [pytest.param(app, marks=pytest.mark.xfail(
-    strict=True, reason="pathology: pipeline <-> task and plots <-> wsi (fixed outside this branch)"))
-    if app in CIRCLES_BEING_FIXED else app for app in APPS])
+@pytest.mark.parametrize("app", APPS)
 def test_no_import_circles_inside_an_app(app):
     circles = _cycles(_app_edges(app))
     assert not circles, f"modules of {app} that import each other in a circle: {circles}"
