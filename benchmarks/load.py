@@ -355,7 +355,10 @@ def main(argv=None) -> int:
     workloads = args.workloads.split(",")
     settings = args.settings.split(",")
     for s in settings:
-        settings_env(s)                                  # refuse a bad setting before any work
+        try:
+            settings_env(s)                              # refuse a bad setting before any work
+        except ValueError as err:
+            parser.error(str(err))
     for w in workloads:
         if w not in WORKLOADS + EXTRA_WORKLOADS:
             parser.error(f"unknown workload {w!r}; expected some of {WORKLOADS + EXTRA_WORKLOADS}")

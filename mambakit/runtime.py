@@ -42,9 +42,9 @@ cores they need, and a thread spinning at a barrier holds a core while the threa
 one: the demo models (100-250 short parallel regions per training step) ran 47-80x slower next to four
 2-thread jobs instead of ~5x (benchmarks/load.py, "Training under a competing load"). 10,000 rounds (~0.13
 ms here) still bridge the gaps between consecutive ops of a step, so the quiet case keeps its speed (within
-within about 5% on every workload measured), while next to four 2-thread jobs it is 5-6x faster than as shipped. Shorter spins
-(GOMP_SPINCOUNT=1000, or OMP_WAIT_POLICY=passive) are faster still when the machine is known to be shared
-(up to 2x more at 4 competing jobs) and 10-25% slower when it is quiet. libgomp reads the variable once,
+about 5% on every workload measured), while next to four 2-thread jobs it is 5-6x faster than as shipped.
+Shorter spins (GOMP_SPINCOUNT=1000, or OMP_WAIT_POLICY=passive) are faster still when the machine is known
+to be shared (up to 2x more at 4 competing jobs) and 10-25% slower when it is quiet. libgomp reads the variable once,
 when torch loads it, so the command sets it before anything imports torch; processes it starts (DataLoader
 workers, torchrun ranks) inherit it. The thread count is left alone: fewer threads would help a small
 model most under load, but torch's results (and the scan kernel's gradients) change in the last bits with
