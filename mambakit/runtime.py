@@ -33,6 +33,23 @@ do the same for every model they time, so peers get them too):
   resident and fragments (that forward's maximum resident size 3.9 instead of 2.8 GB), so it is not the
   default.
 
+OpenMP waiting (`configure_openmp`: GOMP_SPINCOUNT=10000 unless the environment sets OMP_WAIT_POLICY or
+GOMP_SPINCOUNT): torch runs its ops, MKL and oneDNN, and the fused scan kernel (kernels/cpu_scan.py) on one
+OpenMP pool, libgomp's. As shipped, an idle thread of that pool spins 300,000 rounds (about 4 ms on the
+2-core Xeon of benchmarks/README.md, up to ~15 ms where `pause` is slow) before it sleeps, after every
+parallel region and at every barrier. On an idle machine that is free; next to other jobs it takes the
+cores they need, and a thread spinning at a barrier holds a core while the thread it waits for waits for
+one: the demo models (100-250 short parallel regions per training step) ran 47-80x slower next to four
+2-thread jobs instead of ~5x (benchmarks/load.py, "Training under a competing load"). 10,000 rounds (~0.13
+ms here) still bridge the gaps between consecutive ops of a step, so the quiet case keeps its speed (within
+about 5% on every workload measured), while next to four 2-thread jobs it is 5-6x faster than as shipped.
+Shorter spins (GOMP_SPINCOUNT=1000, or OMP_WAIT_POLICY=passive) are faster still when the machine is known
+to be shared (up to 2x more at 4 competing jobs) and 10-25% slower when it is quiet. libgomp reads the variable once,
+when torch loads it, so the command sets it before anything imports torch; processes it starts (DataLoader
+workers, torchrun ranks) inherit it. The thread count is left alone: fewer threads would help a small
+model most under load, but torch's results (and the scan kernel's gradients) change in the last bits with
+the thread count, and a run's numbers must not depend on what else the machine ran.
+
 Measurements and commands: benchmarks/README.md. The benchmark scripts print both settings with their tables
 (`huge_pages_note`, `malloc_note`).
 """
@@ -41,9 +58,11 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 
 __all__ = ["huge_pages_note", "HUGE_PAGES_ENV", "prefer_huge_pages", "tune_malloc", "configure_malloc",
-           "malloc_note", "MALLOC_ENV", "MALLOC_MODES"]
+           "malloc_note", "MALLOC_ENV", "MALLOC_MODES", "configure_openmp", "openmp_note", "OPENMP_ENV",
+           "SPIN_COUNT", "openmp_loaded"]
 
 HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"
 MALLOC_ENV = "MAMBAKIT_MALLOC"
@@ -122,3 +141,45 @@ def malloc_note() -> str:
     if mode == "unavailable":
         return "malloc as the C library does it (not glibc, nothing to tune)"
     return f"malloc as glibc does it ({MALLOC_ENV}=default)"
+
+
+# ------------------------------------------------------------------------------------------------------
+# OpenMP: how long torch's idle threads spin
+
+OPENMP_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+SPIN_COUNT = 10000                     # rounds of ~13 ns here (Xeon, KVM): ~0.13 ms, then sleep
+_OPENMP_STATE = {"set": False, "late": False}
+
+
+def openmp_loaded() -> bool:
+    """Whether an OpenMP runtime (libgomp, libiomp, libomp) is already mapped into this process: it read its
+    environment when it was loaded (with torch), so a variable set now reaches only the processes this one
+    starts. Without /proc (not Linux): whether torch has been imported."""
+    try:
+        with open("/proc/self/maps") as f:
+            return any(name in line for line in f for name in ("libgomp", "libiomp", "libomp."))
+    except OSError:
+        return "torch" in sys.modules
+
+
+def configure_openmp() -> dict:
+    """GOMP_SPINCOUNT=SPIN_COUNT unless the environment sets OMP_WAIT_POLICY or GOMP_SPINCOUNT itself. Must
+    run before torch is imported (see the module docstring); returns the two variables as they now are."""
+    if not any(os.environ.get(name, "").strip() for name in OPENMP_ENV):
+        os.environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
+        _OPENMP_STATE["set"] = True
+        _OPENMP_STATE["late"] = openmp_loaded()
+    return {name: os.environ.get(name) for name in OPENMP_ENV}
+
+
+def openmp_note() -> str:
+    """One line for a benchmark's machine description: the OpenMP waiting torch's threads do here."""
+    values = ", ".join(f"{name}={os.environ.get(name, 'unset')}" for name in OPENMP_ENV)
+    if _OPENMP_STATE["set"]:
+        who = "set by mambakit" + (" after the OpenMP runtime was loaded: it reaches child processes only"
+                                   if _OPENMP_STATE["late"] else "")
+    elif any(os.environ.get(name, "").strip() for name in OPENMP_ENV):
+        who = "from the environment"
+    else:
+        who = "torch's OpenMP as shipped: idle threads spin 300,000 rounds"
+    return f"{values} ({who})"

@@ -133,3 +133,81 @@ def test_the_command_reaches_torch_with_huge_pages_before_its_first_allocation()
                          env=dict(env, THP_MEM_ALLOC_ENABLE="0", MAMBAKIT_MALLOC="default"))
     assert on.returncode == 0 and off.returncode == 0, on.stderr + off.stderr
     assert on.stdout.split()[-1] == "0" and off.stdout.split()[-1] != "0"
+
+
+# ------------------------------------------------------------------------------------------------------
+# OpenMP spinning (issue 20, "Shared machines")
+
+def _clear_openmp_env(monkeypatch):
+    """No OpenMP variable in the environment, and runtime's record of what it did reset (restored after)."""
+    from mambakit import runtime
+
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(runtime, "_OPENMP_STATE", {"set": False, "late": False})
+
+
+def test_configure_openmp_limits_the_spin_count_when_nothing_is_set(monkeypatch):
+    from mambakit.runtime import SPIN_COUNT, configure_openmp
+
+    _clear_openmp_env(monkeypatch)
+    assert configure_openmp() == {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": str(SPIN_COUNT)}
+    assert os.environ["GOMP_SPINCOUNT"] == str(SPIN_COUNT) and "OMP_WAIT_POLICY" not in os.environ
+
+
+@pytest.mark.parametrize("name,value", [("OMP_WAIT_POLICY", "ACTIVE"), ("OMP_WAIT_POLICY", "passive"),
+                                        ("GOMP_SPINCOUNT", "300000"), ("GOMP_SPINCOUNT", "infinity")])
+def test_configure_openmp_keeps_what_the_user_set(name, value, monkeypatch):
+    """Either variable set by the user leaves both alone (GOMP_SPINCOUNT would override a wait policy)."""
+    from mambakit.runtime import configure_openmp, openmp_note
+
+    _clear_openmp_env(monkeypatch)
+    monkeypatch.setenv(name, value)
+    other = "GOMP_SPINCOUNT" if name == "OMP_WAIT_POLICY" else "OMP_WAIT_POLICY"
+    assert configure_openmp() == {name: value, other: None}
+    assert other not in os.environ
+    assert openmp_note() == f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, " \
+                            f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', 'unset')} (from the environment)"
+
+
+def test_openmp_note_says_when_the_setting_came_too_late(monkeypatch):
+    """In this test process torch (and its libgomp) is already loaded: the variable can only reach children."""
+    import torch  # noqa: F401
+
+    from mambakit import runtime
+
+    _clear_openmp_env(monkeypatch)
+    assert runtime.openmp_loaded()
+    runtime.configure_openmp()
+    assert runtime.openmp_note() == (f"OMP_WAIT_POLICY=unset, GOMP_SPINCOUNT={runtime.SPIN_COUNT} (set by mambakit "
+                                     "after the OpenMP runtime was loaded: it reaches child processes only)")
+
+
+def _openmp_display(code: str, **env_extra) -> dict:
+    """libgomp's own report of its settings (OMP_DISPLAY_ENV=VERBOSE, printed when torch loads it) in a
+    fresh process running `code`: {name: value}."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(OMP_DISPLAY_ENV="VERBOSE", **env_extra)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    shown = {}
+    for line in proc.stderr.splitlines():
+        name, sep, value = line.strip().partition(" = ")
+        if sep:
+            shown[name] = value.strip("'")
+    assert "GOMP_SPINCOUNT" in shown, f"no OpenMP settings displayed (torch not on libgomp?): {proc.stderr[-500:]}"
+    return shown
+
+
+def test_the_command_limits_openmp_spinning_before_torch_loads_its_openmp_runtime():
+    """`mambakit` sets GOMP_SPINCOUNT before anything imports torch: libgomp itself reports the value (it reads
+    the variable once, when torch loads it). Without the command, torch's libgomp spins 300,000 rounds; a
+    user's own setting wins."""
+    from mambakit.runtime import SPIN_COUNT
+
+    code = "import sys; from mambakit.cli import main; main(['--help']); import torch"
+    assert _openmp_display(code)["GOMP_SPINCOUNT"] == str(SPIN_COUNT)
+    assert _openmp_display("import torch")["GOMP_SPINCOUNT"] == "300000"
+    assert _openmp_display(code, GOMP_SPINCOUNT="50000")["GOMP_SPINCOUNT"] == "50000"
+    passive = _openmp_display(code, OMP_WAIT_POLICY="passive")
+    assert passive["OMP_WAIT_POLICY"] == "PASSIVE" and passive["GOMP_SPINCOUNT"] == "0"

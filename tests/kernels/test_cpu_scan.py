@@ -601,3 +601,37 @@ def test_projected_delta_checks_its_shapes():
     kw = {k: inputs[k] for k in ("A", "B", "C", "D", "z", "delta_bias")}
     with pytest.raises(ValueError, match=r"dt_weight \(8, 3\) and dt_in \(1, 2, 30\) must be \(d, R\) and \(b, R, L\)"):
         cpu_scan.selective_scan_cpu_projected(inputs["u"], torch.randn(8, 3), torch.randn(1, 2, 30), **kw)
+
+
+def test_the_commands_openmp_setting_gives_the_same_bits(tmp_path):
+    """`mambakit` limits how long torch's OpenMP threads spin (mambakit.runtime.configure_openmp): the kernel
+    runs on that pool, so the setting may change its timing, never its results. Forward and every gradient,
+    with two threads and a unit split across them (the backward's fixed slots), in a process with torch's
+    stock settings and in one with the command's: the same bits."""
+    code = textwrap.dedent("""
+        import sys
+        from mambakit.runtime import configure_openmp
+        if sys.argv[2] == "new":
+            configure_openmp()
+        import torch
+        torch.set_num_threads(2)
+        from mambakit.kernels.cpu_scan import selective_scan_cpu
+        torch.manual_seed(0)
+        u, delta, z = (torch.randn(1, 256, 1500, requires_grad=True) for _ in range(3))
+        B, C = torch.randn(1, 16, 1500, requires_grad=True), torch.randn(1, 16, 1500, requires_grad=True)
+        A = (-torch.rand(256, 16) - 0.5).requires_grad_()
+        D, bias = torch.randn(256, requires_grad=True), torch.randn(256, requires_grad=True)
+        out = selective_scan_cpu(u, delta, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=True)
+        out.backward(torch.randn_like(out))
+        torch.save([out.detach()] + [t.grad for t in (u, delta, z, A, B, C, D, bias)], sys.argv[1])
+    """)
+    results = []
+    for setting in ("old", "new"):
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+        out = tmp_path / f"{setting}.pt"
+        proc = subprocess.run([sys.executable, "-c", code, str(out), setting], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        results.append(torch.load(out))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    assert results[0][5].abs().sum() > 0          # dB: the split unit's sum over the slots, not left empty
