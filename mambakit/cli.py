@@ -14,7 +14,9 @@ DataError (both ValueErrors), a DownloadError or an OSError (PIL's unreadable im
 command, also from inside a data-loading worker, prints its one-line message without a traceback, unless
 MAMBAKIT_DEBUG=1. The command first asks torch for huge pages (THP_MEM_ALLOC_ENABLE=1 unless set) and tunes
 glibc's malloc for reused buffers (`mambakit.runtime`; MAMBAKIT_MALLOC=default leaves malloc alone,
-MAMBAKIT_MALLOC=heap also keeps blocks above 32 MiB for reuse).
+MAMBAKIT_MALLOC=heap also keeps blocks above 32 MiB for reuse), and shortens how long torch's idle OpenMP threads
+spin (GOMP_SPINCOUNT=10000 unless OMP_WAIT_POLICY or GOMP_SPINCOUNT is set), so training next to other jobs
+slows far less next to other jobs (benchmarks/README.md, "Training under a competing load").
 `python -m mambakit` and `torchrun -m mambakit` run the same thing.
 """
 
@@ -36,7 +38,7 @@ import mambakit
 from mambakit import apps as app_registry
 from mambakit.data.download import DownloadError
 from mambakit.data.registry import UnknownEntryError
-from mambakit.runtime import configure_malloc, prefer_huge_pages
+from mambakit.runtime import configure_malloc, configure_openmp, prefer_huge_pages
 
 __all__ = ["main"]
 
@@ -62,6 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         prefer_huge_pages()      # before torch's first allocation; huge pages and heap reuse for a training
         configure_malloc()       # loop's buffers (measured in mambakit/runtime.py; both can be opted out of)
+        configure_openmp()       # before torch loads libgomp: idle threads spin ~0.1 ms, not ~4 ms (shared machines)
         return _dispatch(argv)
     except SystemExit as e:  # argparse: --help (0) and usage errors (2); verbs calling sys.exit
         if e.code is None or isinstance(e.code, int):
