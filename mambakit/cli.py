@@ -15,7 +15,7 @@ command, also from inside a data-loading worker, prints its one-line message wit
 MAMBAKIT_DEBUG=1. The command first asks torch for huge pages (THP_MEM_ALLOC_ENABLE=1 unless set) and tunes
 glibc's malloc for reused buffers (`mambakit.runtime`; MAMBAKIT_MALLOC=default leaves malloc alone,
 MAMBAKIT_MALLOC=heap also keeps blocks above 32 MiB for reuse), and shortens how long torch's idle OpenMP threads
-spin (GOMP_SPINCOUNT=10000 unless OMP_WAIT_POLICY or GOMP_SPINCOUNT is set), so training next to other jobs
+spin (GOMP_SPINCOUNT=10000 unless OMP_WAIT_POLICY or GOMP_SPINCOUNT is set): training
 slows far less next to other jobs (benchmarks/README.md, "Training under a competing load").
 `python -m mambakit` and `torchrun -m mambakit` run the same thing.
 """
