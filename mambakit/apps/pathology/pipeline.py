@@ -16,6 +16,8 @@ from typing import Callable
 
 import numpy as np
 
+from mambakit.engine.logs import format_artefacts, list_artefacts
+
 from .data import Bag, load_features
 from .inference import _h5_for, _patch_size_level0, bag_scores, heatmap_for_bag, model_from_checkpoint
 
@@ -145,6 +147,8 @@ def run_cohort_pipeline(run: CohortRun, log: Callable = print, progress: bool = 
             entry["heatmaps"] = [str(p) for bag in drawn for p in heatmap_for_bag(
                 model, bag, cohort_dir / "slides", Path(result.run_dir) / "heatmaps" / f"{bag.bag_id}.png",
                 classes=classes, regions=regions, max_size=512)]
+            heatmaps = Path(result.run_dir) / "heatmaps"      # drawn after fit, so not in its list of files
+            log(format_artefacts(heatmaps, list_artefacts(heatmaps)))
         entry["seconds"] = time.perf_counter() - t
         report["models"][name] = entry
         log(f"[cohort] {entry['title']}: test AUC {entry['test'].get('auc', float('nan')):.3f} "
@@ -153,6 +157,7 @@ def run_cohort_pipeline(run: CohortRun, log: Callable = print, progress: bool = 
     timings["total_s"] = time.perf_counter() - started
     (out / "report.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
     (out / "report.md").write_text(format_report(report) + "\n")
+    log(f"[cohort] wrote {out / 'report.json'} and {out / 'report.md'}")
     return report
 
 
