@@ -70,9 +70,9 @@ MUTATIONS: tuple[Mutation, ...] = (
              "norm = torch.nn.utils.clip_grad_norm_(params, clip)",
              'norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))',
              ENGINE_TESTS, "gradient clipping at an infinite threshold: norm logged, nothing clipped"),
-    Mutation("vision-predict-train-transform", "mambakit/apps/vision/predict.py",
-             "_, evaluate = build_transforms(",
-             "evaluate, _ = build_transforms(",
+    Mutation("vision-predict-train-transform", "mambakit/apps/vision/task.py",
+             "        _, evaluate = build_transforms(data, self.config.augment,",
+             "        evaluate, _ = build_transforms(data, self.config.augment,",
              ("tests/apps/vision",), "predict uses the augmenting training transform"),
     # -- engine options ----------------------------------------------------------------------------------
     Mutation("engine-accum-loss-not-divided", "mambakit/engine/trainer.py",
