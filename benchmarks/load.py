@@ -1,9 +1,9 @@
 """Training under a competing load (issue 20, "Shared machines"): a few training steps of each demo's model,
-on a quiet machine and next to K other 2-thread torch processes (K = 0, 1, 2, 4), with the OpenMP settings the
-`mambakit` command used before (torch's libgomp as shipped) and the ones it applies now, alternated
-(old, new, new, old, ...) in the same minutes. Writes benchmarks/results/load.{json,md} and prints the table.
+on a quiet machine and next to K other 2-thread torch processes (K = 0, 1, 2, 4), with torch's settings as
+shipped, with the `mambakit` command's short OpenMP spin alone, and with everything it applies now (the
+short spin and the thread count chosen from the machine's state), alternated in the same minutes. Writes benchmarks/results/load.{json,md} and prints the table.
 
-    .venv/bin/python benchmarks/load.py                     # about 4-5 minutes on 2 quiet cores
+    .venv/bin/python benchmarks/load.py                     # about 6-8 minutes on 2 quiet cores
     .venv/bin/python benchmarks/load.py --loads 0,2 --seconds 2 --workloads timeseries
 
 Workloads (each a training step as the demo's quick recipe takes it: forward, loss, backward, optimizer step):
@@ -27,10 +27,13 @@ Method
   the points of that K and killed after them. K + 1 two-thread jobs on the machine's cores: a fair share
   of 2 cores makes a step about K + 1 times slower (the "fair" column).
 - Settings: "old" = torch's OpenMP as shipped (OMP_WAIT_POLICY and GOMP_SPINCOUNT unset: idle OpenMP
-  threads spin 300,000 rounds before they sleep); "new" = what `mambakit` applies now before torch is
-  imported (`mambakit.runtime.configure_openmp`). Both apply the command's malloc and huge-page settings
-  (`configure_malloc`, `prefer_huge_pages`), so the OpenMP setting is the only difference. Other settings
-  for experiments: "env:NAME=VALUE[,NAME=VALUE]" (on top of "old"), e.g. env:OMP_WAIT_POLICY=PASSIVE.
+  threads spin 300,000 rounds before they sleep), every core; "spin" = mambakit's short spin
+  (`mambakit.runtime.configure_openmp`), every core; "new" = what `mambakit` applies now before torch is
+  imported: the short spin and MAMBAKIT_THREADS=auto (`configure_threads`: every core on a quiet machine,
+  one thread where other processes' runnable threads already hold the cores, sampled as the point
+  starts). All apply the command's malloc and huge-page settings (`configure_malloc`,
+  `prefer_huge_pages`). Other settings for experiments: "env:NAME=VALUE[,NAME=VALUE]" (on top of "old"),
+  e.g. env:OMP_WAIT_POLICY=PASSIVE.
 - The machine's load average is recorded at the start and the end of every point: a machine that others
   use too makes every number slower; compare old with new only within one run.
 """
@@ -53,7 +56,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 WORKLOADS = ("timeseries", "pathology", "vision")
 EXTRA_WORKLOADS = ("extract", "vim_ti", "mil_10k")
-OPENMP_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+OPENMP_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "MAMBAKIT_THREADS")
+SETTINGS = ("old", "spin", "new")
 COMPETITOR_THREADS = 2
 COMPETITOR_SIZE = 256
 WARMUP_STEPS = 2
@@ -68,10 +72,10 @@ def settings_env(setting: str, base: dict | None = None) -> dict:
     mambakit's own startup settings before it imports torch (see `_apply_setting`)."""
     env = {k: v for k, v in (os.environ if base is None else base).items() if k not in OPENMP_VARS}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    if setting in ("old", "new"):
+    if setting in SETTINGS:
         return env
     if not setting.startswith("env:") or "=" not in setting:
-        raise ValueError(f"setting {setting!r}: expected 'old', 'new' or 'env:NAME=VALUE[,NAME=VALUE]'")
+        raise ValueError(f"setting {setting!r}: expected one of {SETTINGS} or 'env:NAME=VALUE[,NAME=VALUE]'")
     for pair in setting[4:].split(","):
         name, _, value = pair.partition("=")
         if not name.strip() or not value.strip():
@@ -82,15 +86,19 @@ def settings_env(setting: str, base: dict | None = None) -> dict:
 
 def _apply_setting(setting: str) -> dict:
     """In a point's process, before torch is imported: what the `mambakit` command does at startup (its
-    malloc and huge-page settings for every setting, and for "new" its OpenMP settings too)."""
+    malloc and huge-page settings for every setting; "spin" and "new" its OpenMP spin count too; "new" also
+    its thread count, chosen from the machine as the point starts, next to the competing load)."""
     from mambakit import runtime
 
     runtime.prefer_huge_pages()
     runtime.configure_malloc()
-    if setting == "new":
+    if setting in ("spin", "new"):
         runtime.configure_openmp()
-    return {"openmp": runtime.openmp_note(), "malloc": runtime.malloc_note(),
-            "huge_pages": runtime.huge_pages_note()}
+    threads = runtime.configure_threads() if setting == "new" else {}
+    note = runtime.openmp_note() + ("; threads: MAMBAKIT_THREADS=auto (all cores on a quiet machine, one where "
+                                    "other processes' runnable threads hold the cores)" if setting == "new" else "")
+    return {"openmp": note, "malloc": runtime.malloc_note(), "huge_pages": runtime.huge_pages_note(),
+            "others_runnable": threads.get("others")}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -285,7 +293,8 @@ def summarize(points: list[dict]) -> dict:
     for key, ps in groups.items():
         ok = [p for p in ps if "step_ms" in p]
         out[key] = ({"step_ms": statistics.median(p["step_ms"] for p in ok),
-                     "cpu_ms": statistics.median(p["cpu_ms"] for p in ok), "rounds": len(ok)}
+                     "cpu_ms": statistics.median(p["cpu_ms"] for p in ok), "rounds": len(ok),
+                     "threads": sorted({p.get("threads") for p in ok}, key=str)}
                     if ok else {"error": ps[0].get("error", "failed")})
     return out
 
@@ -298,7 +307,7 @@ def _cell(s: dict | None, quiet: dict | None) -> str:
     text = f"{s['step_ms']:.0f} ms"
     if quiet and "step_ms" in quiet and quiet is not s:
         text += f" ({s['step_ms'] / quiet['step_ms']:.1f}x)"
-    return text + f", cpu {s['cpu_ms']:.0f}"
+    return text + f", cpu {s['cpu_ms']:.0f}, " + "/".join(str(t) for t in s.get("threads", [])) + "t"
 
 
 def markdown(points: list[dict], meta: dict) -> str:
@@ -313,21 +322,21 @@ def markdown(points: list[dict], meta: dict) -> str:
              f"Settings: " + "; ".join(f"{s}: {meta['notes'].get(s, '?')}" for s in settings) + ".",
              f"{meta['seconds']} s of steps per point after {WARMUP_STEPS} warm-up steps, {meta['rounds']} "
              f"round(s), settings alternated. Cells: wall time per step (slowdown against K = 0 with the same "
-             f"setting), CPU time per step (user + sys) in ms. Fair share of the cores: K + 1 times slower.", "",
+             f"setting), CPU time per step (user + sys) in ms, torch threads. Fair share of the cores: K + 1 times slower.", "",
              "| workload | setting | " + " | ".join(f"K = {k}" for k in loads) + " |",
              "|---|---|" + "---|" * len(loads)]
     for w in workloads:
         for s in settings:
             quiet = summary.get((w, s, 0))
             lines.append(f"| {w} | {s} | " + " | ".join(_cell(summary.get((w, s, k)), quiet) for k in loads) + " |")
-    if "old" in settings and "new" in settings:
-        lines += ["", "old / new, wall time per step:", "",
+    for base in [b for b in ("old", "spin") if b in settings and "new" in settings]:
+        lines += ["", f"{base} / new, wall time per step:", "",
                   "| workload | " + " | ".join(f"K = {k} (fair {k + 1}x)" for k in loads) + " |",
                   "|---|" + "---|" * len(loads)]
         for w in workloads:
             cells = []
             for k in loads:
-                a, b = summary.get((w, "old", k)), summary.get((w, "new", k))
+                a, b = summary.get((w, base, k)), summary.get((w, "new", k))
                 cells.append(f"{a['step_ms'] / b['step_ms']:.2f}" if a and b and "step_ms" in a and "step_ms" in b
                              else "-")
             lines.append(f"| {w} | " + " | ".join(cells) + " |")
@@ -340,7 +349,7 @@ def main(argv=None) -> int:
     parser.add_argument("--loads", default="0,1,2,4", help="numbers of competing 2-thread processes")
     parser.add_argument("--workloads", default=",".join(WORKLOADS),
                         help=f"of {WORKLOADS + EXTRA_WORKLOADS}")
-    parser.add_argument("--settings", default="old,new", help="old, new, env:NAME=VALUE[,NAME=VALUE]")
+    parser.add_argument("--settings", default="old,spin,new", help="old, spin, new, env:NAME=VALUE[,NAME=VALUE]")
     parser.add_argument("--seconds", type=float, default=3.0, help="timed steps per point (after warm-up)")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=240.0, help="per point")

@@ -38,7 +38,7 @@ import mambakit
 from mambakit import apps as app_registry
 from mambakit.data.download import DownloadError
 from mambakit.data.registry import UnknownEntryError
-from mambakit.runtime import configure_malloc, configure_openmp, prefer_huge_pages
+from mambakit.runtime import configure_malloc, configure_openmp, configure_threads, prefer_huge_pages
 
 __all__ = ["main"]
 
@@ -65,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prefer_huge_pages()      # before torch's first allocation; huge pages and heap reuse for a training
         configure_malloc()       # loop's buffers (measured in mambakit/runtime.py; both can be opted out of)
         configure_openmp()       # before torch loads libgomp: idle threads spin ~0.1 ms, not ~4 ms (shared machines)
+        configure_threads(log=lambda line: print(line, file=sys.stderr))   # one thread where others hold the cores
         return _dispatch(argv)
     except SystemExit as e:  # argparse: --help (0) and usage errors (2); verbs calling sys.exit
         if e.code is None or isinstance(e.code, int):

@@ -46,9 +46,19 @@ about 5% on every workload measured), while next to four 2-thread jobs it is 5-6
 Shorter spins (GOMP_SPINCOUNT=1000, or OMP_WAIT_POLICY=passive) are faster still when the machine is known
 to be shared (up to 2x more at 4 competing jobs) and 10-25% slower when it is quiet. libgomp reads the variable once,
 when torch loads it, so the command sets it before anything imports torch; processes it starts (DataLoader
-workers, torchrun ranks) inherit it. The thread count is left alone: fewer threads would help a small
-model most under load, but torch's results (and the scan kernel's gradients) change in the last bits with
-the thread count, and a run's numbers must not depend on what else the machine ran.
+workers, torchrun ranks) inherit it.
+
+Threads (`configure_threads`, MAMBAKIT_THREADS=auto by default): even with short spins, a 2-thread step next
+to four other 2-thread jobs took 12-18x its quiet time instead of the fair ~5x. Each op of a step is a
+parallel region whose threads wait for each other at its end; on cores that other jobs keep busy, one of the
+two is usually waiting in the run queue, so every region costs a scheduling round rather than its work. So
+the command samples the machine's runnable threads as it starts (/proc/loadavg's instantaneous count, not
+the minute-long load average) and uses the cores the other processes leave free, at least one: every core
+on a quiet machine (as before), one thread on a busy one. A run records its count (summary.json,
+checkpoints) and a resumed run goes on with it; results change in the last bits with the count (torch's
+reductions and GEMMs split work by thread), so the command says when it uses fewer than every core.
+MAMBAKIT_THREADS=N fixes the count, "keep" leaves torch's choice, and OMP_NUM_THREADS (the user's, or
+torchrun's for several ranks) always wins.
 
 Measurements and commands: benchmarks/README.md. The benchmark scripts print both settings with their tables
 (`huge_pages_note`, `malloc_note`).
@@ -62,7 +72,8 @@ import sys
 
 __all__ = ["huge_pages_note", "HUGE_PAGES_ENV", "prefer_huge_pages", "tune_malloc", "configure_malloc",
            "malloc_note", "MALLOC_ENV", "MALLOC_MODES", "configure_openmp", "openmp_note", "OPENMP_ENV",
-           "SPIN_COUNT", "openmp_loaded"]
+           "SPIN_COUNT", "openmp_loaded", "THREADS_ENV", "configure_threads", "restore_threads", "threads_for",
+           "others_runnable", "usable_cores", "threads_note"]
 
 HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"
 MALLOC_ENV = "MAMBAKIT_MALLOC"
@@ -183,3 +194,129 @@ def openmp_note() -> str:
     else:
         who = "torch's OpenMP as shipped: idle threads spin 300,000 rounds"
     return f"{values} ({who})"
+
+
+# ------------------------------------------------------------------------------------------------------
+# threads: how many to use when the machine is shared
+
+THREADS_ENV = "MAMBAKIT_THREADS"
+_THREADS_STATE: dict = {"mode": "untouched", "threads": None, "others": None, "cores": None}
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask where the platform has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:      # not Linux
+        return os.cpu_count() or 1
+
+
+def _runnable_now() -> int | None:
+    """The machine's runnable threads at this instant (/proc/loadavg's fourth field, 'runnable/total'; it
+    counts the reader itself), or None without /proc."""
+    try:
+        with open("/proc/loadavg") as f:
+            return int(f.read().split()[3].split("/")[0])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def others_runnable(samples: int = 15, interval_s: float = 0.01, read=_runnable_now) -> float | None:
+    """Threads of other processes that want a core now: the median over `samples` readings of the runnable
+    count, minus this process's reading thread. A load average would not do: it lags by a minute, and jobs
+    started together would all see an idle machine."""
+    import time
+
+    readings = []
+    for i in range(samples):
+        value = read()
+        if value is None:
+            return None
+        readings.append(value - 1)
+        if i + 1 < samples:
+            time.sleep(interval_s)
+    readings.sort()
+    return float(readings[len(readings) // 2])
+
+
+def threads_for(cores: int, others: float | None) -> int:
+    """The thread count for a job on `cores` cores next to `others` runnable threads of other processes: the
+    cores they leave free, at least one (unknown: every core). A fork-join job (each op a parallel region
+    whose threads wait for each other at its end) with a thread on a core that another job holds waits for a
+    scheduling round at each of its 100-250 regions per step; a thread per free core never does."""
+    import math
+
+    if others is None:
+        return max(cores, 1)
+    return max(1, min(cores, cores - math.ceil(others)))
+
+
+def configure_threads(log=None) -> dict:
+    """Pick torch's thread count for this process (MAMBAKIT_THREADS): "auto" (the default) uses every usable
+    core on a quiet machine and one thread where other processes already keep the cores busy; a number sets
+    it; "keep" leaves torch's own choice. OMP_NUM_THREADS in the environment (the user's, or torchrun's for
+    several ranks) always wins. Before torch is imported it sets OMP_NUM_THREADS (which the processes this one
+    starts inherit), after it torch.set_num_threads. Results change in the last bits with the thread count, so
+    the count is printed when it is not every core, recorded in each run (summary.json, checkpoints), and a
+    resumed run continues with the count it started with (`restore_threads`)."""
+    value = os.environ.get(THREADS_ENV, "").strip().lower() or "auto"
+    cores = usable_cores()
+    state = {"mode": value, "threads": None, "others": None, "cores": cores}
+    if os.environ.get("OMP_NUM_THREADS", "").strip():
+        state["mode"] = "environment"
+    elif value == "keep":
+        pass
+    elif value == "auto":
+        state["others"] = others_runnable()
+        n = threads_for(cores, state["others"])
+        if n < cores:
+            _set_threads(n)
+            state["threads"] = n
+            if log is not None:
+                log(f"mambakit: {state['others']:.0f} runnable thread(s) of other processes on {cores} core(s): "
+                    f"training with {n} thread(s), which keeps its share of a busy machine ({THREADS_ENV}="
+                    f"{cores} to use every core; results differ in the last bits with the thread count)")
+    else:
+        try:
+            n = int(value)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ValueError(f"{THREADS_ENV}={value!r}: expected 'auto', 'keep' or a thread count >= 1")
+        _set_threads(n)
+        state["mode"], state["threads"] = "fixed", n
+    _THREADS_STATE.update(state)
+    return dict(state)
+
+
+def _set_threads(n: int) -> None:
+    if "torch" in sys.modules:
+        import torch
+
+        torch.set_num_threads(n)
+    else:
+        os.environ["OMP_NUM_THREADS"] = str(n)
+
+
+def restore_threads(recorded: int | None) -> str | None:
+    """A resumed run: continue with the thread count its checkpoint recorded, when this process chose its count
+    automatically (an explicit MAMBAKIT_THREADS / OMP_NUM_THREADS is the user's decision and stays). Returns a
+    note for the run's log when it changed anything."""
+    import torch
+
+    if not recorded or _THREADS_STATE["mode"] != "auto" or recorded == torch.get_num_threads():
+        return None
+    current = torch.get_num_threads()
+    torch.set_num_threads(int(recorded))
+    return (f"resumed with the {recorded} thread(s) the run started with (this machine's state would give "
+            f"{current}): a resumed run repeats the uninterrupted one")
+
+
+def threads_note() -> str:
+    """One line for a benchmark's machine description or a run's record: the thread count and why."""
+    import torch
+
+    s = _THREADS_STATE
+    why = {"untouched": "torch's default", "keep": f"{THREADS_ENV}=keep", "environment": "OMP_NUM_THREADS",
+           "fixed": f"{THREADS_ENV}", "auto": "auto: " + ("others busy" if s["threads"] else "quiet machine")}
+    return f"{torch.get_num_threads()} torch thread(s) ({why.get(s['mode'], s['mode'])})"

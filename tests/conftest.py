@@ -61,3 +61,8 @@ def _cpu_only_unless_marked_gpu(request, monkeypatch, _gpus_seen_by_this_process
         return
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
+# Tests compare runs with each other: the thread count must not follow what else the machine runs
+# (mambakit.runtime.configure_threads; its own tests set the variable themselves).
+os.environ.setdefault("MAMBAKIT_THREADS", "keep")

@@ -211,3 +211,101 @@ def test_the_command_limits_openmp_spinning_before_torch_loads_its_openmp_runtim
     assert _openmp_display(code, GOMP_SPINCOUNT="50000")["GOMP_SPINCOUNT"] == "50000"
     passive = _openmp_display(code, OMP_WAIT_POLICY="passive")
     assert passive["OMP_WAIT_POLICY"] == "PASSIVE" and passive["GOMP_SPINCOUNT"] == "0"
+
+
+# --------------------------------------------------------------------------------------------------
+# threads on a shared machine
+
+@pytest.mark.parametrize("cores, others, expected", [(2, 0.0, 2), (2, None, 2), (2, 1.0, 1), (2, 8.0, 1),
+                                                     (16, 2.0, 14), (16, 0.5, 15), (1, 3.0, 1)])
+def test_threads_for_takes_the_cores_others_leave_free(cores, others, expected):
+    from mambakit.runtime import threads_for
+
+    assert threads_for(cores, others) == expected
+
+
+def test_others_runnable_is_a_median_that_leaves_out_the_reader():
+    from mambakit.runtime import others_runnable
+
+    readings = iter([1, 9, 1, 1, 3])          # the reader itself counts as one; a passing spike is ignored
+    assert others_runnable(samples=5, interval_s=0, read=lambda: next(readings)) == 0.0
+    readings = iter([9, 8, 9, 10, 9])
+    assert others_runnable(samples=5, interval_s=0, read=lambda: next(readings)) == 8.0
+    assert others_runnable(samples=3, interval_s=0, read=lambda: None) is None
+
+
+@pytest.fixture
+def threads_restored(monkeypatch):
+    import torch
+
+    import mambakit.runtime as rt
+
+    before, state = torch.get_num_threads(), dict(rt._THREADS_STATE)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    yield rt
+    torch.set_num_threads(before)
+    rt._THREADS_STATE.clear()
+    rt._THREADS_STATE.update(state)
+
+
+def test_auto_threads_use_one_thread_on_a_busy_machine_and_say_so(threads_restored, monkeypatch):
+    import torch
+
+    rt = threads_restored
+    monkeypatch.setenv(rt.THREADS_ENV, "auto")
+    monkeypatch.setattr(rt, "usable_cores", lambda: 2)
+    monkeypatch.setattr(rt, "others_runnable", lambda: 8.0)
+    lines = []
+    state = rt.configure_threads(log=lines.append)
+    assert state["threads"] == 1 and torch.get_num_threads() == 1
+    assert "8 runnable thread(s) of other processes on 2 core(s): training with 1 thread(s)" in lines[0]
+    assert "MAMBAKIT_THREADS=2" in lines[0]
+    # a resumed run goes on with the count it started with, whatever the machine does now
+    note = rt.restore_threads(2)
+    assert torch.get_num_threads() == 2 and "resumed with the 2 thread(s) the run started with" in note
+    assert rt.restore_threads(2) is None
+
+
+def test_auto_threads_leave_a_quiet_machine_alone(threads_restored, monkeypatch):
+    import torch
+
+    rt = threads_restored
+    torch.set_num_threads(2)
+    monkeypatch.setenv(rt.THREADS_ENV, "auto")
+    monkeypatch.setattr(rt, "usable_cores", lambda: 2)
+    monkeypatch.setattr(rt, "others_runnable", lambda: 0.0)
+    lines = []
+    assert rt.configure_threads(log=lines.append)["threads"] is None
+    assert torch.get_num_threads() == 2 and lines == []
+
+
+def test_explicit_thread_settings_win(threads_restored, monkeypatch):
+    import torch
+
+    rt = threads_restored
+    monkeypatch.setattr(rt, "others_runnable", lambda: 8.0)
+    monkeypatch.setenv(rt.THREADS_ENV, "3")
+    assert rt.configure_threads()["mode"] == "fixed" and torch.get_num_threads() == 3
+    assert rt.restore_threads(1) is None and torch.get_num_threads() == 3     # the user's count stays
+    torch.set_num_threads(2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")                              # torchrun's, or the user's
+    monkeypatch.setenv(rt.THREADS_ENV, "auto")
+    assert rt.configure_threads()["mode"] == "environment" and torch.get_num_threads() == 2
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setenv(rt.THREADS_ENV, "keep")
+    assert rt.configure_threads()["threads"] is None and torch.get_num_threads() == 2
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv(rt.THREADS_ENV, bad)
+        with pytest.raises(ValueError, match="MAMBAKIT_THREADS=.*expected 'auto', 'keep' or a thread count"):
+            rt.configure_threads()
+
+
+def test_the_command_sets_the_thread_count_before_torch_loads():
+    """In a fresh process the count reaches torch through OMP_NUM_THREADS (set before the import)."""
+    code = ("from mambakit.cli import main; main(['--help']); import torch, os; "
+            "print(torch.get_num_threads(), os.environ.get('OMP_NUM_THREADS'))")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**env, "MAMBAKIT_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-2:] == ["1", "1"]

@@ -45,6 +45,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from mambakit.runtime import restore_threads
+
 from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, checkpoint_name, find_resume_checkpoint,
                          load_checkpoint, prune_checkpoints, resolve_checkpoint, save_checkpoint,
                          write_pointer)
@@ -472,6 +474,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": all_gather_object(capture_rng_state(), self.env),
             "world_size": self.env.world_size,
+            "threads": torch.get_num_threads(),
             "progress": vars(self.progress).copy(),
             "early_stopping": self.tracker.state_dict(),
             "history": list(self.logger.history),
@@ -520,6 +523,9 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.progress = _Progress(**state["progress"])
         self.tracker.load_state_dict(state["early_stopping"])
+        threads_note = restore_threads(state.get("threads"))
+        if threads_note:
+            self._notes.append(threads_note)
         if state["world_size"] == env.world_size:
             restore_rng_state(state["rng"][env.rank])
         else:
@@ -748,6 +754,7 @@ class Trainer:
                 "last_checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
                 "epochs": p.epoch, "steps": p.step, "stopped_early": p.stopped_early,
                 "wall_time_s": round(wall, 3), "world_size": env.world_size, "device": str(env.device),
+                "threads": torch.get_num_threads(),
                 "precision": self.train_cfg.precision, "curves": str(curves) if curves else None,
                 "notes": self.logger.notes,
             }

@@ -407,3 +407,24 @@ def test_memory_efficient_option_switches_the_mixers_and_trains_to_the_same_weig
     assert_same_params(final_model(lean), final_model(plain), atol=1e-5)
     with pytest.raises(ValueError, match=r"train.memory_efficient=true, but the model \(MLP\) has no Mamba-1"):
         fit(tmp_path / "mlp", "train.epochs=1", "train.memory_efficient=true")
+
+
+def test_a_run_records_its_threads_and_a_resume_under_auto_keeps_them(tmp_path, monkeypatch):
+    import json
+
+    import mambakit.runtime as rt
+
+    before = torch.get_num_threads()
+    monkeypatch.setitem(rt._THREADS_STATE, "mode", "auto")
+    try:
+        torch.set_num_threads(1)
+        result, _ = fit(tmp_path / "run", "train.epochs=1")
+        assert load_checkpoint(result.last_checkpoint)["threads"] == 1
+        assert json.loads((tmp_path / "run" / "summary.json").read_text())["threads"] == 1
+        torch.set_num_threads(2)            # the machine is quiet now: auto would take both cores
+        fit(tmp_path / "run", "train.epochs=2", resume=True)
+        assert torch.get_num_threads() == 1
+        notes = json.loads((tmp_path / "run" / "summary.json").read_text())["notes"]
+        assert any("resumed with the 1 thread(s) the run started with" in n for n in notes)
+    finally:
+        torch.set_num_threads(before)

@@ -37,7 +37,9 @@ class CohortRun:
     train_seed: int | None = None       # the models' seed (default: `seed`)
     backbone: str = "hed_stats"         # weight-free stain / texture descriptor; or resnet50_trunc (random)
     input_size: int | None = None       # pixels the extractor sees (default: the backbone's)
-    num_workers: int = 1
+    num_workers: int | None = None      # patch-reading processes per slide (default: 0 for weight-free
+                                        # features, where starting a worker per small slide costs more
+                                        # than reading in this process; else 1)
     batch_size: int = 32
     heatmaps: int = 3                   # test slides drawn per attention model (positives first)
     calibrate_bn: int = 512             # resnet50_trunc: patches for the random backbone's BatchNorm statistics
@@ -101,8 +103,9 @@ def run_cohort_pipeline(run: CohortRun, log: Callable = print, progress: bool = 
     t = time.perf_counter()
     tile = TileParams(patch_size=256, magnification=20, seg=SegmentationParams(a_t=1, a_h=1), thumbnail_size=512)
     weight_free = run.backbone in WEIGHT_FREE
+    num_workers = run.num_workers if run.num_workers is not None else (0 if weight_free else 1)
     params = ExtractParams(backbone=run.backbone, random_weights=not weight_free, batch_size=run.batch_size,
-                           num_workers=run.num_workers, input_size=run.input_size,
+                           num_workers=num_workers, input_size=run.input_size,
                            calibrate_bn=0 if weight_free else run.calibrate_bn,
                            standardize=run.standardize if weight_free else 0, tile=tile)
     results = extract_slides(cohort_dir / "slides", out / "features", params, progress=progress, log=log)

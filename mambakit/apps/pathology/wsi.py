@@ -535,7 +535,7 @@ def tile_slide(path: str | os.PathLike, out_dir: str | os.PathLike, params: Tile
                                     tissue)
             thumb_path = out_dir / "thumbnails" / f"{sid}.png"
             thumb_path.parent.mkdir(parents=True, exist_ok=True)
-            image.save(thumb_path)
+            image.save(thumb_path, compress_level=1)     # a preview: fast over small
             thumb = str(thumb_path)
         return TileResult(sid, str(path), "ok", len(coords), str(h5), thumb, seconds=time.perf_counter() - start)
     finally:
