@@ -30,8 +30,7 @@ Method
   threads spin 300,000 rounds before they sleep), every core; "spin" = mambakit's short spin
   (`mambakit.runtime.configure_openmp`), every core; "new" = what `mambakit` applies now before torch is
   imported: the short spin and MAMBAKIT_THREADS=auto (`configure_threads`: every core on a quiet machine,
-  one thread where other processes' runnable threads already hold the cores, sampled as the point
-  starts). All apply the command's malloc and huge-page settings (`configure_malloc`,
+  one thread where other processes already keep the cores busy, measured as the point starts). All apply the command's malloc and huge-page settings (`configure_malloc`,
   `prefer_huge_pages`). Other settings for experiments: "env:NAME=VALUE[,NAME=VALUE]" (on top of "old"),
   e.g. env:OMP_WAIT_POLICY=PASSIVE.
 - The machine's load average is recorded at the start and the end of every point: a machine that others
@@ -96,9 +95,9 @@ def _apply_setting(setting: str) -> dict:
         runtime.configure_openmp()
     threads = runtime.configure_threads() if setting == "new" else {}
     note = runtime.openmp_note() + ("; threads: MAMBAKIT_THREADS=auto (all cores on a quiet machine, one where "
-                                    "other processes' runnable threads hold the cores)" if setting == "new" else "")
+                                    "other processes keep the cores busy)" if setting == "new" else "")
     return {"openmp": note, "malloc": runtime.malloc_note(), "huge_pages": runtime.huge_pages_note(),
-            "others_runnable": threads.get("others")}
+            "busy_cores": threads.get("busy")}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -52,9 +52,9 @@ Threads (`configure_threads`, MAMBAKIT_THREADS=auto by default): even with short
 to four other 2-thread jobs took 12-18x its quiet time instead of the fair ~5x. Each op of a step is a
 parallel region whose threads wait for each other at its end; on cores that other jobs keep busy, one of the
 two is usually waiting in the run queue, so every region costs a scheduling round rather than its work. So
-the command samples the machine's runnable threads as it starts (/proc/loadavg's instantaneous count, not
-the minute-long load average) and uses the cores the other processes leave free, at least one: every core
-on a quiet machine (as before), one thread on a busy one. A run records its count (summary.json,
+the command measures, as it starts, how busy other processes keep each of its cores over 0.1 s (/proc/stat;
+niced work counts as idle) and uses the cores they leave free, at least one: every core on a quiet machine
+(as before), one thread on a busy one. A run records its count (summary.json,
 checkpoints) and a resumed run goes on with it; results change in the last bits with the count (torch's
 reductions and GEMMs split work by thread), so the command says when it uses fewer than every core.
 MAMBAKIT_THREADS=N fixes the count, "keep" leaves torch's choice, and OMP_NUM_THREADS (the user's, or
@@ -73,7 +73,7 @@ import sys
 __all__ = ["huge_pages_note", "HUGE_PAGES_ENV", "prefer_huge_pages", "tune_malloc", "configure_malloc",
            "malloc_note", "MALLOC_ENV", "MALLOC_MODES", "configure_openmp", "openmp_note", "OPENMP_ENV",
            "SPIN_COUNT", "openmp_loaded", "THREADS_ENV", "configure_threads", "restore_threads", "threads_for",
-           "others_runnable", "usable_cores", "threads_note"]
+           "busy_cores", "usable_cores", "threads_note"]
 
 HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"
 MALLOC_ENV = "MAMBAKIT_MALLOC"
@@ -200,7 +200,7 @@ def openmp_note() -> str:
 # threads: how many to use when the machine is shared
 
 THREADS_ENV = "MAMBAKIT_THREADS"
-_THREADS_STATE: dict = {"mode": "untouched", "threads": None, "others": None, "cores": None}
+_THREADS_STATE: dict = {"mode": "untouched", "threads": None, "busy": None, "cores": None}
 
 
 def usable_cores() -> int:
@@ -211,44 +211,68 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _runnable_now() -> int | None:
-    """The machine's runnable threads at this instant (/proc/loadavg's fourth field, 'runnable/total'; it
-    counts the reader itself), or None without /proc."""
+def _affinity() -> set | None:
     try:
-        with open("/proc/loadavg") as f:
-            return int(f.read().split()[3].split("/")[0])
-    except (OSError, IndexError, ValueError):
+        return set(os.sched_getaffinity(0))
+    except AttributeError:      # not Linux
         return None
 
 
-def others_runnable(samples: int = 15, interval_s: float = 0.01, read=_runnable_now) -> float | None:
-    """Threads of other processes that want a core now: the median over `samples` readings of the runnable
-    count, minus this process's reading thread. A load average would not do: it lags by a minute, and jobs
-    started together would all see an idle machine."""
+def _cpu_ticks() -> dict | None:
+    """{cpu: (busy ticks, all ticks)} since boot for the cores this process may use, from /proc/stat (None
+    without it). Busy: user, system, irq, softirq, steal. Niced work counts as idle (it yields to a normal
+    job: a nice-19 thread gets ~1.5% of a core beside one), and so does iowait."""
+    try:
+        with open("/proc/stat") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    mine = _affinity()
+    ticks = {}
+    for line in lines:
+        name, *fields = line.split()
+        if not name.startswith("cpu") or name == "cpu" or not name[3:].isdigit():
+            continue
+        cpu = int(name[3:])
+        if mine is not None and cpu not in mine:
+            continue
+        user, nice, system, idle, iowait, irq, softirq, steal = ([int(x) for x in fields[:8]] + [0] * 8)[:8]
+        ticks[cpu] = (user + system + irq + softirq + steal, user + nice + system + idle + iowait + irq + softirq + steal)
+    return ticks or None
+
+
+def busy_cores(interval_s: float = 0.1, read=_cpu_ticks) -> float | None:
+    """How many of this process's cores other processes keep busy: each core's busy share over `interval_s`,
+    summed (this process sleeps meanwhile, so it does not count itself); None where it cannot be measured.
+    Per core rather than the load average, which lags by a minute (jobs started together would all see an
+    idle machine) and, in a container, counts the whole host."""
     import time
 
-    readings = []
-    for i in range(samples):
-        value = read()
-        if value is None:
-            return None
-        readings.append(value - 1)
-        if i + 1 < samples:
-            time.sleep(interval_s)
-    readings.sort()
-    return float(readings[len(readings) // 2])
+    before = read()
+    if before is None:
+        return None
+    time.sleep(interval_s)
+    after = read()
+    if after is None:
+        return None
+    busy = 0.0
+    for cpu, (b1, t1) in after.items():
+        b0, t0 = before.get(cpu, (b1, t1))
+        if t1 > t0:
+            busy += min(max((b1 - b0) / (t1 - t0), 0.0), 1.0)
+    return busy
 
 
-def threads_for(cores: int, others: float | None) -> int:
-    """The thread count for a job on `cores` cores next to `others` runnable threads of other processes: the
-    cores they leave free, at least one (unknown: every core). A fork-join job (each op a parallel region
-    whose threads wait for each other at its end) with a thread on a core that another job holds waits for a
-    scheduling round at each of its 100-250 regions per step; a thread per free core never does."""
+def threads_for(cores: int, busy: float | None) -> int:
+    """The thread count for a job on `cores` cores of which other processes keep `busy` busy: the cores they
+    leave free, at least one (unknown: every core). A fork-join job (each op a parallel region whose threads
+    wait for each other at its end) with a thread on a core that another job holds waits for a scheduling
+    round at each of its 100-250 regions per step; a thread per free core never does."""
     import math
 
-    if others is None:
+    if busy is None:
         return max(cores, 1)
-    return max(1, min(cores, cores - math.ceil(others)))
+    return max(1, min(cores, cores - math.floor(busy + 0.5)))
 
 
 def configure_threads(log=None) -> dict:
@@ -261,21 +285,21 @@ def configure_threads(log=None) -> dict:
     resumed run continues with the count it started with (`restore_threads`)."""
     value = os.environ.get(THREADS_ENV, "").strip().lower() or "auto"
     cores = usable_cores()
-    state = {"mode": value, "threads": None, "others": None, "cores": cores}
+    state = {"mode": value, "threads": None, "busy": None, "cores": cores}
     if os.environ.get("OMP_NUM_THREADS", "").strip():
         state["mode"] = "environment"
     elif value == "keep":
         pass
     elif value == "auto":
-        state["others"] = others_runnable()
-        n = threads_for(cores, state["others"])
+        state["busy"] = busy_cores()
+        n = threads_for(cores, state["busy"])
         if n < cores:
             _set_threads(n)
             state["threads"] = n
             if log is not None:
-                log(f"mambakit: {state['others']:.0f} runnable thread(s) of other processes on {cores} core(s): "
-                    f"training with {n} thread(s), which keeps its share of a busy machine ({THREADS_ENV}="
-                    f"{cores} to use every core; results differ in the last bits with the thread count)")
+                log(f"mambakit: other processes keep {state['busy']:.1f} of {cores} core(s) busy: running with "
+                    f"{n} thread(s), which keeps its share of a busy machine ({THREADS_ENV}={cores} to use every "
+                    f"core; results differ in the last bits with the thread count)")
     else:
         try:
             n = int(value)

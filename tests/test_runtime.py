@@ -216,22 +216,37 @@ def test_the_command_limits_openmp_spinning_before_torch_loads_its_openmp_runtim
 # --------------------------------------------------------------------------------------------------
 # threads on a shared machine
 
-@pytest.mark.parametrize("cores, others, expected", [(2, 0.0, 2), (2, None, 2), (2, 1.0, 1), (2, 8.0, 1),
-                                                     (16, 2.0, 14), (16, 0.5, 15), (1, 3.0, 1)])
-def test_threads_for_takes_the_cores_others_leave_free(cores, others, expected):
+@pytest.mark.parametrize("cores, busy, expected", [(2, 0.0, 2), (2, None, 2), (2, 0.4, 2), (2, 0.6, 1),
+                                                   (2, 2.0, 1), (16, 2.0, 14), (16, 0.2, 16), (1, 1.0, 1)])
+def test_threads_for_takes_the_cores_others_leave_free(cores, busy, expected):
     from mambakit.runtime import threads_for
 
-    assert threads_for(cores, others) == expected
+    assert threads_for(cores, busy) == expected
 
 
-def test_others_runnable_is_a_median_that_leaves_out_the_reader():
-    from mambakit.runtime import others_runnable
+def test_busy_cores_sums_each_cores_busy_share_over_the_interval():
+    from mambakit.runtime import busy_cores
 
-    readings = iter([1, 9, 1, 1, 3])          # the reader itself counts as one; a passing spike is ignored
-    assert others_runnable(samples=5, interval_s=0, read=lambda: next(readings)) == 0.0
-    readings = iter([9, 8, 9, 10, 9])
-    assert others_runnable(samples=5, interval_s=0, read=lambda: next(readings)) == 8.0
-    assert others_runnable(samples=3, interval_s=0, read=lambda: None) is None
+    # core 0 fully busy, core 1 a quarter busy, core 2 appears only later (hot-plugged: not counted)
+    readings = iter([{0: (100, 1000), 1: (50, 1000)}, {0: (200, 1100), 1: (75, 1100), 2: (5, 10)}])
+    assert busy_cores(interval_s=0, read=lambda: next(readings)) == pytest.approx(1.25)
+    assert busy_cores(interval_s=0, read=lambda: None) is None
+
+
+def test_cpu_ticks_counts_niced_work_and_iowait_as_idle(monkeypatch, tmp_path):
+    import builtins
+
+    import mambakit.runtime as rt
+
+    stat = ("cpu  9 9 9 9 9 9 9 9 0 0\n"
+            "cpu0 10 500 20 300 40 1 2 3 0 0\n"
+            "cpu1 1 2 3 4 5 6 7 8 0 0\n"
+            "intr 1 2 3\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda path, *a, **k: __import__("io").StringIO(stat)
+                        if path == "/proc/stat" else real_open(path, *a, **k))
+    monkeypatch.setattr(rt, "_affinity", lambda: {0})          # this process may use core 0 only
+    assert rt._cpu_ticks() == {0: (10 + 20 + 1 + 2 + 3, 10 + 500 + 20 + 300 + 40 + 1 + 2 + 3)}
 
 
 @pytest.fixture
@@ -254,11 +269,11 @@ def test_auto_threads_use_one_thread_on_a_busy_machine_and_say_so(threads_restor
     rt = threads_restored
     monkeypatch.setenv(rt.THREADS_ENV, "auto")
     monkeypatch.setattr(rt, "usable_cores", lambda: 2)
-    monkeypatch.setattr(rt, "others_runnable", lambda: 8.0)
+    monkeypatch.setattr(rt, "busy_cores", lambda: 2.0)
     lines = []
     state = rt.configure_threads(log=lines.append)
     assert state["threads"] == 1 and torch.get_num_threads() == 1
-    assert "8 runnable thread(s) of other processes on 2 core(s): training with 1 thread(s)" in lines[0]
+    assert "other processes keep 2.0 of 2 core(s) busy: running with 1 thread(s)" in lines[0]
     assert "MAMBAKIT_THREADS=2" in lines[0]
     # a resumed run goes on with the count it started with, whatever the machine does now
     note = rt.restore_threads(2)
@@ -273,7 +288,7 @@ def test_auto_threads_leave_a_quiet_machine_alone(threads_restored, monkeypatch)
     torch.set_num_threads(2)
     monkeypatch.setenv(rt.THREADS_ENV, "auto")
     monkeypatch.setattr(rt, "usable_cores", lambda: 2)
-    monkeypatch.setattr(rt, "others_runnable", lambda: 0.0)
+    monkeypatch.setattr(rt, "busy_cores", lambda: 0.1)
     lines = []
     assert rt.configure_threads(log=lines.append)["threads"] is None
     assert torch.get_num_threads() == 2 and lines == []
@@ -283,7 +298,7 @@ def test_explicit_thread_settings_win(threads_restored, monkeypatch):
     import torch
 
     rt = threads_restored
-    monkeypatch.setattr(rt, "others_runnable", lambda: 8.0)
+    monkeypatch.setattr(rt, "busy_cores", lambda: 2.0)
     monkeypatch.setenv(rt.THREADS_ENV, "3")
     assert rt.configure_threads()["mode"] == "fixed" and torch.get_num_threads() == 3
     assert rt.restore_threads(1) is None and torch.get_num_threads() == 3     # the user's count stays
