@@ -15,7 +15,9 @@ def test_quickstart_runs_the_whole_pipeline(tmp_path):
 
     result = quickstart(tmp_path / "qs")
     assert result.app == "pathology" and result.metric == "test AUC" and result.baseline == "mean-pooling MIL"
-    assert 0.0 <= result.value <= 1.0 and 0.0 <= result.baseline_value <= 1.0
+    # the demo shows the library working: MambaMIL learns, beats mean pooling, and attends to the tumour
+    # (seed 0 measured: 1.000 vs 0.960, enrichment 6.3x; seeds 1 and 2 in the app README)
+    assert result.value >= 0.9 and result.value > result.baseline_value, (result.value, result.baseline_value)
     report = json.loads((tmp_path / "qs" / "report.json").read_text())
     pinned = {f.name: f.sha256 for f in sources_dataset().files}
     assert report["cohort"]["sources_sha256"] == pinned                       # the real files, verified
@@ -24,6 +26,7 @@ def test_quickstart_runs_the_whole_pipeline(tmp_path):
     att = mamba["attention"]
     assert 0.0 <= att["attention_on_tumour"] <= 1.0 and 0.0 < att["tumour_patch_share"] < 1.0
     assert np.isclose(att["enrichment"], att["attention_on_tumour"] / att["tumour_patch_share"])
+    assert att["enrichment"] > 1.5, att
     assert mamba["heatmaps"] and all(Path(p).is_file() for p in mamba["heatmaps"])
     from PIL import Image
 
