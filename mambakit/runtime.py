@@ -73,7 +73,7 @@ import sys
 __all__ = ["huge_pages_note", "HUGE_PAGES_ENV", "prefer_huge_pages", "tune_malloc", "configure_malloc",
            "malloc_note", "MALLOC_ENV", "MALLOC_MODES", "configure_openmp", "openmp_note", "OPENMP_ENV",
            "SPIN_COUNT", "openmp_loaded", "THREADS_ENV", "configure_threads", "restore_threads", "threads_for",
-           "busy_cores", "usable_cores", "threads_note"]
+           "busy_cores", "usable_cores"]
 
 HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"
 MALLOC_ENV = "MAMBAKIT_MALLOC"
@@ -203,19 +203,17 @@ THREADS_ENV = "MAMBAKIT_THREADS"
 _THREADS_STATE: dict = {"mode": "untouched", "threads": None, "busy": None, "cores": None}
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity mask where the platform has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:      # not Linux
-        return os.cpu_count() or 1
-
-
 def _affinity() -> set | None:
+    """The cores this process may run on, where the platform says (Linux)."""
     try:
         return set(os.sched_getaffinity(0))
-    except AttributeError:      # not Linux
+    except AttributeError:
         return None
+
+
+def usable_cores() -> int:
+    mine = _affinity()
+    return len(mine) if mine else (os.cpu_count() or 1)
 
 
 def _cpu_ticks() -> dict | None:
@@ -335,12 +333,3 @@ def restore_threads(recorded: int | None) -> str | None:
     return (f"resumed with the {recorded} thread(s) the run started with (this machine's state would give "
             f"{current}): a resumed run repeats the uninterrupted one")
 
-
-def threads_note() -> str:
-    """One line for a benchmark's machine description or a run's record: the thread count and why."""
-    import torch
-
-    s = _THREADS_STATE
-    why = {"untouched": "torch's default", "keep": f"{THREADS_ENV}=keep", "environment": "OMP_NUM_THREADS",
-           "fixed": f"{THREADS_ENV}", "auto": "auto: " + ("others busy" if s["threads"] else "quiet machine")}
-    return f"{torch.get_num_threads()} torch thread(s) ({why.get(s['mode'], s['mode'])})"

@@ -523,9 +523,9 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.progress = _Progress(**state["progress"])
         self.tracker.load_state_dict(state["early_stopping"])
-        threads_note = restore_threads(state.get("threads"))
-        if threads_note:
-            self._notes.append(threads_note)
+        kept = restore_threads(state.get("threads"))
+        if kept:
+            self._notes.append(kept)
         if state["world_size"] == env.world_size:
             restore_rng_state(state["rng"][env.rank])
         else:
