@@ -373,11 +373,9 @@ def build_cohort(out_dir: str | Path, spec: CohortSpec | None = None, sources: S
 
 
 def _default_workers() -> int:
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:      # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, 8))
+    from mambakit.runtime import usable_cores
+
+    return max(1, min(usable_cores(), 8))
 
 
 _POOL_SOURCES: Sources | None = None     # the source images, inherited by forked workers (never pickled)
@@ -397,9 +395,10 @@ def _write_slide(job) -> dict:
 
 
 def _map_slides(jobs: list, sources: Sources, workers: int, progress: bool):
-    """`_write_slide` over `jobs`, in order: in this process, or in a pool of forked processes (they inherit
-    the source images instead of receiving ~25 MB each; fork is only used where it is the platform's way)."""
+    """`_write_slide` over `jobs`, in order: in this process, or on Linux in a pool of forked processes (they
+    inherit the source images instead of receiving ~25 MB each; elsewhere fork is not the safe default)."""
     import multiprocessing as mp
+    import sys
 
     global _POOL_SOURCES
     _POOL_SOURCES = sources
@@ -408,7 +407,7 @@ def _map_slides(jobs: list, sources: Sources, workers: int, progress: bool):
 
         bar = tqdm(total=len(jobs), desc="cohort", unit="slide", leave=False)
     try:
-        if workers <= 1 or len(jobs) < 2 or "fork" not in mp.get_all_start_methods():
+        if workers <= 1 or len(jobs) < 2 or not sys.platform.startswith("linux"):
             for job in jobs:
                 yield _write_slide(job)
                 if progress:
