@@ -1,0 +1,151 @@
+"""Point-cloud operators in plain PyTorch, batched, with nothing to compile: farthest point sampling, k nearest
+neighbours, ball query, gathering by index and three-nearest-neighbour interpolation.
+
+They replace openpoints' `pointnet2_batch` CUDA extension (the part of Point Cloud Mamba's install that fails,
+PCM #5) and compute the same function:
+
+- `farthest_point_sample` starts at point 0 as the CUDA kernel does (PointMLP's Python fallback starts at a
+  random point) and breaks ties towards the lower index; once every distinct position is taken (duplicate
+  points, or more samples than points) the remaining picks are repeats, as upstream's.
+- `knn` returns neighbours sorted by distance, ties towards the lower index inside the k returned; a cloud
+  with fewer than k points pads each row with its nearest neighbour (ball query's padding rule), so every
+  query gets k indices of real points.
+- Distances are computed as sums of squared differences (not |a|^2 + |b|^2 - 2ab, which cancels badly for
+  nearby points), in chunks of queries so memory stays bounded on large clouds.
+
+Shapes: positions (B, N, 3), indices int64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["farthest_point_sample", "knn", "ball_query", "index_points", "square_distance",
+           "three_nn_interpolate"]
+
+#: elements of one (B, queries, N, 3) difference tensor; bounds the memory of knn and ball_query
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def _check_points(name: str, pos: torch.Tensor, what: str = "pos") -> None:
+    if not isinstance(pos, torch.Tensor) or pos.dim() != 3 or pos.shape[-1] != 3:
+        got = tuple(pos.shape) if isinstance(pos, torch.Tensor) else type(pos).__name__
+        raise ValueError(f"{name}: {what} must have shape (batch, points, 3), got {got}")
+    if not pos.dtype.is_floating_point:
+        raise TypeError(f"{name}: {what} must hold float positions, got {pos.dtype}")
+
+
+def square_distance(query: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """(B, M, 3), (B, N, 3) -> (B, M, N) squared Euclidean distances."""
+    return (query[:, :, None, :] - ref[:, None, :, :]).square().sum(-1)
+
+
+def _query_chunks(m: int, n: int, b: int):
+    step = max(1, _CHUNK_ELEMENTS // max(1, b * n * 3))
+    for start in range(0, m, step):
+        yield slice(start, min(m, start + step))
+
+
+def farthest_point_sample(pos: torch.Tensor, n_samples: int) -> torch.Tensor:
+    """(B, N, 3) -> (B, n_samples) indices of farthest point sampling from point 0.
+
+    n_samples == N returns 0..N-1 without running the loop: the sampled set is then the whole cloud, and
+    every caller here sorts the indices anyway (PCM keeps the serialization order that way)."""
+    _check_points("farthest_point_sample", pos)
+    b, n, _ = pos.shape
+    if n_samples < 1 or n < 1:
+        raise ValueError(f"farthest_point_sample: need n_samples >= 1 from a non-empty cloud, got "
+                         f"n_samples={n_samples} from {n} points")
+    if n_samples == n:
+        return torch.arange(n, device=pos.device).expand(b, n).clone()
+    pos = pos.detach()
+    out = torch.empty(b, n_samples, dtype=torch.long, device=pos.device)
+    nearest = torch.full((b, n), float("inf"), dtype=pos.dtype, device=pos.device)
+    farthest = torch.zeros(b, dtype=torch.long, device=pos.device)
+    rows = torch.arange(b, device=pos.device)
+    for i in range(n_samples):
+        out[:, i] = farthest
+        centre = pos[rows, farthest][:, None, :]
+        torch.minimum(nearest, (pos - centre).square().sum(-1), out=nearest)
+        farthest = nearest.argmax(dim=1)       # the first maximum: ties go to the lower index
+    return out
+
+
+def knn(query: torch.Tensor, ref: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each query point its k nearest points of `ref`: (squared distances (B, M, k), indices (B, M, k)),
+    nearest first. With fewer than k reference points the rows are padded with the nearest one."""
+    _check_points("knn", query, "query")
+    _check_points("knn", ref, "ref")
+    if query.shape[0] != ref.shape[0]:
+        raise ValueError(f"knn: {query.shape[0]} query clouds for {ref.shape[0]} reference clouds")
+    b, m, _ = query.shape
+    n = ref.shape[1]
+    if k < 1 or n < 1:
+        raise ValueError(f"knn: need k >= 1 and a non-empty reference cloud, got k={k}, {n} points")
+    kk = min(k, n)
+    query, ref = query.detach(), ref.detach()
+    dists, idxs = [], []
+    for rows in _query_chunks(m, n, b):
+        d = square_distance(query[:, rows], ref)
+        top_d, top_i = torch.topk(d, kk, dim=-1, largest=False, sorted=False)
+        # a deterministic order among the k: by distance, then index
+        order = torch.argsort(top_i, dim=-1)
+        top_d, top_i = top_d.gather(-1, order), top_i.gather(-1, order)
+        order = torch.argsort(top_d, dim=-1, stable=True)
+        dists.append(top_d.gather(-1, order))
+        idxs.append(top_i.gather(-1, order))
+    dist, idx = torch.cat(dists, 1), torch.cat(idxs, 1)
+    if kk < k:
+        pad = k - kk
+        dist = torch.cat([dist, dist[..., :1].expand(b, m, pad)], -1)
+        idx = torch.cat([idx, idx[..., :1].expand(b, m, pad)], -1)
+    return dist, idx
+
+
+def ball_query(query: torch.Tensor, ref: torch.Tensor, radius: float, n_samples: int) -> torch.Tensor:
+    """PointNet++'s ball query: for each query point the first `n_samples` reference points (in index order)
+    within `radius`, padded with the first one found. (B, M, 3), (B, N, 3) -> (B, M, n_samples).
+
+    A query with no point in the ball (impossible when the queries are reference points) gets its nearest."""
+    _check_points("ball_query", query, "query")
+    _check_points("ball_query", ref, "ref")
+    b, m, _ = query.shape
+    n = ref.shape[1]
+    if radius <= 0 or n_samples < 1:
+        raise ValueError(f"ball_query: need radius > 0 and n_samples >= 1, got {radius}, {n_samples}")
+    query, ref = query.detach(), ref.detach()
+    out = []
+    positions = torch.arange(n, device=ref.device)
+    for rows in _query_chunks(m, n, b):
+        d = square_distance(query[:, rows], ref)
+        inside = d <= radius * radius
+        key = torch.where(inside, positions, n)             # inside points keep their index, others sort last
+        first = torch.topk(key, min(n_samples, n), dim=-1, largest=False, sorted=True).values
+        nearest = d.argmin(-1, keepdim=True)
+        head = torch.where(first[..., :1] == n, nearest, first[..., :1])
+        first = torch.where(first == n, head, first)
+        if first.shape[-1] < n_samples:
+            first = torch.cat([first, head.expand(*first.shape[:-1], n_samples - first.shape[-1])], -1)
+        out.append(first)
+    return torch.cat(out, 1)
+
+
+def index_points(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x (B, N, C) gathered by idx (B, ...) -> (B, ..., C); differentiable in x."""
+    b, n, c = x.shape
+    flat = idx.reshape(b, -1)
+    out = x.gather(1, flat[..., None].expand(b, flat.shape[1], c))
+    return out.reshape(*idx.shape, c)
+
+
+def three_nn_interpolate(query: torch.Tensor, ref: torch.Tensor, feats: torch.Tensor, eps: float = 1e-8
+                         ) -> torch.Tensor:
+    """PointNet++ feature propagation: features (B, N, C) at `ref` points carried to `query` points (B, M, 3)
+    by inverse-distance weights of the three nearest reference points (weights 1 / (squared distance + eps),
+    normalised, as PointNet++ / PointMLP's Python code). A single reference point is broadcast."""
+    if ref.shape[1] == 1:
+        return feats.expand(feats.shape[0], query.shape[1], feats.shape[2])
+    d, idx = knn(query, ref, min(3, ref.shape[1]))
+    w = 1.0 / (d + eps)
+    w = w / w.sum(-1, keepdim=True)
+    return (index_points(feats, idx) * w[..., None].to(feats.dtype)).sum(2)
