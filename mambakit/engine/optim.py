@@ -70,7 +70,7 @@ def lr_at(config: SchedulerConfig, peak_lr: float, step: int, steps_per_epoch: i
     Afterwards, with progress p in [0, 1] (p = e / E, or (e - W) / (E - W) when warmup_prefix, E = the
     run's length in epochs, W = warmup_epochs):
       constant: peak;  cosine: min + (peak - min) * (1 + cos(pi p)) / 2;  linear: peak + (min - peak) * p;
-      step: peak * gamma ** floor(e / step_epochs).
+      step: peak * gamma ** floor(e / step_epochs);  multistep: peak * gamma ** #{milestones <= e}.
     """
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
@@ -85,6 +85,8 @@ def lr_at(config: SchedulerConfig, peak_lr: float, step: int, steps_per_epoch: i
     if config.name == "step":
         # The tolerance keeps epoch boundaries exact when step_epochs is not a power of two.
         return peak_lr * config.gamma ** math.floor(epoch / config.step_epochs + 1e-9)
+    if config.name == "multistep":
+        return peak_lr * config.gamma ** sum(epoch + 1e-9 >= m for m in config.milestones)
     total_epochs = total_steps / steps_per_epoch
     if config.warmup_prefix:
         span, done = total_epochs - warmup, epoch - warmup

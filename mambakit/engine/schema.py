@@ -45,15 +45,18 @@ class SchedulerConfig:
 
     constant: lr.  cosine: lr -> min_lr over the run.  linear: lr -> min_lr linearly.
     step: lr * gamma ** floor(epoch / step_epochs) (TSLib's `lradj=type1` is step_epochs=1, gamma=0.5).
+    multistep: lr * gamma ** (the number of `milestones` epochs passed) (PointNeXt / PCM ShapeNetPart:
+    milestones [210, 270], gamma 0.1).
     All of them can start with a linear warmup from warmup_start_lr over warmup_epochs.
     The run's length is epochs (or max_steps when that is shorter).
     """
-    name: Literal["constant", "cosine", "linear", "step"] = "constant"
+    name: Literal["constant", "cosine", "linear", "step", "multistep"] = "constant"
     warmup_epochs: float = 0.0
     warmup_start_lr: float = 0.0
     min_lr: float = 0.0
     step_epochs: float = 1.0
     gamma: float = 0.5
+    milestones: list[float] = field(default_factory=list)     # multistep only: epochs where lr *= gamma
     # False (timm's default): cosine/linear progress is measured from step 0 and warmup overlays its start.
     # True (Hugging Face, torchtune): the decay starts when warmup ends.
     warmup_prefix: bool = False
@@ -68,6 +71,8 @@ class SchedulerConfig:
             raise ValueError(f"step_epochs must be > 0, got {self.step_epochs}")
         if self.min_lr < 0 or self.warmup_start_lr < 0:
             raise ValueError("min_lr and warmup_start_lr must be >= 0")
+        if self.name == "multistep" and (not self.milestones or list(self.milestones) != sorted(self.milestones)):
+            raise ValueError(f"scheduler multistep needs ascending milestones (epochs), got {self.milestones}")
 
 
 @dataclass

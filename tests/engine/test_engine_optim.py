@@ -170,3 +170,14 @@ def test_schedule_config_errors():
         SchedulerConfig(step_epochs=0)
     with pytest.raises(ValueError, match="warmup_epochs must be >= 0"):
         SchedulerConfig(warmup_epochs=-1)
+
+
+def test_multistep_schedule_decays_at_each_milestone():
+    from mambakit.engine.optim import lr_at
+    from mambakit.engine.schema import SchedulerConfig
+
+    cfg = SchedulerConfig(name="multistep", milestones=[2, 3], gamma=0.1)
+    lrs = [lr_at(cfg, 1.0, step, steps_per_epoch=4, total_steps=20) for step in (0, 7, 8, 11, 12, 19)]
+    assert lrs == pytest.approx([1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
+    with pytest.raises(ValueError, match="ascending milestones"):
+        SchedulerConfig(name="multistep", milestones=[])
