@@ -153,8 +153,9 @@ def shape_ious(preds: torch.Tensor, targets: torch.Tensor, categories: torch.Ten
     if foreign.any():
         shape = int(foreign.any(1).nonzero()[0])
         labels = sorted(set(targets[shape][foreign[shape]].tolist()))
+        own = mask[categories[shape]].nonzero().flatten().tolist()
         raise ValueError(f"shape_ious: shape {shape} (category {int(categories[shape])}) has target part labels "
-                         f"{labels} that are not among its category's parts {mask[categories[shape]].nonzero().flatten().tolist()}")
+                         f"{labels} that are not among its category's parts {own}")
     # Counts per (shape, part) by bincount over shape * P + label: O(B N) memory, any split size.
     row = torch.arange(B, device=targets.device)[:, None] * n_parts
 
