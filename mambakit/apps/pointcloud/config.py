@@ -28,9 +28,10 @@ MODEL_NAMES = ("pcm", "pcm_tiny", "pointnet2_ssg", "point_transformer", "dgcnn")
 # mambakit.core.orders.PointOrder.KINDS, repeated here so this module stays free of torch (a test checks it).
 POINT_ORDERS = ("hilbert", "hilbert_trans", "z", "z_trans", "xyz", "xzy", "yxz", "yzx", "zxy", "zyx")
 
-Source = Literal["cgal", "modelnet40_h5", "modelnet40_normal", "scanobjectnn", "shapenetpart", "pyg_modelnet",
-                 "folder"]
-Features = Literal["xyz", "xyz_height", "xyz_normals"]
+# Literal[tuple] lists the tuple's items: one list of names for the schema and for the code.
+Source = Literal[DATA_SOURCES]
+Features = Literal[tuple(FEATURE_CHANNELS)]
+ModelName = Literal[MODEL_NAMES]
 Task = Literal["cls", "seg"]
 
 
@@ -128,7 +129,7 @@ class ModelConfig:
       PCM checkpoint file (converted by key mapping).
     task: "cls" or "seg"; null = the data's task (a mismatch with the data is an error).
     """
-    name: Literal["pcm", "pcm_tiny", "pointnet2_ssg", "point_transformer", "dgcnn"] = "pcm"
+    name: ModelName = "pcm"
     kwargs: dict[str, Any] = field(default_factory=dict)
     pretrained: str | None = None
     task: Task | None = None
