@@ -13,6 +13,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from mambakit.engine.plots import plot_confusion_matrix     # shared with the vision app
+
 __all__ = ["label_palette", "point_colors", "order_ranks", "scan_path", "plot_confusion_matrix", "render_cloud",
            "render_panels", "render_orders", "write_ply"]
 
@@ -148,40 +150,6 @@ def _save(figure, path: str | Path, dpi: int = 110) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=dpi)
     return path
-
-
-def plot_confusion_matrix(matrix: Any, class_names: Sequence[str], path: str | Path, title: str = "",
-                          normalize: bool = True, max_count_labels: int = 40) -> Path:
-    """Write the confusion matrix `matrix` (C, C) of counts (rows true, columns predicted) to `path`
-    (PNG / PDF / SVG by suffix). normalize: colours are row fractions (the recall of each true class); cells
-    show the counts when C <= max_count_labels. The title carries OA and mAcc."""
-    m = _numpy(matrix).astype(np.float64)
-    C = len(class_names)
-    if m.shape != (C, C):
-        raise ValueError(f"plot_confusion_matrix: matrix has shape {m.shape}, expected ({C}, {C}) for "
-                         f"{C} class names")
-    rows = m.sum(axis=1, keepdims=True)
-    shown = m / np.maximum(rows, 1) if normalize else m
-    size = min(4 + 0.4 * C, 20)
-    figure = _figure(size + 1.5, size)
-    axes = figure.add_subplot(1, 1, 1)
-    image = axes.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalize else None, interpolation="nearest")
-    figure.colorbar(image, ax=axes, shrink=0.8, label="fraction of the true class" if normalize else "count")
-    font = 8 if C <= 20 else 6
-    axes.set_xticks(range(C), labels=list(class_names), rotation=90 if C > 8 else 0, fontsize=font)
-    axes.set_yticks(range(C), labels=list(class_names), fontsize=font)
-    if C <= max_count_labels:
-        top = shown.max() or 1
-        for i, j in zip(*np.nonzero(m)):
-            axes.text(j, i, str(int(m[i, j])), ha="center", va="center", fontsize=font - 1,
-                      color="white" if shown[i, j] > 0.5 * top else "black")
-    axes.set_xlabel("predicted")
-    axes.set_ylabel("true")
-    present = rows[:, 0] > 0
-    oa = np.trace(m) / max(m.sum(), 1)
-    macc = (np.diag(m)[present] / rows[present, 0]).mean() if present.any() else float("nan")
-    axes.set_title(f"{title}  (OA {oa:.4f}, mAcc {macc:.4f}, n={int(m.sum())})".strip())
-    return _save(figure, path)
 
 
 def _draw_cloud(axes, pos: np.ndarray, colors: np.ndarray, title: str, line: np.ndarray | None,
