@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["farthest_point_sample", "knn", "ball_query", "index_points", "square_distance",
+__all__ = ["farthest_point_sample", "knn", "feature_knn", "ball_query", "index_points", "square_distance",
            "three_nn_interpolate"]
 
 #: elements of one (B, queries, N, 3) difference tensor; bounds the memory of knn and ball_query
@@ -48,8 +48,8 @@ def square_distance(query: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return (query[:, :, None, :] - ref[:, None, :, :]).square().sum(-1)
 
 
-def _query_chunks(m: int, n: int, b: int):
-    step = max(1, _CHUNK_ELEMENTS // max(1, b * n * 3))
+def _query_chunks(m: int, n: int, b: int, per_pair: int = 3):
+    step = max(1, _CHUNK_ELEMENTS // max(1, b * n * per_pair))
     for start in range(0, m, step):
         yield slice(start, min(m, start + step))
 
@@ -121,6 +121,31 @@ def knn(query: torch.Tensor, ref: torch.Tensor, k: int) -> tuple[torch.Tensor, t
         dist = torch.cat([dist, dist[..., :1].expand(b, m, pad)], -1)
         idx = torch.cat([idx, idx[..., :1].expand(b, m, pad)], -1)
     return dist, idx
+
+
+def feature_knn(x: torch.Tensor, k: int) -> torch.Tensor:
+    """DGCNN's dynamic graph: for each point of x (B, N, C) the indices (B, N, k) of its k nearest points in
+    feature space (itself included), nearest first, ties to the lower index; k > N pads with the nearest.
+
+    Features have tens to hundreds of channels, so distances are |a|^2 + |b|^2 - 2 a.b through a matrix
+    product (as DGCNN's own code), in chunks of queries of (B, chunk, N) floats."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.dtype.is_floating_point:
+        got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"feature_knn: x must be float features of shape (batch, points, channels), got {got}")
+    b, n, _ = x.shape
+    if k < 1 or n < 1:
+        raise ValueError(f"feature_knn: need k >= 1 and a non-empty cloud, got k={k}, {n} points")
+    kk = min(k, n)
+    x = x.detach()
+    norms = x.square().sum(-1)
+    idxs = []
+    for rows in _query_chunks(n, n, b, per_pair=1):
+        d = norms[:, rows, None] + norms[:, None, :] - 2 * torch.bmm(x[:, rows], x.transpose(1, 2))
+        idxs.append(_k_smallest(d, kk)[1])
+    idx = torch.cat(idxs, 1)
+    if kk < k:
+        idx = torch.cat([idx, idx[..., :1].expand(b, n, k - kk)], -1)
+    return idx
 
 
 def ball_query(query: torch.Tensor, ref: torch.Tensor, radius: float, n_samples: int) -> torch.Tensor:

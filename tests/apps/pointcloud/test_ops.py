@@ -259,3 +259,33 @@ def test_three_nn_interpolate_gradient_in_feats():
 def test_three_nn_interpolate_bad_feats():
     with pytest.raises(ValueError, match=r"feats must have shape \(batch=2, ref points=9, channels\), got \(2, 8, 4\)"):
         ops.three_nn_interpolate(torch.rand(2, 5, 3), torch.rand(2, 9, 3), torch.rand(2, 8, 4))
+
+
+# ---------------------------------------------------------------- kNN in feature space (DGCNN)
+
+def feature_knn_reference(x, k):
+    x = x.double()
+    out = []
+    for q in x:
+        ranked = sorted((float(((q - r) ** 2).sum()), j) for j, r in enumerate(x))[:k]
+        out.append([j for _, j in ranked] + [ranked[0][1]] * (k - len(ranked)))
+    return out
+
+
+def test_feature_knn_equals_reference_with_chunks(monkeypatch):
+    x = torch.randn(2, 23, 10)
+    monkeypatch.setattr(ops, "_CHUNK_ELEMENTS", 2 * 23 * 4)              # 4 queries per chunk
+    idx = ops.feature_knn(x, 6)
+    assert idx.shape == (2, 23, 6) and idx.dtype == torch.int64
+    for i in range(2):
+        assert idx[i].tolist() == feature_knn_reference(x[i], 6)
+    assert (idx[..., 0] == torch.arange(23)).all()                      # each point is its own nearest
+
+
+def test_feature_knn_small_cloud_pads_and_bad_input():
+    x = torch.randn(1, 3, 5, dtype=torch.float64)
+    assert ops.feature_knn(x, 5)[0].tolist() == feature_knn_reference(x[0], 5)
+    with pytest.raises(ValueError, match=r"feature_knn: x must be float features of shape \(batch, points, channels\), got torch.float32 \(3, 5\)"):
+        ops.feature_knn(torch.randn(3, 5), 2)
+    with pytest.raises(ValueError, match="feature_knn: need k >= 1"):
+        ops.feature_knn(x, 0)
