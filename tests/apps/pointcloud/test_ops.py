@@ -289,3 +289,14 @@ def test_feature_knn_small_cloud_pads_and_bad_input():
         ops.feature_knn(torch.randn(3, 5), 2)
     with pytest.raises(ValueError, match="feature_knn: need k >= 1"):
         ops.feature_knn(x, 0)
+
+
+def test_square_distance_values_and_gradient():
+    q = torch.rand(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    r = torch.rand(2, 5, 3, dtype=torch.float64)
+    got = ops.square_distance(q, r)
+    for b in range(2):
+        for i in range(4):
+            for j in range(5):
+                assert got[b, i, j].item() == pytest.approx(_sqdist(q[b, i], r[b, j]), rel=1e-12)
+    assert torch.autograd.gradcheck(lambda a: ops.square_distance(a, r), (q,))
