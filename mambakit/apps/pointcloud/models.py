@@ -191,7 +191,7 @@ class PointMambaEncoder(nn.Module):
         self.mamba_blocks_list = nn.ModuleList()
         self.pos_blocks_list = nn.ModuleList()
         self.residual_proj_blocks_list = nn.ModuleList()
-        rates = [0.0] + torch.linspace(0, drop_path, n_layers).tolist()
+        rates = [0.0] + torch.linspace(0, drop_path, n_layers, device="cpu").tolist()   # upstream: float32 steps
         layer = 0
         for i in range(stages):
             c_in, c_out = widths[i], widths[i + 1]
