@@ -407,10 +407,6 @@ MESH_SUFFIXES = (".off", ".ply", ".obj", ".stl")
 POINT_SUFFIXES = (".xyz", ".txt", ".pts", ".npy")
 
 
-def _off_tokens(text: str) -> list[str]:
-    return [tok for line in text.splitlines() for tok in line.split("#", 1)[0].split()]
-
-
 def read_off(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """An OFF mesh -> (vertices float64 (V, 3), triangles int64 (F, 3)); polygons are fanned into triangles.
 
@@ -418,20 +414,20 @@ def read_off(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     OFF is simple. Accepts OFF / COFF / NOFF / CNOFF headers, comments, the counts on the header line, and
     per-vertex / per-face extra columns (colours, normals), which are ignored."""
     path = Path(path)
-    tokens = _off_tokens(path.read_text(errors="replace"))
-    if not tokens:
+    lines = (line.split("#", 1)[0].split() for line in path.read_text(errors="replace").splitlines())
+    rows = [r for r in lines if r]
+    if not rows:
         raise DataError(f"{path}: empty file (expected an OFF mesh)")
-    head = tokens[0]
+    head = rows[0][0]
     if not re.fullmatch(r"(ST)?C?N?4?OFF", head):
         raise DataError(f"{path}: not an OFF file (first word {head[:20]!r}, expected OFF)")
+    # the counts follow the header word, on its line or on the next
+    start = 1 if len(rows[0]) > 1 else 2
+    counts = rows[0][1:] if start == 1 else (rows[1] if len(rows) > 1 else [])
     try:
-        n_vertices, n_faces = int(tokens[1]), int(tokens[2])
+        n_vertices, n_faces = int(counts[0]), int(counts[1])
     except (IndexError, ValueError):
         raise DataError(f"{path}: the OFF header must give vertex and face counts") from None
-    lines = [line.split("#", 1)[0].split() for line in path.read_text(errors="replace").splitlines()]
-    rows = [r for r in lines if r]
-    # the body starts after the header word and the count line (which may share the header's line)
-    start = 1 if len(rows[0]) > 1 else 2
     body = rows[start:]
     if len(body) < n_vertices + n_faces:
         raise DataError(f"{path}: the header promises {n_vertices} vertices and {n_faces} faces, the file has "
@@ -556,3 +552,241 @@ def mesh_samples(path: str | Path, n: int, seed: int = 0, cache_dir: str | Path 
     np.save(part, np.concatenate([points, normals], axis=1))
     os.replace(part, cached)
     return points, normals
+
+
+# --------------------------------------------------------------------------------------------------
+# readers of the published formats
+
+SCANOBJECTNN_CLASSES = ["bag", "bin", "box", "cabinet", "chair", "desk", "display", "door", "shelf", "table",
+                        "bed", "pillow", "sink", "sofa", "toilet"]
+
+MODELNET40_CLASSES = [
+    "airplane", "bathtub", "bed", "bench", "bookshelf", "bottle", "bowl", "car", "chair", "cone", "cup",
+    "curtain", "desk", "door", "dresser", "flower_pot", "glass_box", "guitar", "keyboard", "lamp", "laptop",
+    "mantel", "monitor", "night_stand", "person", "piano", "plant", "radio", "range_hood", "sink", "sofa",
+    "stairs", "stool", "table", "tent", "toilet", "tv_stand", "vase", "wardrobe", "xbox"]
+
+#: ShapeNetPart's 16 categories (in synsetoffset2category.txt order) with their synset and part ids (50 in all)
+SHAPENETPART_SYNSETS = {
+    "Airplane": "02691156", "Bag": "02773838", "Cap": "02954340", "Car": "02958343", "Chair": "03001627",
+    "Earphone": "03261776", "Guitar": "03467517", "Knife": "03624134", "Lamp": "03636649",
+    "Laptop": "03642806", "Motorbike": "03790512", "Mug": "03797390", "Pistol": "03948459",
+    "Rocket": "04099429", "Skateboard": "04225987", "Table": "04379243"}
+_PART_COUNTS = [4, 2, 2, 4, 4, 3, 3, 2, 4, 2, 6, 2, 3, 3, 3, 3]
+SHAPENETPART_PARTS: dict[str, list[int]] = {}
+_start = 0
+for _name, _count in zip(SHAPENETPART_SYNSETS, _PART_COUNTS):
+    SHAPENETPART_PARTS[_name] = list(range(_start, _start + _count))
+    _start += _count
+del _start, _name, _count
+
+
+def _split_name(split: str, allowed=("train", "test")) -> str:
+    if split not in allowed:
+        raise ValueError(f"split must be one of {', '.join(allowed)}, got {split!r}")
+    return split
+
+
+def _read_h5_clouds(files: list[Path], classes: list[str]) -> CloudList:
+    import h5py
+
+    clouds = CloudList(classes=classes)
+    for path in files:
+        try:
+            with h5py.File(path, "r") as f:
+                missing = [k for k in ("data", "label") if k not in f]
+                if missing:
+                    raise DataError(f"{path}: no dataset {', '.join(missing)} (keys: {', '.join(f.keys())})")
+                points = np.asarray(f["data"], dtype=np.float32)
+                labels = np.asarray(f["label"]).reshape(-1).astype(np.int64)
+                normals = np.asarray(f["normal"], dtype=np.float32) if "normal" in f else None
+        except OSError as e:
+            raise DataError(f"{path}: not a readable HDF5 file ({e})") from None
+        if points.ndim != 3 or points.shape[2] < 3 or len(labels) != len(points):
+            raise DataError(f"{path}: expected data (n, points, 3) and label (n,), got {points.shape} and "
+                            f"{len(labels)} labels")
+        if classes and (labels.min() < 0 or labels.max() >= len(classes)):
+            raise DataError(f"{path}: labels span {labels.min()}..{labels.max()}, expected 0..{len(classes) - 1}")
+        for i in range(len(points)):
+            x = normals[i] if normals is not None else None
+            clouds.append(make_cloud(points[i, :, :3], y=[labels[i]], x=x, x_kind="normal" if x is not None else None,
+                                     name=f"{path.name}[{i}]"))
+    return clouds
+
+
+def read_modelnet40_h5(root: str | Path, split: str = "train") -> CloudList:
+    """ModelNet40 as PCM reads it: `root` = modelnet40_ply_hdf5_2048/ (or its parent) with
+    ply_data_{split}*.h5 (data (n, 2048, 3), label (n, 1), optional normal) and shape_names.txt."""
+    split = _split_name(split)
+    root = Path(root)
+    if not list(root.glob("ply_data_*.h5")) and (root / "modelnet40_ply_hdf5_2048").is_dir():
+        root = root / "modelnet40_ply_hdf5_2048"
+    files = sorted(root.glob(f"ply_data_{split}*.h5"))
+    if not files:
+        raise DataError(f"{root}: no ply_data_{split}*.h5 files (expected the modelnet40_ply_hdf5_2048 folder)")
+    names_file = root / "shape_names.txt"
+    classes = names_file.read_text().split() if names_file.is_file() else list(MODELNET40_CLASSES)
+    return _read_h5_clouds(files, classes)
+
+
+def read_scanobjectnn_h5(root: str | Path, split: str = "train",
+                         variant: str = "objectdataset_augmentedrot_scale75") -> CloudList:
+    """ScanObjectNN (hardest variant by default): `root` = main_split/ (or h5_files/ above it) holding
+    {training,test}_<variant>.h5 (data (n, 2048, 3), label (n,)). The model input adds height along y
+    (collate_points features="xyz_height")."""
+    split = _split_name(split)
+    root = Path(root)
+    if (root / "main_split").is_dir():
+        root = root / "main_split"
+    path = root / f"{'training' if split == 'train' else 'test'}_{variant}.h5"
+    if not path.is_file():
+        raise DataError(f"{path}: not found (expected ScanObjectNN's h5_files/main_split folder)")
+    return _read_h5_clouds([path], list(SCANOBJECTNN_CLASSES))
+
+
+def _read_rows(path: Path, min_columns: int) -> np.ndarray:
+    try:
+        rows = np.loadtxt(path, delimiter="," if _has_commas(path) else None, dtype=np.float64, ndmin=2)
+    except (ValueError, OSError) as e:
+        raise DataError(f"{path}: not a table of numbers ({e})") from None
+    if rows.shape[0] == 0 or rows.shape[1] < min_columns:
+        raise DataError(f"{path}: expected rows of at least {min_columns} numbers, got shape {rows.shape}")
+    return rows
+
+
+def read_modelnet_normal(root: str | Path, split: str = "train", n_classes: int = 40) -> LazyClouds:
+    """modelnet40_normal_resampled/ (read lazily, one file per access): modelnet{40,10}_shape_names.txt,
+    modelnet{n}_{split}.txt ids such as airplane_0001, and <class>/<id>.txt rows x,y,z,nx,ny,nz
+    (10,000 points each). x = the normals (x_kind "normal")."""
+    split = _split_name(split)
+    root = Path(root)
+    names_file, ids_file = root / f"modelnet{n_classes}_shape_names.txt", root / f"modelnet{n_classes}_{split}.txt"
+    for needed in (names_file, ids_file):
+        if not needed.is_file():
+            raise DataError(f"{needed}: not found (expected the modelnet40_normal_resampled folder)")
+    classes = names_file.read_text().split()
+    entries = []
+    for line_no, sample_id in enumerate(ids_file.read_text().split(), 1):
+        cls = sample_id.rsplit("_", 1)[0]
+        if cls not in classes:
+            raise DataError(f"{ids_file}:{line_no}: {sample_id!r} names class {cls!r}, not in {names_file.name}")
+        entries.append((root / cls / f"{sample_id}.txt", classes.index(cls)))
+
+    def read(path: Path, label: int) -> Data:
+        rows = _read_rows(path, 6)
+        return make_cloud(rows[:, :3], x=rows[:, 3:6], x_kind="normal", y=[label], name=str(path))
+
+    return LazyClouds(entries, read, classes)
+
+
+def read_shapenetpart(root: str | Path, split: str = "train") -> LazyClouds:
+    """shapenetcore_partanno_segmentation_benchmark_v0_normal/ (read lazily): synsetoffset2category.txt,
+    train_test_split/shuffled_{train,val,test}_file_list.json ("shape_data/<synset>/<id>") and
+    <synset>/<id>.txt rows x y z nx ny nz part. y = the part ids (checked against the category's parts),
+    category = the index of the category in synsetoffset2category.txt, x = the normals."""
+    split = _split_name(split, ("train", "val", "test", "trainval"))
+    root = Path(root)
+    table = root / "synsetoffset2category.txt"
+    if not table.is_file():
+        raise DataError(f"{table}: not found (expected the ShapeNetPart normal benchmark folder)")
+    categories = [line.split() for line in table.read_text().splitlines() if line.strip()]
+    names = [c[0] for c in categories]
+    synset_index = {c[1]: i for i, c in enumerate(categories)}
+    unknown = [n for n in names if n not in SHAPENETPART_PARTS]
+    if unknown:
+        raise DataError(f"{table}: unknown categories {unknown} (expected ShapeNetPart's 16)")
+    entries = []
+    for part in (["train", "val"] if split == "trainval" else [split]):
+        listing = root / "train_test_split" / f"shuffled_{part}_file_list.json"
+        if not listing.is_file():
+            raise DataError(f"{listing}: not found")
+        for item in json.loads(listing.read_text()):
+            synset, shape_id = item.split("/")[-2:]
+            if synset not in synset_index:
+                raise DataError(f"{listing}: {item!r} is in synset {synset}, not in {table.name}")
+            entries.append((root / synset / f"{shape_id}.txt", synset_index[synset]))
+
+    def read(path: Path, category: int) -> Data:
+        rows = _read_rows(path, 7)
+        labels = rows[:, 6]
+        allowed = SHAPENETPART_PARTS[names[category]]
+        bad = (labels < allowed[0]) | (labels > allowed[-1]) | (labels != np.round(labels))
+        if bad.any():
+            raise DataError(f"{path}: part label {labels[bad][0]:g} is not a part of {names[category]} "
+                            f"(parts {allowed[0]}..{allowed[-1]}; {int(bad.sum())} rows affected)")
+        return make_cloud(rows[:, :3], x=rows[:, 3:6], x_kind="normal", y=labels.astype(np.int64),
+                          category=category, name=str(path))
+
+    clouds = LazyClouds(entries, read, names)
+    clouds.parts = {n: SHAPENETPART_PARTS[n] for n in names}
+    return clouds
+
+
+# --------------------------------------------------------------------------------------------------
+# a folder of meshes / point files
+
+def _class_folders(root: Path, split: str | None) -> list[tuple[str, Path]]:
+    """(class, folder of its files) for the layouts <split>/<class>/, <class>/<split>/ and <class>/."""
+    if split is not None and (root / split).is_dir():
+        base = root / split
+        return [(d.name, d) for d in sorted(base.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+    out = []
+    for d in sorted(root.iterdir()):
+        if not d.is_dir() or d.name.startswith(".") or d.name in ("train", "test"):
+            continue
+        if split is not None and (d / split).is_dir():
+            out.append((d.name, d / split))
+        elif split is None or not any((d / s).is_dir() for s in ("train", "test")):
+            out.append((d.name, d))
+    return out
+
+
+def _files_of(folder: Path) -> list[Path]:
+    suffixes = MESH_SUFFIXES + POINT_SUFFIXES
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+
+
+def read_mesh_folder(root: str | Path, split: str | None = None, n_points: int = 2048, seed: int = 0,
+                     cache_dir: str | Path | None = None, classes: Sequence[str] | None = None) -> CloudList:
+    """A user's folder, one subfolder per class: meshes (.off .ply .obj .stl) are sampled to n_points surface
+    points (area-uniform, seeded, cached on disk, x = the face normals) and point files (.xyz .txt .pts
+    .npy) are read as they are. With split ("train" / "test") it reads <split>/<class>/ or <class>/<split>/
+    (PyG's raw ModelNet10/40 layout is the latter); without, <class>/.
+
+    A file that cannot be used (unreadable, empty or zero-area mesh, NaN coordinates) is skipped with a
+    warning naming it; the returned list's `.skipped` holds every (file, reason) and a final warning gives
+    the count. classes: the class list to label by (e.g. the training split's, so test labels agree)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder")
+    folders = _class_folders(root, split)
+    if not folders:
+        where = f"{root}/{split}" if split else str(root)
+        raise DataError(f"{where}: no class subfolders (expected <class>/ folders of mesh or point files)")
+    names = list(classes) if classes is not None else [name for name, _ in folders]
+    clouds, skipped = CloudList(classes=names), []
+    for name, folder in folders:
+        if name not in names:
+            raise DataError(f"{folder}: class {name!r} is not one of {names}")
+        for path in _files_of(folder):
+            try:
+                clouds.append(_read_one(path, names.index(name), n_points, seed, cache_dir))
+            except DataError as e:
+                warnings.warn(f"skipped {path}: {e}")
+                skipped.append((str(path), str(e)))
+    if skipped:
+        warnings.warn(f"{root}: skipped {len(skipped)} of {len(skipped) + len(clouds)} files (see .skipped)")
+    if not clouds:
+        raise DataError(f"{root}: no usable mesh or point files"
+                        + (f" ({len(skipped)} skipped, first: {skipped[0][1]})" if skipped else ""))
+    clouds.skipped = skipped
+    return clouds
+
+
+def _read_one(path: Path, label: int, n_points: int, seed: int, cache_dir) -> Data:
+    if path.suffix.lower() in MESH_SUFFIXES:
+        points, normals = mesh_samples(path, n_points, seed, cache_dir)
+    else:
+        points, normals = read_point_file(path)
+    return make_cloud(points, x=normals, x_kind="normal" if normals is not None else None, y=[label],
+                      name=str(path))
