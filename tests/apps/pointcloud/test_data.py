@@ -319,11 +319,11 @@ def box_mesh(path, size=(1, 1, 1)):
 
 
 def test_mesh_folder_pyg_modelnet_layout_and_cache(tmp_path, monkeypatch):
+    cache, tmp_path = tmp_path / "cache", tmp_path / "ModelNet10"
     for cls in ("chair", "desk"):
         for split in ("train", "test"):
             (tmp_path / cls / split).mkdir(parents=True)
             box_mesh(tmp_path / cls / split / f"{cls}_{split}.off", (1, 2 if cls == "desk" else 1, 1))
-    cache = tmp_path / "cache"
     train = read_mesh_folder(tmp_path, "train", n_points=64, cache_dir=cache)
     assert train.classes == ["chair", "desk"] and [int(c.y) for c in train] == [0, 1]
     assert train[0].pos.shape == (64, 3) and train[0].x_kind == "normal"
