@@ -23,7 +23,7 @@ DATA_SOURCES = ("cgal", "modelnet40_h5", "modelnet40_normal", "scanobjectnn", "s
 SEG_SOURCES = ("shapenetpart",)              # part segmentation sets (cgal is either, by `cgal_task`)
 SOURCES_WITHOUT_NORMALS = ("scanobjectnn",)  # ScanObjectNN's h5 files hold xyz only
 # Input channels the model sees for each `features` choice (interfaces: xyz, + height, + normals).
-FEATURE_CHANNELS = {"xyz": 3, "xyz_height": 4, "xyz_normals": 6}
+FEATURE_CHANNELS = {"xyz": 3, "xyz_height": 4, "xyz_normals": 6, "xyz_normals_height": 7}
 MODEL_NAMES = ("pcm", "pcm_tiny", "pointnet2_ssg", "point_transformer", "dgcnn")
 # mambakit.core.orders.PointOrder.KINDS, repeated here so this module stays free of torch (a test checks it).
 POINT_ORDERS = ("hilbert", "hilbert_trans", "z", "z_trans", "xyz", "xzy", "yxz", "yzx", "zxy", "zyx")
@@ -67,7 +67,8 @@ class DataConfig:
                          train/ and test/).
     n_points: points per cloud given to the model (every cloud of a batch has this many).
     features: the per-point input: "xyz" (3 channels), "xyz_height" (4: + height above the lowest point along
-      the gravity axis y, as PCM's ScanObjectNN setup), "xyz_normals" (6).
+      the gravity axis y, as PCM's ScanObjectNN setup), "xyz_normals" (6), "xyz_normals_height" (7: PCM's
+      ShapeNetPart input, `feature_keys: pos,x,heights`).
     val_fraction: share of the training split held out for validation, stratified by class with `split_seed`;
       0 = no validation split. A source with its own validation list (ShapeNetPart) uses that instead.
     class_names: fixes the class order (and count) instead of the reader's; with `folder`, only these
@@ -94,8 +95,8 @@ class DataConfig:
         if self.n_points < 1:
             raise ValueError(f"n_points must be >= 1, got {self.n_points}")
         _check_fraction("val_fraction", self.val_fraction)
-        if self.features == "xyz_normals" and self.source in SOURCES_WITHOUT_NORMALS:
-            raise ValueError(f"features 'xyz_normals' needs normals, which source {self.source!r} does not have; "
+        if "normals" in self.features and self.source in SOURCES_WITHOUT_NORMALS:
+            raise ValueError(f"features {self.features!r} needs normals, which source {self.source!r} does not have; "
                              f"use 'xyz' or 'xyz_height'")
         if self.class_names is not None:
             if not self.class_names:
@@ -128,11 +129,14 @@ class ModelConfig:
     pretrained: weights loaded after the model is built: a mambakit run folder or checkpoint, or an upstream
       PCM checkpoint file (converted by key mapping).
     task: "cls" or "seg"; null = the data's task (a mismatch with the data is an error).
+    loss: "cross_entropy" (with augment.smoothing) or "poly1_focal" (openpoints' Poly1FocalLoss, which PCM's
+      ShapeNetPart recipe trains with).
     """
     name: ModelName = "pcm"
     kwargs: dict[str, Any] = field(default_factory=dict)
     pretrained: str | None = None
     task: Task | None = None
+    loss: Literal["cross_entropy", "poly1_focal"] = "cross_entropy"
 
 
 # --------------------------------------------------------------------------------------------------

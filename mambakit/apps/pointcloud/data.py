@@ -154,28 +154,29 @@ class PointCloudDataset(torch.utils.data.Dataset):
 # batching
 
 #: input features `collate_points` builds, and their channel counts (models take C_in from here)
-FEATURES = {"xyz": 3, "xyz_height": 4, "xyz_normals": 6}
+FEATURES = {"xyz": 3, "xyz_height": 4, "xyz_normals": 6, "xyz_normals_height": 7}
 
 
 def _features_of(data: Data, features: str) -> torch.Tensor:
     pos = data.pos
-    if features == "xyz":
-        return pos
-    if features == "xyz_height":
+    parts = [pos]
+    if "normals" in features:
+        normals = getattr(data, "x", None)
+        if normals is None or getattr(data, "x_kind", None) != "normal":
+            raise DataError(f"{_describe(data)}: features {features!r} need normals in data.x (x_kind 'normal'); "
+                            f"this cloud has none (read ModelNet normal_resampled / ShapeNetPart, or sample meshes "
+                            f"with normals)")
+        parts.append(normals)
+    if features.endswith("height"):
         height = pos[:, UP_AXIS:UP_AXIS + 1]
-        return torch.cat([pos, height - height.min()], dim=1)
-    normals = getattr(data, "x", None)
-    if normals is None or getattr(data, "x_kind", None) != "normal":
-        raise DataError(f"{_describe(data)}: features 'xyz_normals' need normals in data.x (x_kind 'normal'); "
-                        f"this cloud has none (read ModelNet normal_resampled / ShapeNetPart, or sample meshes "
-                        f"with normals)")
-    return torch.cat([pos, normals], dim=1)
+        parts.append(height - height.min())
+    return torch.cat(parts, dim=1) if len(parts) > 1 else pos
 
 
 def collate_points(batch: Sequence[Data], features: str = "xyz") -> dict:
     """Stack equal-sized clouds: {"pos" (B, N, 3), "x" (B, N, C_in), "y" (B,) or (B, N), "category" (B,) when
     the clouds have one}. features: "xyz", "xyz_height" (height = pos[:, 1] - its minimum, per cloud, after
-    the transforms) or "xyz_normals"."""
+    the transforms), "xyz_normals" or "xyz_normals_height" (PCM's ShapeNetPart input: xyz, normals, height)."""
     if features not in FEATURES:
         raise ValueError(f"collate_points: features must be one of {', '.join(FEATURES)}, got {features!r}")
     if not batch:

@@ -15,7 +15,9 @@ from torch import nn
 from mambakit.engine.task import Datasets, PretrainedReport, Task, load_matching
 
 from .config import PointCloudRecipe
-from .metrics import classification_metrics, confusion_matrix, part_iou_metrics
+from .losses import poly1_focal_loss
+from .metrics import (classification_metrics, confusion_matrix, part_segmentation_metrics, per_class_accuracy,
+                      restricted_predictions)
 
 __all__ = ["PointCloudTask", "LABELS_FILE", "MODEL_TITLES", "forward_batch"]
 
@@ -54,9 +56,11 @@ class PointCloudTask(Task):
     @property
     def splits(self):
         if self._splits is None:
-            from .data import build_splits
+            from .splits import build_splits
 
             self._splits = build_splits(self.config.data, self.config.augment.resolve())
+            # the saved recipe names the classes, so a checkpoint alone says what its outputs mean
+            self.config.data.class_names = list(self._splits.classes)
         return self._splits
 
     @property
@@ -99,25 +103,32 @@ class PointCloudTask(Task):
 
     def training_step(self, model: nn.Module, batch: Any) -> torch.Tensor:
         logits = forward_batch(model, batch, self.kind).float()
-        smoothing = self.config.augment.resolve().smoothing
-        if self.kind == "seg":
-            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["y"].reshape(-1),
-                                   label_smoothing=smoothing)
-        return F.cross_entropy(logits, batch["y"], label_smoothing=smoothing)
+        logits, target = logits.reshape(-1, logits.shape[-1]), batch["y"].reshape(-1)
+        if self.config.model.loss == "poly1_focal":
+            return poly1_focal_loss(logits, target)
+        return F.cross_entropy(logits, target, label_smoothing=self.config.augment.resolve().smoothing)
 
     def eval_step(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
         logits = forward_batch(model, batch, self.kind).float()
-        out = {"logits": logits, "target": batch["y"]}
         if self.kind == "seg":
-            out["category"] = batch["category"]
-        return out
+            # per point only the part among its shape category's parts (ShapeNetPart's protocol); keeping the
+            # (B, N, parts) logits of a whole split would take gigabytes on ShapeNetPart
+            pred = restricted_predictions(logits, batch["category"], self.splits.parts_of_category)
+            return {"pred": pred, "target": batch["y"], "category": batch["category"]}
+        return {"logits": logits, "target": batch["y"]}
 
     def compute_metrics(self, outputs: dict[str, torch.Tensor], split: str) -> dict[str, float]:
-        logits, target = outputs["logits"], outputs["target"]
         if self.kind == "seg":
-            return part_iou_metrics(logits, target, outputs["category"], self.splits.parts_of_category)
-        self.confusion[split] = confusion_matrix(logits.argmax(1), target, logits.shape[1])
-        return classification_metrics(logits, target)
+            return part_segmentation_metrics(outputs["pred"], outputs["target"], outputs["category"],
+                                             self.splits.parts_of_category, self.splits.categories)
+        logits, target = outputs["logits"], outputs["target"]
+        cm = confusion_matrix(logits.argmax(1), target, logits.shape[1])
+        self.confusion[split] = cm
+        metrics = classification_metrics(logits, target)
+        for name, acc in zip(self.splits.classes, per_class_accuracy(cm).tolist()):
+            if acc == acc:                                   # NaN: the class is absent from this split
+                metrics[f"acc/{name}"] = acc
+        return metrics
 
     def on_fit_end(self, model: nn.Module, run_dir) -> None:
         run_dir = Path(run_dir)

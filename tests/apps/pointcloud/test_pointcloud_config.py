@@ -87,17 +87,17 @@ def test_orders_and_models_agree_with_the_code_they_name():
 
     assert POINT_ORDERS == PointOrder.KINDS
     assert build({"eval": {"render_orders": ["z-trans", "ZYX"]}}).eval.render_orders == ["z-trans", "ZYX"]
-    try:
-        from mambakit.apps.pointcloud.models import model_names
-    except ImportError:                      # models.py lands from another branch
-        pytest.skip("mambakit.apps.pointcloud.models is not in this checkout")
+    from mambakit.apps.pointcloud.models import model_names
+
     assert set(MODEL_NAMES) <= set(model_names())
 
 
 def test_feature_channels():
-    assert FEATURE_CHANNELS == {"xyz": 3, "xyz_height": 4, "xyz_normals": 6}
+    from mambakit.apps.pointcloud.data import FEATURES
+
+    assert FEATURE_CHANNELS == FEATURES == {"xyz": 3, "xyz_height": 4, "xyz_normals": 6, "xyz_normals_height": 7}
     assert in_channels_of("xyz_height") == 4
-    with pytest.raises(ValueError, match="unknown features 'rgb'; expected one of xyz, xyz_height, xyz_normals"):
+    with pytest.raises(ValueError, match="unknown features 'rgb'; expected one of xyz, xyz_height, xyz_normals, xyz_normals_height"):
         in_channels_of("rgb")
 
 
