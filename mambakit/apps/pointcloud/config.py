@@ -89,9 +89,6 @@ class DataConfig:
     cache_points: bool = True
 
     def __post_init__(self):
-        if self.source != "cgal" and not self.root:
-            raise ValueError(f"source {self.source!r} reads files from disk: set data.root to the folder that "
-                             f"holds them (only source 'cgal' needs no root)")
         if self.n_points < 1:
             raise ValueError(f"n_points must be >= 1, got {self.n_points}")
         _check_fraction("val_fraction", self.val_fraction)

@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["load_upstream_checkpoint", "load_pcm", "WRAPPER_KEYS"]
+__all__ = ["load_upstream_checkpoint", "load_pcm", "read_pretrained", "WRAPPER_KEYS"]
 
 #: keys under which openpoints' checkpoints keep the weights, in the order its loader tries them
 WRAPPER_KEYS = ("model", "net", "network", "state_dict", "base_model")
@@ -131,3 +131,16 @@ def load_pcm(model: nn.Module, path_or_dict, prompt_orders: Sequence[str] | None
                            f"n_classes, in_channels and architecture kwargs): " + "; ".join(parts))
     model.load_state_dict(state, strict=True)
     return model
+
+
+def read_pretrained(spec: str | os.PathLike) -> dict:
+    """`model.pretrained` as a state dict: a mambakit run folder or checkpoint (verified by its sidecar hash),
+    or an upstream PCM checkpoint file (unwrapped and mapped by `load_upstream_checkpoint`)."""
+    from pathlib import Path
+
+    from mambakit.engine.trainer import read_pretrained_weights
+
+    path = Path(spec)
+    if path.is_dir() or path.with_name(path.name + ".sha256").is_file():
+        return read_pretrained_weights(path)[0]
+    return load_upstream_checkpoint(path)

@@ -184,7 +184,8 @@ def predict(inputs: Sequence[str | Path], checkpoint: str | Path, *, topk: int =
             cloud = read_input(path, recipe.data.n_points)
             out, _ = _predict_cloud(model, recipe, labels, cloud, cat)
         except (DataError, OSError, ValueError) as e:
-            results.append({"file": str(path), "error": f"{path}: {e}"})
+            message = str(e)
+            results.append({"file": str(path), "error": message if str(path) in message else f"{path}: {message}"})
             continue
         if seg:
             names = labels["part_names"]

@@ -132,6 +132,9 @@ def _read_source(data: DataConfig) -> dict:
     from . import data as D
 
     src, root = data.source, data.root
+    if src != "cgal" and not root:
+        raise DataError(f"data.source {src!r} reads files from disk: set data.root to the folder that holds them "
+                        f"(only source 'cgal' needs no root)")
     if src == "cgal":
         from .cgal import build_cgal_classification, build_cgal_partseg
 

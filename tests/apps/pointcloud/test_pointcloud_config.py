@@ -51,8 +51,6 @@ def test_a_saved_recipe_loads_back_equal(tmp_path):
 
 
 @pytest.mark.parametrize("data, message", [
-    ({"data": {"source": "modelnet40_h5"}},
-     "data: source 'modelnet40_h5' reads files from disk: set data.root"),
     ({"data": {"source": "scanobjectnn", "root": "x", "features": "xyz_normals"}},
      "features 'xyz_normals' needs normals, which source 'scanobjectnn' does not have"),
     ({"data": {"n_points": 0}}, "data: n_points must be >= 1, got 0"),
