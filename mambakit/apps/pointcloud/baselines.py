@@ -22,6 +22,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from .heads import max_pool
 from .ops import ball_query, farthest_point_sample, feature_knn, index_points, knn, three_nn_interpolate
 
 __all__ = ["BASELINES", "SharedMLP", "PointNet2SSG", "PointTransformer", "DGCNN", "pointnet2_ssg",
@@ -46,6 +47,9 @@ class SharedMLP(nn.Module):
         self.norms = nn.ModuleList(nn.BatchNorm1d(c) if norm else nn.Identity() for c in channels[1:])
         n = len(self.linears)
         self.acts = nn.ModuleList(act() if last_act or i < n - 1 else nn.Identity() for i in range(n))
+        for a in self.acts:    # in place: BatchNorm's and Linear's backward never read their own output
+            if hasattr(a, "inplace"):
+                a.inplace = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for linear, norm, act in zip(self.linears, self.norms, self.acts):
@@ -126,7 +130,7 @@ class SetAbstraction(nn.Module):
             neighbours = ball_query(centres, pos, self.radius, self.n_neighbours)   # (B, S, K)
             offsets = index_points(pos, neighbours) - centres[:, :, None]
             grouped = torch.cat([offsets, index_points(feats, neighbours)], -1)   # (B, S, K, 3 + C)
-        return centres, self.mlp(grouped).amax(2)
+        return centres, max_pool(self.mlp(grouped), 2)
 
 
 class FeaturePropagation(nn.Module):
@@ -247,7 +251,7 @@ class TransitionDown(nn.Module):
         n = pos.shape[1]
         centres = index_points(pos, farthest_point_sample(pos, max(1, math.ceil(self.ratio * n))))
         neighbours = knn(centres, pos, min(self.k, n))[1]
-        return index_points(self.mlp(x), neighbours).amax(2), centres
+        return max_pool(index_points(self.mlp(x), neighbours), 2), centres
 
 
 class TransitionUp(nn.Module):
@@ -327,7 +331,7 @@ class EdgeConv(nn.Module):
 
     def forward(self, x: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
         centre = x[:, :, None, :].expand(-1, -1, neighbours.shape[-1], -1)
-        return self.mlp(torch.cat([index_points(x, neighbours) - centre, centre], -1)).amax(2)
+        return max_pool(self.mlp(torch.cat([index_points(x, neighbours) - centre, centre], -1)), 2)
 
 
 class DGCNN(nn.Module):
