@@ -22,7 +22,6 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .heads import max_pool
 from .ops import ball_query, farthest_point_sample, feature_knn, index_points, knn, three_nn_interpolate
 
 __all__ = ["BASELINES", "SharedMLP", "PointNet2SSG", "PointTransformer", "DGCNN", "pointnet2_ssg",
@@ -130,7 +129,7 @@ class SetAbstraction(nn.Module):
             neighbours = ball_query(centres, pos, self.radius, self.n_neighbours)   # (B, S, K)
             offsets = index_points(pos, neighbours) - centres[:, :, None]
             grouped = torch.cat([offsets, index_points(feats, neighbours)], -1)   # (B, S, K, 3 + C)
-        return centres, max_pool(self.mlp(grouped), 2)
+        return centres, self.mlp(grouped).amax(2)
 
 
 class FeaturePropagation(nn.Module):
@@ -251,7 +250,7 @@ class TransitionDown(nn.Module):
         n = pos.shape[1]
         centres = index_points(pos, farthest_point_sample(pos, max(1, math.ceil(self.ratio * n))))
         neighbours = knn(centres, pos, min(self.k, n))[1]
-        return max_pool(index_points(self.mlp(x), neighbours), 2), centres
+        return index_points(self.mlp(x), neighbours).amax(2), centres
 
 
 class TransitionUp(nn.Module):
@@ -331,7 +330,7 @@ class EdgeConv(nn.Module):
 
     def forward(self, x: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
         centre = x[:, :, None, :].expand(-1, -1, neighbours.shape[-1], -1)
-        return max_pool(self.mlp(torch.cat([index_points(x, neighbours) - centre, centre], -1)), 2)
+        return self.mlp(torch.cat([index_points(x, neighbours) - centre, centre], -1)).amax(2)
 
 
 class DGCNN(nn.Module):

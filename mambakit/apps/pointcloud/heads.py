@@ -24,7 +24,7 @@ from torch import nn
 
 from .ops import three_nn_interpolate
 
-__all__ = ["pointwise_conv", "max_pool", "ConvBNReLU1D", "ConvBNReLURes1D", "PosExtraction", "PointNetFeaturePropagation", "ClsHead",
+__all__ = ["pointwise_conv", "ConvBNReLU1D", "ConvBNReLURes1D", "PosExtraction", "PointNetFeaturePropagation", "ClsHead",
            "SegHead", "PointMambaPartDecoder"]
 
 
@@ -37,15 +37,6 @@ def pointwise_conv(conv: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor
         raise ValueError(f"pointwise_conv: input has {x.shape[-1]} channels in its last axis, the convolution "
                          f"expects {conv.in_channels} ({conv})")
     return F.linear(x, conv.weight.flatten(1), conv.bias)
-
-
-def max_pool(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """The maximum over `dim`, as amax, with max's cheaper backward (one scatter instead of amax's
-    compare / count / divide passes, three times faster on grouped features). The values are amax's; the
-    gradient differs only where several entries tie for the maximum: all of it goes to one of them instead
-    of an even split. Ties of duplicated neighbours (ball-query padding) carry identical features through
-    identical layers, so the summed parameter and input gradients are the same either way."""
-    return x.max(dim=dim).values
 
 
 def _pointwise_sequence(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:

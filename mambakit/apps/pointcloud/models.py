@@ -46,8 +46,7 @@ from mambakit.core.multi_order import MultiOrderMamba
 from mambakit.core.norm import RMSNorm
 from mambakit.core.orders import PointOrder
 
-from .heads import (ClsHead, ConvBNReLU1D, ConvBNReLURes1D, PointMambaPartDecoder, PosExtraction, SegHead,
-                    max_pool)
+from .heads import ClsHead, ConvBNReLU1D, ConvBNReLURes1D, PointMambaPartDecoder, PosExtraction, SegHead
 from .ops import farthest_point_sample, index_points, knn
 
 __all__ = ["LocalGrouper", "PreExtraction", "PointMambaEncoder", "PointCloudMamba", "PointCloudMambaPartSeg",
@@ -121,7 +120,7 @@ class PreExtraction(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # channels-last throughout: the blocks flatten (B, S, k) into one BatchNorm batch, as upstream's
         # (B S, C, k) layout does, and the max over k reads the k axis in place
-        return max_pool(self.operation(self.transfer(x)), dim=2)
+        return self.operation(self.transfer(x)).amax(dim=2)
 
 
 def _normalise_order(name: str) -> str:

@@ -12,8 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mambakit.apps.pointcloud.baselines import SharedMLP
-from mambakit.apps.pointcloud.heads import (ConvBNReLU1D, ConvBNReLURes1D, PosExtraction, SegHead, max_pool,
-                                            pointwise_conv)
+from mambakit.apps.pointcloud.heads import ConvBNReLU1D, ConvBNReLURes1D, PosExtraction, SegHead, pointwise_conv
 from mambakit.apps.pointcloud.models import PreExtraction
 
 TOL = dict(rtol=1e-10, atol=1e-12)
@@ -192,12 +191,3 @@ def test_pointwise_conv_rejects_grouped_and_wider_kernels():
     conv = nn.Conv2d(4, 2, 1).double()
     xc = torch.randn(2, 4, 3, 5, dtype=torch.float64)
     torch.testing.assert_close(pointwise_conv(conv, xc.permute(0, 2, 3, 1)), conv(xc).permute(0, 2, 3, 1), **TOL)
-
-
-def test_max_pool_values_are_amax_and_ties_send_the_gradient_to_one_entry():
-    x = torch.tensor([[1.0, 3.0, 3.0, 2.0], [0.5, -1.0, 4.0, 0.0]], requires_grad=True)
-    out = max_pool(x, 1)
-    torch.testing.assert_close(out, x.amax(1))
-    out.sum().backward()
-    assert x.grad.sum(1).tolist() == [1.0, 1.0]
-    assert x.grad[0, 1:3].tolist() in ([1.0, 0.0], [0.0, 1.0]) and x.grad[1].tolist() == [0, 0, 1, 0]
