@@ -46,9 +46,6 @@ class SharedMLP(nn.Module):
         self.norms = nn.ModuleList(nn.BatchNorm1d(c) if norm else nn.Identity() for c in channels[1:])
         n = len(self.linears)
         self.acts = nn.ModuleList(act() if last_act or i < n - 1 else nn.Identity() for i in range(n))
-        for a in self.acts:    # in place: BatchNorm's and Linear's backward never read their own output
-            if hasattr(a, "inplace"):
-                a.inplace = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for linear, norm, act in zip(self.linears, self.norms, self.acts):
