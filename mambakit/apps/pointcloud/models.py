@@ -118,9 +118,9 @@ class PreExtraction(nn.Module):
                                          for _ in range(blocks)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, k, d = x.shape
-        x = self.operation(self.transfer(x.reshape(b * s, k, d).transpose(1, 2)))   # (B S, C_out, k)
-        return x.amax(dim=-1).view(b, s, -1)
+        # channels-last throughout: the blocks flatten (B, S, k) into one BatchNorm batch, as upstream's
+        # (B S, C, k) layout does, and the max over k reads the k axis in place
+        return self.operation(self.transfer(x)).amax(dim=2)
 
 
 def _normalise_order(name: str) -> str:
@@ -277,7 +277,7 @@ class PointMambaEncoder(nn.Module):
         """Positions (B, N_i, 3) and features (B, N_i, C_i) of the input level (embedding) and of each stage,
         each stage in the serialized order its last layer left."""
         x = self._check_inputs(pos, x)
-        x = self.embedding(x.transpose(1, 2)).transpose(1, 2)              # (B, N, embed_dim)
+        x = self.embedding(x)                                               # (B, N, embed_dim)
         pos_list, feat_list = [pos], [x]
         x_res, current, layer = None, "original", 0
         for i in range(len(self.local_grouper_list)):
@@ -288,7 +288,7 @@ class PointMambaEncoder(nn.Module):
             pos, x, x_res, current = self._mamba_stage(i, layer, pos, x, x_res, current)
             layer += len(self.mamba_blocks_list[i])
             if not isinstance(self.pos_blocks_list[i], nn.Identity):
-                x = self.pos_blocks_list[i](x.transpose(1, 2)).transpose(1, 2)
+                x = self.pos_blocks_list[i](x)
             pos_list.append(pos)
             feat_list.append(x)
         return pos_list, feat_list
@@ -327,7 +327,7 @@ class PointCloudMambaPartSeg(nn.Module):
     def forward(self, pos: torch.Tensor, x: torch.Tensor | None, category: torch.Tensor) -> torch.Tensor:
         category = _check_category(category, pos.shape[0], self.n_categories)
         pos_list, feat_list = self.encoder.forward_levels(pos, x)
-        return self.head(self.decoder(pos_list, feat_list, category)).transpose(1, 2)
+        return self.head.forward_last(self.decoder.forward_last(pos_list, feat_list, category))
 
 
 def _check_category(category: torch.Tensor, batch: int, n_categories: int) -> torch.Tensor:
