@@ -48,18 +48,23 @@ from mambakit.core.orders import PointOrder
 
 from .heads import ClsHead, ConvBNReLU1D, ConvBNReLURes1D, PointMambaPartDecoder, PosExtraction, SegHead
 from .ops import farthest_point_sample, index_points, knn
+from .serial import serial_knn, serial_subsample
 
 __all__ = ["LocalGrouper", "PreExtraction", "PointMambaEncoder", "PointCloudMamba", "PointCloudMambaPartSeg",
            "create_model", "model_names", "PCM_CONFIGS", "ORDER_NAMES"]
 
 #: orders a layer can scan in (upstream's spelling "z-trans" / "hilbert-trans" is accepted too)
 ORDER_NAMES = ("xyz", "xzy", "yxz", "yzx", "zxy", "zyx", "hilbert", "hilbert_trans", "z", "z_trans")
+#: how a stage picks its centres and their neighbours: upstream's FPS and exact kNN (quadratic in the points),
+#: or the O(N log N) stand-ins from the Hilbert serialization (serial.py) for large clouds
+SAMPLERS, NEIGHBOURS = ("fps", "serial"), ("knn", "serial")
 
 _COMMON = dict(
     dim_expansion=(1, 1, 2, 1), pre_blocks=(1, 1, 1, 1), pos_blocks=(0, 0, 0, 0), k_neighbors=(12, 12, 12, 12),
     reducers=(1, 2, 2, 2), res_expansion=1.0, drop_path=0.1, d_state=16, d_conv=4, expand=2, grid_size=0.02,
     cts="paper", use_order_prompt=True, prompt_num_per_order=6, prompt_dim=384, mamba_pos=True,
     cls_mlps=(512, 256), dropout=0.5, decoder_blocks=(1, 1, 1, 1), gmp_dim=64, cls_dim=64,
+    sampler="fps", neighbours="knn",
 )
 #: the published architectures (cls); task "seg" changes reducers to [2, 2, 2, 2] (cfgs/shapenetpart)
 PCM_CONFIGS: dict[str, dict[str, Any]] = {
@@ -79,9 +84,14 @@ class LocalGrouper(nn.Module):
       new_xyz (B, S, 3), grouped (B, S, k, 2C + 3), points_res at the S centres (or None); S = N // reducer.
     """
 
-    def __init__(self, channels: int, reducer: int, k_neighbors: int):
+    def __init__(self, channels: int, reducer: int, k_neighbors: int, sampler: str = "fps",
+                 neighbours: str = "knn"):
         super().__init__()
+        if sampler not in SAMPLERS or neighbours not in NEIGHBOURS:
+            raise ValueError(f"LocalGrouper: sampler must be one of {SAMPLERS} and neighbours one of {NEIGHBOURS}, "
+                             f"got {sampler!r}, {neighbours!r}")
         self.reducer, self.k_neighbors = reducer, k_neighbors
+        self.sampler, self.neighbours = sampler, neighbours
         self.affine_alpha = nn.Parameter(torch.ones(1, 1, 1, channels + 3))
         self.affine_beta = nn.Parameter(torch.zeros(1, 1, 1, channels + 3))
 
@@ -93,11 +103,15 @@ class LocalGrouper(nn.Module):
         new_xyz, new_points = xyz, points
         if s != n:
             # sorted FPS indices keep the current serialization order of the kept points
-            keep = farthest_point_sample(xyz, s).sort(dim=-1).values
+            keep = (farthest_point_sample(xyz, s).sort(dim=-1).values if self.sampler == "fps"
+                    else serial_subsample(xyz, s))                           # already ascending
             new_xyz, new_points = index_points(xyz, keep), index_points(points, keep)
             if points_res is not None:
                 points_res = index_points(points_res, keep)
-        _, idx = knn(new_xyz, xyz, self.k_neighbors)                         # (B, S, k)
+        if self.neighbours == "knn":
+            _, idx = knn(new_xyz, xyz, self.k_neighbors)                     # (B, S, k)
+        else:
+            _, idx = serial_knn(new_xyz, xyz, self.k_neighbors)
         grouped = torch.cat([index_points(points, idx), index_points(xyz, idx)], dim=-1)
         anchor = torch.cat([new_points, new_xyz], dim=-1).unsqueeze(-2)     # (B, S, 1, C + 3)
         offsets = grouped - anchor
@@ -149,7 +163,8 @@ class PointMambaEncoder(nn.Module):
                  mamba_blocks: Sequence[int] = (1, 2, 2, 4), orders: Sequence[str] | str = "z",
                  res_expansion: float = 1.0, drop_path: float = 0.1, d_state: int = 16, d_conv: int = 4,
                  expand: float = 2, grid_size: float = 0.02, cts: str = "paper", use_order_prompt: bool = True,
-                 prompt_num_per_order: int = 6, prompt_dim: int = 384, mamba_pos: bool = True):
+                 prompt_num_per_order: int = 6, prompt_dim: int = 384, mamba_pos: bool = True,
+                 sampler: str = "fps", neighbours: str = "knn"):
         super().__init__()
         stages = _check_stage_lists(dim_expansion=dim_expansion, pre_blocks=pre_blocks, pos_blocks=pos_blocks,
                                     k_neighbors=k_neighbors, reducers=reducers, mamba_blocks=mamba_blocks)
@@ -195,7 +210,7 @@ class PointMambaEncoder(nn.Module):
         layer = 0
         for i in range(stages):
             c_in, c_out = widths[i], widths[i + 1]
-            self.local_grouper_list.append(LocalGrouper(c_in, reducers[i], k_neighbors[i]))
+            self.local_grouper_list.append(LocalGrouper(c_in, reducers[i], k_neighbors[i], sampler, neighbours))
             self.pre_blocks_list.append(PreExtraction(c_in, c_out, pre_blocks[i], res_expansion, bias=False))
             self.residual_proj_blocks_list.append(nn.Identity() if c_in == c_out or i == 0
                                                   else nn.Linear(c_in, c_out, bias=False))

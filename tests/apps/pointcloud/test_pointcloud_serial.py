@@ -55,3 +55,22 @@ def test_serial_knn_pads_small_clouds_with_the_nearest():
     d, i = serial_knn(pos, pos, 8)
     assert i.shape == (1, 5, 8)
     assert torch.equal(i[..., 5:], i[..., :1].expand(1, 5, 3))
+
+
+def test_pcm_runs_with_the_serial_options_and_rejects_unknown_ones():
+    from mambakit.apps.pointcloud.models import LocalGrouper, create_model
+
+    torch.manual_seed(0)
+    small = dict(embed_dim=16, mamba_blocks=[1, 1, 1, 1], orders=["xyz", "zxy", "hilbert", "z"])
+    pos = torch.rand(2, 256, 3)
+    exact = create_model("pcm_tiny", 5, **small).eval()
+    serial = create_model("pcm_tiny", 5, sampler="serial", neighbours="serial", **small).eval()
+    serial.load_state_dict(exact.state_dict())                   # the same parameters: only the grouping differs
+    with torch.no_grad():
+        a, b = exact(pos, pos), serial(pos, pos)
+    assert a.shape == b.shape == (2, 5) and not torch.allclose(a, b)
+    grouper = LocalGrouper(4, 2, 8, sampler="serial", neighbours="serial")
+    new_xyz, grouped, _ = grouper(pos, torch.rand(2, 256, 4), None)
+    assert new_xyz.shape == (2, 128, 3) and grouped.shape == (2, 128, 8, 2 * 4 + 3)
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        LocalGrouper(4, 2, 8, sampler="random")
