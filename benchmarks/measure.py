@@ -43,7 +43,8 @@ def rss_gib(pid: int) -> float:
 def run_child(cmd: list[str], root: Path, limit_gib: float, timeout_s: float) -> dict:
     """Run a benchmark child that prints one JSON line last; stop it above `limit_gib` resident memory or
     after `timeout_s`. Returns its JSON, or {"status": "oom" | "timeout" | "error", "detail": ...}."""
-    env = dict(os.environ, PYTHONPATH=str(root))
+    # freed large buffers go back to the OS between steps, so each step's peak is its own (as benchmarks/mil.py)
+    env = dict(os.environ, PYTHONPATH=str(root), MALLOC_MMAP_THRESHOLD_="65536")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     start = time.time()
     while proc.poll() is None:

@@ -42,7 +42,8 @@ import sys
 import time
 from pathlib import Path
 
-import rounds  # benchmarks/rounds.py, next to this script
+import measure  # benchmarks/measure.py, next to this script
+import rounds  # benchmarks/rounds.py
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,19 +57,6 @@ IN_DIM = 1024
 
 # --------------------------------------------------------------------------------------------------
 # child: one (model, size)
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
 
 def _build(name: str):
     from mambakit.apps.pathology.models import ABMIL, MambaMIL, TransMIL
@@ -106,12 +94,12 @@ def child(name: str, size: int, repeats: int) -> dict:
 
     step(torch.randn(1000, IN_DIM))                      # warm-up
     bag = torch.randn(size, IN_DIM)
-    rss_before = _status_kib("VmRSS")
-    _reset_peak()
+    rss_before = measure.status_kib("VmRSS")
+    measure.reset_peak()
     start = time.perf_counter()
     step(bag)
     times = [time.perf_counter() - start]
-    peak_kib = _status_kib("VmHWM") - rss_before
+    peak_kib = measure.status_kib("VmHWM") - rss_before
     for _ in range(repeats - 1):
         start = time.perf_counter()
         step(bag)
@@ -124,42 +112,10 @@ def child(name: str, size: int, repeats: int) -> dict:
 # --------------------------------------------------------------------------------------------------
 # parent
 
-def _rss_gib(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 2**20
-    except FileNotFoundError:
-        pass
-    return 0.0
-
-
 def run_case(name: str, size: int, limit_gib: float, timeout_s: float) -> dict:
     repeats = 3 if size <= 10000 else 1
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, __file__, "--child", name, str(size), "--repeats", str(repeats)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    start, peak_seen = time.time(), 0.0
-    while proc.poll() is None:
-        rss = _rss_gib(proc.pid)
-        peak_seen = max(peak_seen, rss)
-        if rss > limit_gib:
-            proc.kill()
-            proc.wait()
-            return {"model": name, "size": size, "status": "oom",
-                    "detail": f"resident memory passed {limit_gib:g} GiB (stopped)"}
-        if time.time() - start > timeout_s:
-            proc.kill()
-            proc.wait()
-            return {"model": name, "size": size, "status": "timeout", "detail": f"over {timeout_s:g} s"}
-        time.sleep(0.2)
-    out, err = proc.communicate()
-    if proc.returncode != 0:
-        killed = proc.returncode in (-9, 137)
-        return {"model": name, "size": size, "status": "oom" if killed else "error",
-                "detail": "killed by the kernel (out of memory)" if killed else err.strip().splitlines()[-1:]}
-    return json.loads(out.strip().splitlines()[-1])
+    return {"model": name, "size": size, **measure.run_child(cmd, ROOT, limit_gib, timeout_s)}
 
 
 def machine() -> dict:

@@ -274,3 +274,9 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def run_dir_of(checkpoint: str | Path) -> Path:
+    """The run folder of a checkpoint file (<run>/checkpoints/step-N.pt -> <run>), or its own folder."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent

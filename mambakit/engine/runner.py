@@ -34,7 +34,8 @@ from .app import Verb
 from .config import ConfigError, apply_overrides, from_dict, load_config
 from .logs import format_size
 
-__all__ = ["standard_verbs", "train_verb", "eval_verb", "finetune_verb", "format_table", "add_config_arguments"]
+__all__ = ["standard_verbs", "train_verb", "eval_verb", "finetune_verb", "format_table", "add_config_arguments",
+           "load_recipe", "saved_recipe"]
 
 TaskFactory = Callable[[Any], Any]
 
@@ -171,3 +172,32 @@ def standard_verbs(app: str, recipe: type, task_factory: TaskFactory, *,
             eval_verb(app, recipe, task_factory),
             finetune_verb(app, recipe, task_factory, default_recipe)]
 
+
+def load_recipe(schema: type, path, app: str, overrides=(), sets: dict | None = None) -> Any:
+    """A recipe file or packaged name (`resolve_recipe`), then `sets` (dotted key -> value, set as given, not
+    parsed: paths from the command line), then the CLI overrides, validated into `schema`."""
+    import yaml
+
+    from .recipes import resolve_recipe
+
+    path = resolve_recipe(path, app)
+    data = yaml.safe_load(path.read_text()) or {}
+    for key, value in (sets or {}).items():
+        node = data
+        *parents, last = key.split(".")
+        for part in parents:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+        node[last] = value
+    return from_dict(schema, apply_overrides(data, overrides), str(path))
+
+
+def saved_recipe(schema: type, checkpoint, overrides=()) -> Any:
+    """The recipe saved in a training checkpoint, with the CLI overrides applied."""
+    from .checkpoint import load_checkpoint
+
+    saved = load_checkpoint(checkpoint).get("config")
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{checkpoint} holds no saved config; pass the recipe with -c")
+    return from_dict(schema, apply_overrides(saved, overrides), f"{checkpoint} (saved config)")

@@ -14,6 +14,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from mambakit.engine.checkpoint import run_dir_of as checkpoint_run_dir
+
 from .data import Bag, load_features, strip_slide_suffix
 from .wsi import SLIDE_EXTENSIONS, open_slide, slide_thumbnail
 
@@ -70,8 +72,7 @@ def model_from_checkpoint(checkpoint: str | Path, use_ema: bool = False):
         raise ValueError(f"{path} has no {'EMA ' if use_ema else ''}weights")
     model = rebuild_mil_model(state["config"], weights, source)
     load_model_state(model, weights, str(path))
-    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    classes_file = run_dir / "classes.json"
+    classes_file = checkpoint_run_dir(path) / "classes.json"
     classes = json.loads(classes_file.read_text())["classes"] if classes_file.is_file() else None
     return model.eval(), recipe, classes
 
@@ -80,8 +81,7 @@ def run_dir_of(checkpoint: str | Path) -> Path:
     """The run folder of a checkpoint file or run folder."""
     from mambakit.engine.checkpoint import resolve_checkpoint
 
-    path = resolve_checkpoint(checkpoint, prefer="best")
-    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    return checkpoint_run_dir(resolve_checkpoint(checkpoint, prefer="best"))
 
 
 def training_features_meta(checkpoint: str | Path, recipe) -> tuple[dict | None, list[Path]]:

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from mambakit.engine.app import App, QuickstartResult, Verb
-from mambakit.engine.runner import format_table, train_verb
+from mambakit.engine.runner import format_table, load_recipe, saved_recipe, train_verb
 
 from .config import PointCloudRecipe
 from .datasets import DATASETS
@@ -40,37 +40,7 @@ def _task(config, load_pretrained: bool = True):
 
 
 def _load_recipe(path, overrides, sets: dict | None = None) -> PointCloudRecipe:
-    """A recipe file or packaged name, then `sets` (dotted key -> value, as given), then CLI overrides."""
-    import yaml
-
-    from mambakit.engine.config import apply_overrides, from_dict
-    from mambakit.engine.recipes import resolve_recipe
-
-    path = resolve_recipe(path, "pointcloud")
-    data = yaml.safe_load(path.read_text()) or {}
-    for key, value in (sets or {}).items():
-        node = data
-        *parents, last = key.split(".")
-        for part in parents:
-            if node.get(part) is None:
-                node[part] = {}
-            node = node[part]
-        node[last] = value
-    return from_dict(PointCloudRecipe, apply_overrides(data, overrides), str(path))
-
-
-def _saved_config(checkpoint: Path, overrides) -> PointCloudRecipe:
-    from mambakit.engine.checkpoint import load_checkpoint
-    from mambakit.engine.config import ConfigError, apply_overrides, from_dict
-
-    saved = load_checkpoint(checkpoint).get("config")
-    if not isinstance(saved, dict):
-        raise ConfigError(f"{checkpoint} holds no saved config; pass the recipe with -c")
-    return from_dict(PointCloudRecipe, apply_overrides(saved, overrides), f"{checkpoint} (saved config)")
-
-
-def _run_dir_of(checkpoint: Path) -> Path:
-    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+    return load_recipe(PointCloudRecipe, path, "pointcloud", overrides, sets)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -90,20 +60,21 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _eval_run(args: argparse.Namespace) -> int:
-    from mambakit.engine.checkpoint import resolve_checkpoint
+    from mambakit.engine.checkpoint import resolve_checkpoint, run_dir_of
     from mambakit.engine.trainer import evaluate
 
     from .inference import render_evaluated
 
     path = resolve_checkpoint(args.checkpoint, prefer="best")
-    config = _load_recipe(args.config, args.overrides) if args.config else _saved_config(path, args.overrides)
+    config = (_load_recipe(args.config, args.overrides) if args.config
+              else saved_recipe(PointCloudRecipe, path, args.overrides))
     task = _task(config, load_pretrained=False)
     metrics = evaluate(task, path, split=args.split, use_ema=args.ema)
     print(f"\ncheckpoint: {path}")
     print(format_table([(k, f"{v:.6g}") for k, v in metrics.items()]))
     if args.output:
         Path(args.output).write_text(json.dumps(metrics, indent=1) + "\n")
-    out_dir = Path(args.plot_dir) if args.plot_dir else _run_dir_of(path)
+    out_dir = Path(args.plot_dir) if args.plot_dir else run_dir_of(path)
     out_dir.mkdir(parents=True, exist_ok=True)
     suffix = f"{args.split}{'_ema' if args.ema else ''}"
     if config.eval.confusion_matrix and args.split in task.confusion:

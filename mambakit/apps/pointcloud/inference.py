@@ -57,14 +57,10 @@ def rebuild_model(config: dict, weights: Mapping[str, torch.Tensor], source: str
     return create_model(m.name, n_out, in_channels=d.in_channels, **m.kwargs)
 
 
-def _run_dir_of(checkpoint: Path) -> Path:
-    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
-
-
 def load_run(checkpoint: str | Path, use_ema: bool = False) -> tuple[nn.Module, PointCloudRecipe, dict]:
     """(model in eval mode, recipe, labels) of a run folder or checkpoint; labels as the run's labels.json
     (classes, or categories with their parts), from the recipe where the file is missing (classification)."""
-    from mambakit.engine.checkpoint import load_checkpoint, resolve_checkpoint
+    from mambakit.engine.checkpoint import load_checkpoint, resolve_checkpoint, run_dir_of
     from mambakit.engine.config import from_dict
     from mambakit.engine.trainer import load_model_state
 
@@ -81,7 +77,7 @@ def load_run(checkpoint: str | Path, use_ema: bool = False) -> tuple[nn.Module, 
     recipe = from_dict(PointCloudRecipe, config, f"{path} (saved config)")
     model = rebuild_model(config, state[key], str(path))
     load_model_state(model, state[key], str(path))
-    labels_file = _run_dir_of(path) / LABELS_FILE
+    labels_file = run_dir_of(path) / LABELS_FILE
     if labels_file.is_file():
         labels = json.loads(labels_file.read_text())
     elif recipe.model.task == "cls":

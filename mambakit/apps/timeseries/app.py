@@ -57,7 +57,7 @@ def _plot_after_eval(args: argparse.Namespace) -> None:
 
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    from mambakit.engine.checkpoint import load_checkpoint, resolve_checkpoint
+    from mambakit.engine.checkpoint import load_checkpoint, resolve_checkpoint, run_dir_of
     from mambakit.engine.config import apply_overrides, from_dict, load_config
     from mambakit.engine.trainer import load_model_state
 
@@ -74,8 +74,7 @@ def _plot_after_eval(args: argparse.Namespace) -> None:
     load_model_state(model, state["ema" if args.ema else "model"], str(path))
     split = getattr(args, "split", "test")
     task.splits.test = getattr(task.splits, split)      # plot the evaluated split
-    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    out = Path(args.plot) if args.plot else run_dir / f"eval_{split}_forecast.png"
+    out = Path(args.plot) if args.plot else run_dir_of(path) / f"eval_{split}_forecast.png"
     plot_test_forecasts(task, model, out, count=max(config.eval.plot_windows, 1))
     print(f"forecast plot: {out}")
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from mambakit.engine.app import App, QuickstartResult, Verb
-from mambakit.engine.runner import format_table, train_verb
+from mambakit.engine.runner import format_table, load_recipe, saved_recipe, train_verb
 
 from .config import VisionRecipe
 from .datasets import DATASETS
@@ -39,37 +39,7 @@ def _task(config, load_pretrained: bool = True):
 
 
 def _load_recipe(path, overrides, sets: dict | None = None) -> VisionRecipe:
-    """A recipe file, then `sets` (dotted key -> value, set as given, not parsed), then CLI overrides."""
-    import yaml
-
-    from mambakit.engine.config import apply_overrides, from_dict
-    from mambakit.engine.recipes import resolve_recipe
-
-    path = resolve_recipe(path, "vision")          # a file, or a packaged recipe name
-    data = yaml.safe_load(path.read_text()) or {}
-    for key, value in (sets or {}).items():
-        node = data
-        *parents, last = key.split(".")
-        for part in parents:
-            if node.get(part) is None:
-                node[part] = {}
-            node = node[part]
-        node[last] = value
-    return from_dict(VisionRecipe, apply_overrides(data, overrides), str(path))
-
-
-def _saved_config(checkpoint: Path, overrides) -> VisionRecipe:
-    from mambakit.engine.checkpoint import load_checkpoint
-    from mambakit.engine.config import ConfigError, apply_overrides, from_dict
-
-    saved = load_checkpoint(checkpoint).get("config")
-    if not isinstance(saved, dict):
-        raise ConfigError(f"{checkpoint} holds no saved config; pass the recipe with -c")
-    return from_dict(VisionRecipe, apply_overrides(saved, overrides), f"{checkpoint} (saved config)")
-
-
-def _run_dir_of(checkpoint: Path) -> Path:
-    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+    return load_recipe(VisionRecipe, path, "vision", overrides, sets)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -89,11 +59,12 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _eval_run(args: argparse.Namespace) -> int:
-    from mambakit.engine.checkpoint import resolve_checkpoint
+    from mambakit.engine.checkpoint import resolve_checkpoint, run_dir_of
     from mambakit.engine.trainer import evaluate
 
     path = resolve_checkpoint(args.checkpoint, prefer="best")
-    config = _load_recipe(args.config, args.overrides) if args.config else _saved_config(path, args.overrides)
+    config = (_load_recipe(args.config, args.overrides) if args.config
+              else saved_recipe(VisionRecipe, path, args.overrides))
     task = _task(config, load_pretrained=False)
     task.checked_splits = (args.split,)         # ImageNet's val, not its 1.28M training images
     metrics = evaluate(task, path, split=args.split, use_ema=args.ema)
@@ -102,7 +73,8 @@ def _eval_run(args: argparse.Namespace) -> int:
     if args.output:
         Path(args.output).write_text(json.dumps(metrics, indent=1) + "\n")
     if config.eval.confusion_matrix and args.split in task.confusion:
-        plot = Path(args.plot) if args.plot else _run_dir_of(path) / f"confusion_{args.split}{'_ema' if args.ema else ''}.png"
+        default = run_dir_of(path) / f"confusion_{args.split}{'_ema' if args.ema else ''}.png"
+        plot = Path(args.plot) if args.plot else default
         print(f"confusion matrix: {task.write_confusion(args.split, plot)}")
     return 0
 

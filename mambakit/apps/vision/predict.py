@@ -21,7 +21,7 @@ __all__ = ["predict", "format_predictions", "load_for_prediction"]
 
 
 def _from_checkpoint(checkpoint: str | Path, use_ema: bool):
-    from mambakit.engine.checkpoint import load_checkpoint, resolve_checkpoint
+    from mambakit.engine.checkpoint import load_checkpoint, resolve_checkpoint, run_dir_of
     from mambakit.engine.config import from_dict
     from mambakit.engine.trainer import load_model_state
 
@@ -34,7 +34,7 @@ def _from_checkpoint(checkpoint: str | Path, use_ema: bool):
         raise ValueError(f"{path}: not a vision training checkpoint (app {state.get('app')!r})")
     config = from_dict(VisionRecipe, state["config"], f"{path} (saved config)")
     task = VisionTask(config, load_pretrained=False)
-    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    run_dir = run_dir_of(path)
     if (run_dir / CLASSES_FILE).is_file():
         task._classes = json.loads((run_dir / CLASSES_FILE).read_text())
     model = task.build_model()
