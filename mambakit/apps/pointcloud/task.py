@@ -87,6 +87,7 @@ class PointCloudTask(Task):
             from .convert import read_pretrained
 
             self.pretrained_report = self.load_pretrained(model, read_pretrained(c.model.pretrained))
+            self.pretrained_report.source = str(c.model.pretrained)
             print(self.pretrained_report.summary())
         return model
 

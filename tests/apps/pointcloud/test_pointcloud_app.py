@@ -192,3 +192,22 @@ run: {{out_dir: {tmp_path / 'runs'}, progress: false, tensorboard: false, curves
     png = tmp_path / "parts.png"
     assert cli(["pointcloud", "render", str(mug), "--by", "prediction", "--checkpoint", str(run), "--category",
                 "Mug", "--out", str(png)]) == 0 and png.is_file()
+
+
+def test_pretrained_upstream_checkpoint_loads_all_but_a_resized_head(tmp_path, capsys):
+    from mambakit.apps.pointcloud.models import create_model
+    from mambakit.apps.pointcloud.task import PointCloudTask
+
+    root = mesh_folder(tmp_path / "meshes")
+    small = dict(embed_dim=16, mamba_blocks=[1, 1, 1, 1], orders=["xyz", "zxy", "hilbert", "z"])
+    upstream = create_model("pcm_tiny", 40, **small).state_dict()           # a 40-class "ModelNet40" model
+    path = tmp_path / "pcm_upstream.pth"                                     # openpoints' layout: DDP-wrapped
+    torch.save({"model": {f"module.{k}": v for k, v in upstream.items()}, "epoch": 250}, path)
+    config = load_config(PointCloudRecipe, tiny_recipe(tmp_path, root), [f"model.pretrained={path}"])
+    model = PointCloudTask(config).build_model()                           # 3 classes here
+    out = capsys.readouterr().out
+    assert f"pretrained weights from {path}: loaded 176 tensors" in out
+    assert "left fresh (as initialised): 2: prediction.head.4.0.weight, prediction.head.4.0.bias" in out
+    own = model.state_dict()
+    assert torch.equal(own["encoder.embedding.net.0.weight"], upstream["encoder.embedding.net.0.weight"])
+    assert own["prediction.head.4.0.weight"].shape[0] == 3
