@@ -35,7 +35,7 @@ from .config import ConfigError, apply_overrides, from_dict, load_config
 from .logs import format_size
 
 __all__ = ["standard_verbs", "train_verb", "eval_verb", "finetune_verb", "format_table", "add_config_arguments",
-           "load_recipe", "saved_recipe"]
+           "load_recipe", "saved_recipe", "add_eval_arguments"]
 
 TaskFactory = Callable[[Any], Any]
 
@@ -130,27 +130,25 @@ def finetune_verb(app: str, recipe: type, task_factory: TaskFactory, default_rec
                             "re-initialised)", add_arguments, run)
 
 
+def add_eval_arguments(parser: argparse.ArgumentParser, app: str | None = None) -> None:
+    """The arguments every app's `eval` takes: --checkpoint, -c / overrides, --split, --ema, --output."""
+    parser.add_argument("--checkpoint", required=True, metavar="CKPT|RUN_DIR",
+                        help="checkpoint file, or a run folder (its best checkpoint, else its latest)")
+    _add_config_arguments(parser, required=False, default=None, app=app)
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
+    parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+    parser.add_argument("--output", default=None, metavar="FILE.json", help="also write the metrics here")
+
+
 def eval_verb(app: str, recipe: type, task_factory: TaskFactory) -> Verb:
     def add_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--checkpoint", required=True, metavar="CKPT|RUN_DIR",
-                            help="checkpoint file, or a run folder (its best checkpoint, else its latest)")
-        _add_config_arguments(parser, required=False, default=None, app=app)
-        parser.add_argument("--split", default="test", choices=["train", "val", "test"])
-        parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
-        parser.add_argument("--output", default=None, metavar="FILE.json", help="also write the metrics here")
+        add_eval_arguments(parser, app)
 
     def run(args: argparse.Namespace) -> int:
-        from .checkpoint import load_checkpoint, resolve_checkpoint
+        from .checkpoint import resolve_checkpoint
         from .trainer import evaluate
         path = resolve_checkpoint(args.checkpoint, prefer="best")
-        if args.config:
-            config = _load(recipe, args)
-        else:
-            saved = load_checkpoint(path).get("config")
-            if not isinstance(saved, dict):
-                raise ConfigError(f"{path} holds no saved config; pass the recipe with -c")
-            source = f"{path} (saved config)"
-            config = from_dict(recipe, apply_overrides(saved, args.overrides), source)
+        config = _load(recipe, args) if args.config else saved_recipe(recipe, path, args.overrides)
         metrics = evaluate(task_factory(config), path, split=args.split, use_ema=args.ema)
         if _is_main():
             print(f"\ncheckpoint: {path}")

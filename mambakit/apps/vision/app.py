@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from mambakit.engine.app import App, QuickstartResult, Verb
-from mambakit.engine.runner import format_table, load_recipe, saved_recipe, train_verb
+from mambakit.engine.runner import add_eval_arguments, format_table, load_recipe, saved_recipe, train_verb
 
 from .config import VisionRecipe
 from .datasets import DATASETS
@@ -46,14 +46,7 @@ def _load_recipe(path, overrides, sets: dict | None = None) -> VisionRecipe:
 # eval
 
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, metavar="CKPT|RUN_DIR",
-                        help="checkpoint file, or a run folder (its best checkpoint, else its latest)")
-    parser.add_argument("-c", "--config", default=None, metavar="RECIPE.yaml",
-                        help="the recipe (default: the one saved in the checkpoint)")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe values")
-    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
-    parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
-    parser.add_argument("--output", default=None, metavar="FILE.json", help="also write the metrics here")
+    add_eval_arguments(parser, "vision")
     parser.add_argument("--plot", default=None, metavar="FILE.png",
                         help="confusion matrix (default: <run folder>/confusion_<split>.png)")
 
